@@ -1,0 +1,113 @@
+"""Decoded-once input caches for training and evaluation.
+
+Decoding 7000 JPEGs every epoch would cost more than the network on a 2-core CPU, so each
+split is read once, turned into the classifier input of its mode (:func:`pipeline.roi.make_input`)
+and stored as one ``.npz``: ``images`` (N, S, S) uint8, ``labels`` (N,) int64, ``paths`` (N,) str,
+``found`` (N,) bool.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import CLASSES
+from pipeline.datasets import Sample
+from pipeline.roi import make_input
+from pipeline.scans import read_scan
+
+
+def mask_path_for(image_path: Path, image_root: Path, masks_dir: Path) -> Path:
+    """Where ``segment`` wrote the mask of ``image_path``: same relative path, ``.png``."""
+    rel = Path(os.path.relpath(image_path, image_root))
+    return masks_dir / rel.with_suffix(".png")
+
+
+def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "full", size: int = 128,
+                image_root: str | os.PathLike | None = None, masks_dir: str | os.PathLike | None = None,
+                workers: int = 2, margin: float = 0.25) -> Path:
+    """Read every sample once, make its input for ``mode`` and save the cache to ``out`` (.npz)."""
+    if mode != "full" and (masks_dir is None or image_root is None):
+        raise ValueError(f"mode {mode!r} needs masks_dir and image_root (the output of `segment`)")
+
+    def one(sample: Sample):
+        image = read_scan(sample.path).image
+        mask = None
+        if mode != "full":
+            mpath = mask_path_for(sample.path, Path(image_root), Path(masks_dir))
+            mask = cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE)
+            if mask is None:
+                raise FileNotFoundError(f"{mpath}: mask missing (run `segment` on {image_root} first)")
+        x, roi = make_input(image, mode, size, mask, margin=margin)
+        return x, roi.found
+
+    with ThreadPoolExecutor(workers) as pool:
+        results = list(tqdm(pool.map(one, samples), total=len(samples), desc=f"cache {mode} {size}px",
+                            disable=None))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out.with_suffix(".tmp.npz"),
+             images=np.stack([r[0] for r in results]),
+             labels=np.array([CLASSES.index(s.label) for s in samples], np.int64),
+             paths=np.array([str(s.path) for s in samples]),
+             found=np.array([r[1] for r in results], bool),
+             mode=np.array(mode), size=np.array(size))
+    os.replace(out.with_suffix(".tmp.npz"), out)
+    return out
+
+
+def load_cache(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: cache not found (build it with `python -m pipeline crop`)")
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+class Augment(torch.nn.Module):
+    """Batch augmentation on (B, 1, H, W) float tensors in 0..255: flips, affine, intensity jitter.
+
+    Runs on whatever device the batch is on, so it costs no data-loader workers.
+    """
+
+    def __init__(self, rotate_deg: float = 12, scale: tuple[float, float] = (0.9, 1.1), translate: float = 0.06,
+                 shear_deg: float = 6, brightness: float = 0.12, contrast: float = 0.15, gamma: float = 0.15,
+                 hflip: float = 0.5, vflip: float = 0.0):
+        super().__init__()
+        self.rotate, self.scale, self.translate, self.shear = rotate_deg, scale, translate, shear_deg
+        self.brightness, self.contrast, self.gamma, self.hflip, self.vflip = brightness, contrast, gamma, hflip, vflip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, dev = x.shape[0], x.device
+
+        def u(lo, hi):
+            return torch.empty(b, device=dev).uniform_(lo, hi)
+
+        ang = torch.deg2rad(u(-self.rotate, self.rotate))
+        sh = torch.deg2rad(u(-self.shear, self.shear))
+        s = u(*self.scale)
+        fx = torch.where(torch.rand(b, device=dev) < self.hflip, -1.0, 1.0)
+        fy = torch.where(torch.rand(b, device=dev) < self.vflip, -1.0, 1.0)
+        cos, sin = torch.cos(ang), torch.sin(ang)
+        theta = torch.zeros(b, 2, 3, device=dev)
+        theta[:, 0, 0] = cos / s * fx
+        theta[:, 0, 1] = (-sin + torch.tan(sh)) / s
+        theta[:, 1, 0] = sin / s
+        theta[:, 1, 1] = cos / s * fy
+        theta[:, :, 2] = torch.empty(b, 2, device=dev).uniform_(-self.translate, self.translate) * 2
+        grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+        x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        x = x / 255.0
+        g = torch.exp(u(-self.gamma, self.gamma)).view(b, 1, 1, 1)
+        x = x.clamp(0, 1) ** g
+        c = (1 + u(-self.contrast, self.contrast)).view(b, 1, 1, 1)
+        br = u(-self.brightness, self.brightness).view(b, 1, 1, 1)
+        mean = x.mean(dim=(2, 3), keepdim=True)
+        x = ((x - mean) * c + mean + br).clamp(0, 1)
+        return x * 255.0

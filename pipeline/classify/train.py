@@ -1,0 +1,168 @@
+"""Train a classifier on decoded caches; select the epoch on the validation split only.
+
+Every epoch writes ``last.pt`` (resumable) and appends to ``curves.csv``/``curves.png``;
+the best epoch by validation macro-F1 (ties: lower loss) is saved as ``best.pt`` with its sha256.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import CLASSES
+from pipeline.classify.data import Augment, load_cache
+from pipeline.classify.models import INPUT_MEAN, INPUT_STD, create_model
+from pipeline.config import seed_everything
+from pipeline.evaluate import classification_metrics
+from pipeline.weights import sha256_file
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None):
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    for i in range(0, n, batch_size):
+        yield order[i:i + batch_size]
+
+
+def to_input(images: np.ndarray | torch.Tensor, device: str) -> torch.Tensor:
+    """(B, H, W) uint8 -> (B, 1, H, W) float32 in 0..255 on ``device``."""
+    x = torch.as_tensor(images).to(device, non_blocking=True)
+    return x.unsqueeze(1).float()
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    return (x - INPUT_MEAN) / INPUT_STD
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: np.ndarray, device: str, batch_size: int = 128) -> np.ndarray:
+    """Logits (N, C) for a (N, H, W) uint8 array."""
+    model.eval()
+    out = []
+    for idx in _batches(len(images), batch_size, None):
+        x = normalise(to_input(images[idx], device)).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", enabled=device.startswith("cuda")):
+            out.append(model(x).float().cpu())
+    return torch.cat(out).numpy()
+
+
+def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "timm:tf_efficientnet_lite0",
+          pretrained: bool = True, epochs: int = 8, batch_size: int = 64, lr: float = 2e-3,
+          weight_decay: float = 1e-4, label_smoothing: float = 0.05, patience: int = 4, seed: int = 0,
+          device: str = "cpu", resume: bool = True, augment: dict | None = None, threads: int | None = None) -> dict:
+    """Train and return a summary dict (also written to ``out_dir/summary.json``)."""
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tr, va = load_cache(train_cache), load_cache(val_cache)
+    mode, size = str(tr["mode"]), int(tr["size"])
+    model = create_model(model_name, pretrained=pretrained, in_chans=1, num_classes=len(CLASSES)).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    counts = np.bincount(tr["labels"], minlength=len(CLASSES)).astype(np.float64)
+    class_weight = torch.tensor(counts.sum() / (len(CLASSES) * np.maximum(counts, 1)), dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=class_weight.to(device), label_smoothing=label_smoothing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    steps_per_epoch = (len(tr["labels"]) + batch_size - 1) // batch_size
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs,
+                                                    steps_per_epoch=steps_per_epoch, pct_start=0.15)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.startswith("cuda"))
+    aug = Augment(**(augment or {})).to(device)
+    meta = {"model": model_name, "mode": mode, "size": size, "classes": list(CLASSES), "pretrained": pretrained,
+            "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "input_mean": INPUT_MEAN,
+            "input_std": INPUT_STD, "train_cache": str(train_cache), "val_cache": str(val_cache)}
+
+    start_epoch, best, history, elapsed = 0, None, [], 0.0
+    last_path = out / "last.pt"
+    if resume and last_path.is_file():
+        state = torch.load(last_path, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, history, elapsed = state["epoch"] + 1, state["best"], state["history"], state["elapsed"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {last_path} at epoch {start_epoch}")
+
+    stale = 0 if best is None else sum(1 for h in history[::-1] if h["epoch"] > best["epoch"])
+    for epoch in range(start_epoch, epochs):
+        if stale >= patience:
+            print(f"early stop: no validation gain for {patience} epochs")
+            break
+        t0 = time.time()
+        model.train()
+        rng = np.random.default_rng(seed * 1000 + epoch)
+        total_loss, seen = 0.0, 0
+        bar = tqdm(list(_batches(len(tr["labels"]), batch_size, rng)), desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=None, mininterval=5)
+        for idx in bar:
+            x = normalise(aug(to_input(tr["images"][idx], device))).contiguous(memory_format=torch.channels_last)
+            y = torch.as_tensor(tr["labels"][idx]).to(device)
+            with torch.autocast("cuda", enabled=device.startswith("cuda")):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total_loss += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+        logits = predict_logits(model, va["images"], device)
+        val_loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(va["labels"])))
+        metrics = classification_metrics(va["labels"], logits.argmax(1))
+        elapsed += time.time() - t0
+        row = {"epoch": epoch, "train_loss": total_loss / seen, "val_loss": val_loss, "val_acc": metrics["accuracy"],
+               "val_macro_f1": metrics["macro_f1"], "lr": scheduler.get_last_lr()[0], "seconds": time.time() - t0}
+        history.append(row)
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        improved = best is None or (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
+        if improved:
+            best, stale = dict(row), 0
+            _save_atomic({"state_dict": model.state_dict(), "meta": {**meta, "epoch": epoch, "val": metrics}},
+                         out / "best.pt")
+        else:
+            stale += 1
+        _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
+                      "elapsed": elapsed, "torch_rng": torch.get_rng_state()}, last_path)
+        write_curves(history, out)
+    summary = {**meta, "best_epoch": best["epoch"] if best else None, "best": best, "train_seconds": elapsed,
+               "best_sha256": sha256_file(out / "best.pt") if (out / "best.pt").is_file() else None}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_curves(history: list[dict], out: Path) -> None:
+    """``curves.csv`` and ``curves.png`` (loss and validation accuracy per epoch)."""
+    with (out / "curves.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] + 1 for h in history]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax1.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax1.plot(epochs, [h["val_loss"] for h in history], label="val")
+    ax1.set_xlabel("epoch"); ax1.set_ylabel("loss"); ax1.legend()
+    ax2.plot(epochs, [h["val_acc"] for h in history], label="val accuracy")
+    ax2.plot(epochs, [h["val_macro_f1"] for h in history], label="val macro-F1")
+    ax2.set_xlabel("epoch"); ax2.legend()
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)

@@ -1,0 +1,277 @@
+"""One entry point: ``python -m pipeline <command>`` (or ``brain-mri <command>``).
+
+Defaults come from ``configs/default.yaml`` (section per command, plus ``common``), then
+``--config FILE``, then flags. Every command reads files and writes files.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config, resolve_device, seed_everything
+
+COMMANDS: dict[str, tuple[str, callable]] = {}
+
+
+def command(name: str, help: str):
+    def wrap(fn):
+        COMMANDS[name] = (help, fn)
+        return fn
+    return wrap
+
+
+def _bool(text: str) -> bool:
+    if str(text).lower() in ("1", "true", "yes", "on"):
+        return True
+    if str(text).lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+# --- argument definitions, one function per command ---------------------------------------------
+
+def _args_audit(p):
+    p.add_argument("--train", required=True, help="Training folder (Kaggle layout: <class>/<image>)")
+    p.add_argument("--test", required=True, help="Testing folder (Kaggle layout)")
+    p.add_argument("--out", required=True, help="output folder: audit.json, duplicates.csv, clean_test.txt")
+    p.add_argument("--max-distance", type=int, help="largest perceptual-hash Hamming distance for a candidate")
+    p.add_argument("--min-corr", type=float, help="smallest pixel correlation that confirms a near-copy")
+
+
+def _args_split(p):
+    p.add_argument("--train", required=True, help="Training folder (Kaggle layout)")
+    p.add_argument("--out", required=True, help="split CSV to write (path,label,split)")
+    p.add_argument("--val-fraction", type=float)
+    p.add_argument("--train-duplicates", help="train_duplicates.csv from `audit`: keeps near-copies on one side")
+
+
+def _args_phantoms(p):
+    p.add_argument("--out", required=True, help="folder for a Kaggle-layout phantom dataset with masks/")
+    p.add_argument("--n-per-class", type=int, default=20)
+    p.add_argument("--size", type=int, default=256)
+
+
+def _args_read(p):
+    p.add_argument("files", nargs="+", help="scan files (image, DICOM, NIfTI, figshare .mat)")
+
+
+def _args_crop(p):
+    p.add_argument("--split", help="split CSV from `split` (writes train.npz and val.npz)")
+    p.add_argument("--input", help="a Kaggle-layout folder to cache whole (writes <name>.npz), e.g. Testing")
+    p.add_argument("--root", help="folder the split's paths are relative to (the Training folder)")
+    p.add_argument("--masks", help="masks folder from `segment` (needed for crop and masked)")
+    p.add_argument("--out", required=True, help="output folder for the caches")
+    p.add_argument("--mode", choices=["full", "crop", "masked"])
+    p.add_argument("--size", type=int)
+    p.add_argument("--margin", type=float)
+    p.add_argument("--workers", type=int)
+
+
+def _args_train_cls(p):
+    p.add_argument("--data", required=True, help="folder holding train.npz and val.npz from `crop`")
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, curves.csv/png, summary.json")
+    p.add_argument("--model", help="registry name, e.g. timm:tf_efficientnet_lite0, timm:resnet18, smallcnn")
+    p.add_argument("--pretrained", type=_bool)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
+
+
+# --- command bodies ------------------------------------------------------------------------------
+
+@command("audit", "find exact and near-duplicate images within Training and across Training/Testing")
+def cmd_audit(a):
+    from pipeline import audit
+
+    kwargs = {k: v for k, v in (("max_distance", a.max_distance), ("min_corr", a.min_corr)) if v is not None}
+    result = audit.run_audit(a.train, a.test, a.out, **kwargs)
+    print(json.dumps(result.get("totals", result), indent=2))
+
+
+@command("split", "carve a stratified, deterministic validation split from Training")
+def cmd_split(a):
+    from pipeline.datasets import make_split
+
+    counts = make_split(a.train, a.out, a.val_fraction, a.seed, a.train_duplicates)
+    print(f"wrote {a.out}: {counts}")
+
+
+@command("phantoms", "write a synthetic phantom dataset (Kaggle layout + masks) for demos and tests")
+def cmd_phantoms(a):
+    from pipeline.phantoms import write_phantom_dataset
+
+    print(write_phantom_dataset(a.out, a.n_per_class, a.size, a.seed))
+
+
+@command("read", "read scans and print their shape and metadata (a quick check of a file)")
+def cmd_read(a):
+    from pipeline.scans import ScanReadError, read_scans
+
+    status = 0
+    for f in a.files:
+        try:
+            for scan in read_scans(f):
+                print(json.dumps({"key": scan.key, "shape": list(scan.image.shape),
+                                  **{k: v for k, v in scan.meta.items() if isinstance(v, (str, int, float))}}))
+        except ScanReadError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+@command("crop", "decode a split once into classifier inputs (full | crop | masked) cached as .npz")
+def cmd_crop(a):
+    from pipeline.classify.data import build_cache
+    from pipeline.datasets import list_class_folder, read_split
+
+    out = Path(a.out)
+    kw = dict(mode=a.mode, size=a.size, masks_dir=a.masks, workers=a.workers, margin=a.margin)
+    if a.split:
+        if not a.root:
+            raise ConfigError("--split needs --root (the Training folder its paths are relative to)")
+        for name, samples in read_split(a.split, a.root).items():
+            print(build_cache(samples, out / f"{name}.npz", image_root=a.root, **kw))
+    if a.input:
+        print(build_cache(list_class_folder(a.input), out / f"{Path(a.input).name.lower()}.npz",
+                          image_root=a.input, **kw))
+    if not (a.split or a.input):
+        raise ConfigError("crop needs --split (with --root) or --input")
+
+
+@command("train-cls", "train a classifier on cached inputs; early stopping on the validation split")
+def cmd_train_cls(a):
+    from pipeline.classify.train import train
+
+    data = Path(a.data)
+    summary = train(str(data / "train.npz"), str(data / "val.npz"), a.out, model_name=a.model,
+                    pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
+                    patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume)
+    print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "train_seconds", "best_sha256")}, indent=2))
+
+
+def _args_predict(p):
+    p.add_argument("--input", required=True, help="folder of scans (walked recursively; any format)")
+    p.add_argument("--out", required=True, help="output folder: predictions.csv (+ overlays/)")
+    p.add_argument("--mode", choices=["full", "crop", "masked"], help="classifier input (default: the classifier's own)")
+    p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json or a .pt path")
+    p.add_argument("--seg", help="segmenter: a manifest name, a .pt path, auto (shipped one if any) or none")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--workers", type=int, help="reader threads")
+    p.add_argument("--overlays", action="store_true", help="write each scan with the mask outline and label")
+    p.add_argument("--nifti-slices", help="all | middle | nonempty: which axial slices of a NIfTI volume")
+
+
+def _args_train_seg(p):
+    p.add_argument("--data", required=True, help="data.yaml of a YOLO-seg dataset (from `seg-data`)")
+    p.add_argument("--out", required=True, help="run folder (ultralytics layout: weights/best.pt, results.csv)")
+    p.add_argument("--imgsz", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch", type=int)
+    p.add_argument("--patience", type=int)
+    p.add_argument("--time-hours", type=float, help="wall-time cap; ultralytics fits the schedule into it")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/weights/last.pt")
+
+
+def _args_seg_data(p):
+    p.add_argument("--figshare", required=True, help="figshare-cheng2017 folder (images/, masks/, labels.csv)")
+    p.add_argument("--brisc", help="brisc2025-seg folder (images/, masks/)")
+    p.add_argument("--split", help="classifier split CSV: its notumor slices become background images")
+    p.add_argument("--root", help="folder the split's paths are relative to (Training)")
+    p.add_argument("--n-background", type=int)
+    p.add_argument("--out", required=True, help="YOLO dataset folder to write (data.yaml, images/, labels/)")
+
+
+@command("seg-data", "convert masked slices to a YOLO-seg dataset (polygon labels, held-out test split)")
+def cmd_seg_data(a):
+    from pipeline.segment.yolo_data import build_yolo_dataset
+
+    print(build_yolo_dataset(a.out, a.figshare, a.brisc, a.split, a.root, n_background=a.n_background,
+                             seed=a.seed))
+
+
+@command("train-seg", "train YOLOv8n-seg (from weights/yolov8n-seg.pt if present, else from the YAML)")
+def cmd_train_seg(a):
+    from pipeline.segment.yolo import train_yolo_seg
+
+    print(train_yolo_seg(a.data, a.out, imgsz=a.imgsz, epochs=a.epochs, batch=a.batch, device=a.device,
+                         seed=a.seed, patience=a.patience, time_hours=a.time_hours, resume=a.resume))
+
+
+def load_segmenter(name: str | None, device: str, imgsz: int | None = None):
+    """``none`` -> None; ``auto`` -> the shipped segmenter if the manifest lists one; else a name or path."""
+    from pipeline.weights import load_manifest
+
+    if not name or name == "none":
+        return None
+    if name == "auto":
+        shipped = [n for n, e in load_manifest().items() if e.get("kind") == "segmenter" and e.get("default")]
+        if not shipped:
+            return None
+        name = shipped[0]
+    from pipeline.segment.load import load_segmenter as _load
+
+    return _load(name, device=device, imgsz=imgsz)
+
+
+@command("predict", "run the whole chain on a folder of scans -> predictions.csv (resumable)")
+def cmd_predict(a):
+    from pipeline.batch import run_predict
+    from pipeline.classify.predict import Classifier
+
+    classifier = Classifier(a.cls, device=a.device)
+    mode = a.mode or classifier.mode
+    segmenter = load_segmenter(a.seg, a.device)
+    if mode != "full" and segmenter is None:
+        raise ConfigError(f"--mode {mode} needs a segmenter: pass --seg NAME (see weights/manifest.json)")
+    counts = run_predict(a.input, a.out, classifier, segmenter, mode=mode, batch_size=a.batch_size,
+                         workers=a.workers, overlays=a.overlays, nifti_slices=a.nifti_slices)
+    print(json.dumps(counts))
+
+
+ARGS = {"audit": _args_audit, "split": _args_split, "phantoms": _args_phantoms, "read": _args_read,
+        "crop": _args_crop, "train-cls": _args_train_cls,
+        "predict": _args_predict, "seg-data": _args_seg_data, "train-seg": _args_train_seg}
+
+
+def build_parser(config: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    common = config.get("common", {})
+    for name, (help_text, _) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML file layered over configs/default.yaml")
+        p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
+        p.add_argument("--seed", type=int, help="random seed (default: %(default)s)")
+        ARGS[name](p)
+        defaults = {**common, **{k.replace("-", "_"): v for k, v in config.get(name, {}).items()}}
+        known = {action.dest for action in p._actions}
+        p.set_defaults(**{k: v for k, v in defaults.items() if k in known})
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    try:
+        config = load_config(known.config)
+        parser = build_parser(config)
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return 0
+        args.device = resolve_device(args.device or "auto")
+        seed_everything(args.seed if args.seed is not None else 0)
+        return COMMANDS[args.command][1](args) or 0
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,583 @@
+"""Turn one file on disk into 2D uint8 grayscale images plus metadata.
+
+Everything the pipeline reads goes through :func:`read_scans` (or the
+single-image :func:`read_scan`).  Supported inputs:
+
+* raster images (``.jpg .jpeg .png .tif .tiff .bmp``) via Pillow,
+* DICOM (``.dcm .dicom`` or any file with the ``DICM`` magic at byte 128) via pydicom,
+* NIfTI (``.nii .nii.gz``) via nibabel -- a 3D volume yields one Scan per axial slice,
+* figshare (Cheng et al. 2017) MATLAB v7.3 ``.mat`` files via h5py.
+
+Every failure -- missing, empty, truncated, mislabelled or unsupported file --
+raises :class:`ScanReadError` (a ``ValueError``) carrying the path and a short
+human reason; no Pillow/pydicom/nibabel/h5py exception escapes.
+
+Intensity mapping to uint8 (``Scan.image``), unless ``window=(center, width)`` is
+given, in which case that linear window is used for every format:
+
+* 8-bit rasters: kept as is (colour -> ITU-R 601 luma, alpha ignored).
+* 16-bit / 32-bit / float rasters and ``.mat`` images: min-max over the image.
+* DICOM: RescaleSlope/Intercept, then the file's first WindowCenter/WindowWidth,
+  else min-max; MONOCHROME1 is inverted afterwards.
+* NIfTI: one window per volume, the 0.5/99.5 percentiles of the nonzero voxels.
+
+A linear window ``(c, w)`` maps ``c - w/2`` -> 0 and ``c + w/2`` -> 255, clipping
+outside.  A constant image maps to all zeros.  Pydicom, nibabel and h5py are
+imported lazily so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "ScanReadError",
+    "Scan",
+    "read_scans",
+    "read_scan",
+    "is_scan_file",
+    "iter_scan_files",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: Lower-case suffixes handled by :func:`read_scans` (suffix-less DICOM files are
+#: recognised by their ``DICM`` magic instead).
+SUPPORTED_SUFFIXES: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp",
+    ".dcm", ".dicom",
+    ".nii", ".nii.gz",
+    ".mat",
+)
+
+_RASTER_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
+_DICOM_SUFFIXES = {".dcm", ".dicom"}
+_NIFTI_SUFFIXES = {".nii", ".nii.gz"}
+
+#: figshare brain-tumour dataset label ids.
+FIGSHARE_LABELS = {1: "meningioma", 2: "glioma", 3: "pituitary"}
+
+_PIL_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "TIFF": "tiff", "BMP": "bmp", "DIB": "bmp"}
+_EIGHT_BIT_MODES = {"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"}
+
+
+class ScanReadError(ValueError):
+    """A file could not be turned into a Scan.  ``str(err) == f"{path}: {reason}"``."""
+
+    def __init__(self, path: PathLike, reason: str):
+        self.path = str(path)
+        self.reason = str(reason)
+        super().__init__(f"{self.path}: {self.reason}")
+
+    def __reduce__(self):  # keep it picklable (e.g. across DataLoader workers)
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass
+class Scan:
+    """One 2D image read from a file.
+
+    image: (H, W) uint8 grayscale, after windowing/normalisation.
+    key:   the path as given; for a slice of a 3D NIfTI ``"<path>#z=NN"`` (NN >= 2 digits).
+    meta:  ``format`` ("jpeg", "png", "tiff", "bmp", "dicom", "nifti", "mat"),
+           ``orig_dtype`` (str), ``orig_shape`` (tuple), ``orig_mode`` (PIL mode, rasters),
+           and where available ``spacing`` (row_mm, col_mm), ``slice_index``, ``label``,
+           ``pid``, ``window`` ((center, width) used, or None), ...
+    mask:  (H, W) uint8 0/255 ground-truth mask (figshare ``.mat`` tumorMask) or None.
+    """
+
+    image: np.ndarray
+    key: str
+    meta: dict = field(default_factory=dict)
+    mask: np.ndarray | None = None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def _has_dicm_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def is_scan_file(path: PathLike) -> bool:
+    """True for a supported suffix, or a suffix-less file with the DICOM ``DICM`` magic."""
+    p = Path(path)
+    suf = _suffix(p)
+    if suf in SUPPORTED_SUFFIXES:
+        return True
+    return suf == "" and p.is_file() and _has_dicm_magic(p)
+
+
+def iter_scan_files(root: PathLike) -> Iterator[Path]:
+    """Yield scan-looking files under ``root`` recursively, in sorted (deterministic) order.
+
+    Hidden files and directories (name starting with ".") are skipped; symlinked
+    directories are not followed.  A ``root`` that is itself a file is yielded if it
+    looks like a scan.
+    """
+    root = Path(root)
+    if root.is_file():
+        if is_scan_file(root):
+            yield root
+        return
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            if is_scan_file(p):
+                found.append(p)
+    found.sort(key=lambda p: p.relative_to(root).parts)
+    yield from found
+
+
+# --------------------------------------------------------------------------- intensity
+
+
+def _linear_window(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map [lo, hi] linearly onto [0, 255] (clipped); hi <= lo gives zeros.  -> (H, W) uint8"""
+    arr = np.asarray(arr, dtype=np.float64)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
+        return np.zeros(arr.shape, dtype=np.uint8)
+    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)
+    out = (arr - lo) / (hi - lo)
+    np.clip(out, 0.0, 1.0, out=out)
+    return np.round(out * 255.0).astype(np.uint8)
+
+
+def _apply_center_width(arr: np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    c, w = float(window[0]), float(window[1])
+    return _linear_window(arr, c - w / 2.0, c + w / 2.0)
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    finite = np.asarray(arr, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return np.zeros(np.shape(arr), dtype=np.uint8)
+    return _linear_window(arr, float(finite.min()), float(finite.max()))
+
+
+def _check_window(window) -> tuple[float, float] | None:
+    if window is None:
+        return None
+    try:
+        c, w = (float(v) for v in window)
+    except (TypeError, ValueError):
+        raise ValueError(f"window must be (center, width), got {window!r}") from None
+    if not (np.isfinite(c) and np.isfinite(w)) or w <= 0:
+        raise ValueError(f"window width must be a positive finite number, got {window!r}")
+    return c, w
+
+
+# --------------------------------------------------------------------------- raster
+
+
+def _read_raster(path: Path, key: str, window) -> list[Scan]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(path)
+    except UnidentifiedImageError:
+        raise ScanReadError(key, "not an image file (unrecognised content)") from None
+    except Exception as e:  # noqa: BLE001 - Pillow raises many kinds
+        raise ScanReadError(key, f"cannot open image: {type(e).__name__}: {e}") from e
+    with im:
+        try:
+            im.load()  # decodes now, so a truncated file fails here
+        except Exception as e:  # noqa: BLE001
+            raise ScanReadError(key, f"truncated or corrupt image: {e}") from e
+        mode = im.mode
+        fmt = _PIL_FORMATS.get(im.format or "", (im.format or "unknown").lower())
+        n_frames = int(getattr(im, "n_frames", 1) or 1)
+        try:
+            raw = np.asarray(im)
+        except Exception:  # noqa: BLE001 - exotic modes numpy can't view directly
+            raw = np.asarray(im.convert("F"))
+        meta = {
+            "format": fmt,
+            "orig_mode": mode,
+            "orig_dtype": raw.dtype.name,
+            "orig_shape": tuple(raw.shape),
+        }
+        if n_frames > 1:
+            meta["n_frames"] = n_frames
+            meta["frame_index"] = 0
+        dpi = im.info.get("dpi")
+        try:
+            if mode in _EIGHT_BIT_MODES:
+                if mode in ("1", "L"):
+                    gray = np.asarray(im.convert("L"))
+                elif mode in ("LA", "La"):
+                    gray = np.asarray(im.getchannel(0))
+                else:  # colour / palette: drop alpha, ITU-R 601 luma
+                    gray = np.asarray(im.convert("RGB").convert("L"))
+                vals = gray
+            else:  # I;16*, I, F, ...: high bit depth
+                vals = raw.astype(np.float64)
+                if vals.ndim == 3:  # multi-channel high-depth: average channels
+                    vals = vals[..., :3].mean(axis=-1)
+                gray = None
+        except Exception as e:  # noqa: BLE001
+            raise ScanReadError(key, f"unsupported image mode {mode!r}: {e}") from e
+    if window is not None:
+        image = _apply_center_width(vals, window)
+        meta["window"] = tuple(window)
+    elif gray is not None:
+        image = np.ascontiguousarray(gray, dtype=np.uint8)
+        meta["window"] = None
+    else:
+        image = _minmax(vals)
+        meta["window"] = None
+        meta["normalisation"] = "minmax"
+    if dpi and all(isinstance(d, (int, float)) and d > 0 for d in dpi[:2]):
+        meta["dpi"] = (float(dpi[0]), float(dpi[1]))
+    return [Scan(image=image, key=key, meta=meta)]
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _first(value):
+    """First element of a pydicom MultiValue / sequence, or the value itself."""
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)):
+        return value
+    try:
+        return value[0]
+    except (TypeError, IndexError, KeyError):
+        return value
+
+
+def _ensure_transfer_syntax(ds) -> None:
+    """Files read with force=True may lack (0002,0010); infer it so pixel decoding works."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = FileMetaDataset()
+        ds.file_meta = meta
+    if "TransferSyntaxUID" in meta:
+        return
+    enc = getattr(ds, "original_encoding", None)  # pydicom >= 3: (is_implicit, is_little)
+    if enc is not None and enc[0] is not None:
+        implicit, little = enc
+    else:
+        implicit = getattr(ds, "is_implicit_VR", True)
+        little = getattr(ds, "is_little_endian", True)
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def _read_dicom(path: Path, key: str, window) -> list[Scan]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(str(path), force=True)
+    except Exception as e:  # noqa: BLE001
+        raise ScanReadError(key, f"not a readable DICOM file: {type(e).__name__}: {e}") from e
+    has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+    if not has_pixels:
+        raise ScanReadError(key, "no pixel data")
+    try:
+        _ensure_transfer_syntax(ds)
+        arr = ds.pixel_array
+    except Exception as e:  # noqa: BLE001
+        raise ScanReadError(key, f"cannot decode DICOM pixel data: {type(e).__name__}: {e}") from e
+
+    meta: dict = {
+        "format": "dicom",
+        "orig_dtype": arr.dtype.name,
+        "orig_shape": tuple(arr.shape),
+    }
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    pix = np.asarray(arr, dtype=np.float64)
+    if n_frames > 1 and pix.ndim >= 3 and pix.shape[0] == n_frames:
+        mid = n_frames // 2
+        pix = pix[mid]
+        meta["n_frames"] = n_frames
+        meta["frame_index"] = mid
+    if samples > 1 and pix.ndim == 3:
+        if photometric.startswith("YBR"):
+            pix = pix[..., 0]
+        else:
+            pix = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114
+    if pix.ndim != 2:
+        raise ScanReadError(key, f"unsupported DICOM pixel array shape {tuple(arr.shape)}")
+
+    try:
+        slope = float(_first(ds.get("RescaleSlope", 1)) or 1.0)
+        intercept = float(_first(ds.get("RescaleIntercept", 0)) or 0.0)
+    except (TypeError, ValueError):
+        slope, intercept = 1.0, 0.0
+    pix = pix * slope + intercept
+    meta["rescale"] = (slope, intercept)
+
+    used = window
+    source = "user" if window is not None else None
+    if used is None:
+        try:
+            c = _first(ds.get("WindowCenter"))
+            w = _first(ds.get("WindowWidth"))
+            if c is not None and w is not None and float(w) > 0:
+                used, source = (float(c), float(w)), "file"
+        except (TypeError, ValueError):
+            used = None
+    if used is not None:
+        image = _apply_center_width(pix, used)
+        meta["window"] = (float(used[0]), float(used[1]))
+    else:
+        image = _minmax(pix)
+        meta["window"] = None
+        source = "minmax"
+    meta["window_source"] = source
+    if photometric == "MONOCHROME1":
+        image = (255 - image).astype(np.uint8)
+    meta["photometric"] = photometric or None
+
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    try:
+        if spacing is not None and len(spacing) >= 2:
+            meta["spacing"] = (float(spacing[0]), float(spacing[1]))
+    except (TypeError, ValueError):
+        pass
+    for tag, name in (("Modality", "modality"), ("SeriesDescription", "series_description"),
+                      ("PatientID", "pid"), ("InstanceNumber", "instance_number")):
+        val = ds.get(tag)
+        if val not in (None, ""):
+            meta[name] = int(val) if name == "instance_number" else str(val)
+    return [Scan(image=image, key=key, meta=meta)]
+
+
+# --------------------------------------------------------------------------- NIfTI
+
+
+def _select_slices(vol: np.ndarray, nifti_slices, key: str) -> list[int]:
+    nz = vol.shape[2]
+    if isinstance(nifti_slices, str):
+        if nifti_slices == "all":
+            return list(range(nz))
+        if nifti_slices == "middle":
+            return [nz // 2]
+        if nifti_slices == "nonempty":
+            flat = vol.reshape(-1, nz)
+            return [int(z) for z in np.flatnonzero(flat.max(axis=0) > flat.min(axis=0))]
+    out = []
+    for z in nifti_slices:
+        z = int(z)
+        if not -nz <= z < nz:
+            raise ScanReadError(key, f"slice index {z} out of range (volume has {nz} slices)")
+        out.append(z % nz)
+    return out
+
+
+def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        dtype = np.dtype(img.get_data_dtype()).name
+        if len(shape) == 4 and shape[3] == 1:
+            pass
+        elif len(shape) not in (2, 3):
+            raise ScanReadError(key, f"unsupported NIfTI shape {shape} (need 2D or 3D)")
+        if len(shape) >= 3:
+            img = nib.as_closest_canonical(img)
+        vol = np.asarray(img.get_fdata(dtype=np.float32))
+        zooms = tuple(float(z) for z in img.header.get_zooms())
+    except ScanReadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ScanReadError(key, f"not a readable NIfTI file: {type(e).__name__}: {e}") from e
+    if vol.ndim == 4:
+        vol = vol[..., 0]
+    is_2d = vol.ndim == 2
+    if is_2d:
+        vol = vol[:, :, None]
+    vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
+
+    meta_base: dict = {"format": "nifti", "orig_dtype": dtype, "orig_shape": shape,
+                       "n_slices": int(vol.shape[2])}
+    if len(zooms) >= 2:
+        meta_base["spacing"] = (zooms[1], zooms[0])  # displayed rows run along axis 1
+    if len(zooms) >= 3 and not is_2d:
+        meta_base["slice_thickness"] = zooms[2]
+
+    if window is not None:
+        lo, hi = window[0] - window[1] / 2.0, window[0] + window[1] / 2.0
+        meta_base["window"] = tuple(window)
+    else:
+        nzv = vol[vol != 0]
+        lo = hi = 0.0
+        if nzv.size:
+            lo, hi = (float(v) for v in np.percentile(nzv, [0.5, 99.5]))
+        if hi <= lo:  # e.g. a binary mask: fall back to the full range
+            lo, hi = float(vol.min()), float(vol.max())
+        meta_base["window"] = None
+        meta_base["normalisation"] = "percentile_0.5_99.5_nonzero"
+        meta_base["intensity_range"] = (lo, hi)
+
+    scans = []
+    for z in ([0] if is_2d else _select_slices(vol, nifti_slices, key)):
+        sl = np.flipud(vol[:, :, z].T)
+        meta = dict(meta_base)
+        meta["slice_index"] = int(z)
+        scans.append(Scan(image=np.ascontiguousarray(_linear_window(sl, lo, hi)),
+                          key=key if is_2d else f"{key}#z={z:02d}", meta=meta))
+    return scans
+
+
+# --------------------------------------------------------------------------- figshare .mat
+
+
+def _read_mat(path: Path, key: str, window) -> list[Scan]:
+    import h5py
+
+    try:
+        is_h5 = h5py.is_hdf5(str(path))
+    except Exception:  # noqa: BLE001
+        is_h5 = False
+    if not is_h5:
+        raise ScanReadError(key, "not a MATLAB v7.3 (HDF5) file")
+    try:
+        with h5py.File(str(path), "r") as f:
+            cj = f.get("cjdata")
+            if not isinstance(cj, h5py.Group) or not isinstance(cj.get("image"), h5py.Dataset):
+                raise ScanReadError(key, "no cjdata.image in .mat file")
+            raw = np.asarray(cj["image"][()])
+            mask_raw = np.asarray(cj["tumorMask"][()]) if isinstance(cj.get("tumorMask"), h5py.Dataset) else None
+            label_raw = np.asarray(cj["label"][()]) if isinstance(cj.get("label"), h5py.Dataset) else None
+            pid_raw = np.asarray(cj["PID"][()]) if isinstance(cj.get("PID"), h5py.Dataset) else None
+    except ScanReadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ScanReadError(key, f"corrupt .mat file: {type(e).__name__}: {e}") from e
+    if raw.ndim != 2:
+        raise ScanReadError(key, f"cjdata.image is not 2D (shape {raw.shape})")
+    img = raw.T  # MATLAB arrays are stored column-major -> transposed in HDF5
+    meta: dict = {"format": "mat", "orig_dtype": raw.dtype.name, "orig_shape": tuple(img.shape)}
+    if window is not None:
+        image = _apply_center_width(img, window)
+        meta["window"] = tuple(window)
+    else:
+        image = _minmax(img)
+        meta["window"] = None
+        meta["normalisation"] = "minmax"
+    mask = None
+    if mask_raw is not None and mask_raw.size:
+        m = mask_raw.T
+        if m.shape != img.shape:
+            raise ScanReadError(key, f"tumorMask shape {m.shape} does not match image shape {img.shape}")
+        mask = np.where(m > 0, 255, 0).astype(np.uint8)
+    if label_raw is not None and label_raw.size == 1:
+        lid = int(label_raw.reshape(-1)[0])
+        meta["label_id"] = lid
+        if lid in FIGSHARE_LABELS:
+            meta["label"] = FIGSHARE_LABELS[lid]
+    if pid_raw is not None and pid_raw.size:
+        codes = pid_raw.reshape(-1)
+        if codes.dtype.kind in "ui":
+            meta["pid"] = "".join(chr(int(c)) for c in codes if int(c) > 0)
+        elif codes.dtype.kind == "S":
+            meta["pid"] = b"".join(codes).decode("utf-8", "replace")
+    return [Scan(image=image, key=key, meta=meta, mask=mask)]
+
+
+# --------------------------------------------------------------------------- entry points
+
+_NIFTI_MODES = ("all", "middle", "nonempty")
+
+
+def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "nonempty",
+               window: tuple[float, float] | None = None) -> list[Scan]:
+    """Read one file into a list of :class:`Scan` (each image (H, W) uint8).
+
+    2D formats give exactly one Scan.  A 3D NIfTI volume (axes reoriented with
+    ``nib.as_closest_canonical``) gives one Scan per selected axial slice (axis 2),
+    displayed radiology-style as ``np.flipud(vol[:, :, z].T)``; ``nifti_slices`` is
+    "all", "middle", "nonempty" (slices with max > min; may give an empty list for a
+    blank volume) or a sequence of slice indices.  A 2D NIfTI gives one Scan keyed by
+    the plain path; a 4D NIfTI with last dim 1 is squeezed.
+
+    ``window=(center, width)``, in the file's intensity units (after DICOM rescale),
+    overrides the default per-format normalisation described in the module docstring.
+
+    Raises ScanReadError for any unreadable file; ValueError for bad arguments.
+    """
+    window = _check_window(window)
+    if isinstance(nifti_slices, str):
+        if nifti_slices not in _NIFTI_MODES:
+            raise ValueError(f"nifti_slices must be one of {_NIFTI_MODES} or a list of ints, got {nifti_slices!r}")
+    else:
+        try:
+            nifti_slices = [int(z) for z in nifti_slices]
+        except (TypeError, ValueError):
+            raise ValueError(f"nifti_slices must be one of {_NIFTI_MODES} or a list of ints, got {nifti_slices!r}") from None
+
+    key = os.fspath(path)
+    key = key if isinstance(key, str) else os.fsdecode(key)
+    p = Path(key)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise ScanReadError(key, "file not found") from None
+    except OSError as e:
+        raise ScanReadError(key, f"cannot access file: {e.strerror or e}") from None
+    if not p.is_file():
+        raise ScanReadError(key, "not a regular file")
+    if st.st_size == 0:
+        raise ScanReadError(key, "empty file (0 bytes)")
+
+    suf = _suffix(p)
+    try:
+        if _has_dicm_magic(p) or suf in _DICOM_SUFFIXES:
+            return _read_dicom(p, key, window)
+        if suf in _RASTER_SUFFIXES:
+            return _read_raster(p, key, window)
+        if suf in _NIFTI_SUFFIXES:
+            return _read_nifti(p, key, window, nifti_slices)
+        if suf == ".mat":
+            return _read_mat(p, key, window)
+    except (ScanReadError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - last line of defence: never leak library errors
+        raise ScanReadError(key, f"unreadable file: {type(e).__name__}: {e}") from e
+    if suf == "":
+        raise ScanReadError(key, "unsupported file type (no suffix and no DICOM magic)")
+    raise ScanReadError(key, f"unsupported file type {suf!r}")
+
+
+def read_scan(path: PathLike, **kw) -> Scan:
+    """Read one (H, W) uint8 Scan: the file's only image, or the middle selected slice
+    of a volume.  Same keywords as :func:`read_scans`; ScanReadError if none selected."""
+    scans = read_scans(path, **kw)
+    if not scans:
+        raise ScanReadError(os.fspath(path), "no slices selected (volume is blank)")
+    return scans[len(scans) // 2]

