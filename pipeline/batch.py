@@ -1,33 +1,24 @@
 """Batch processing of a scan folder: read -> segment -> ROI -> classify -> ``predictions.csv``.
 
-Resumable and safe: a row is written for every input exactly once. Rows are appended in whole
-lines and flushed (and fsync'd) per batch; on restart a torn last line from a killed run is cut
-off, inputs already in the CSV are skipped, and the rest are processed. Inputs are only read.
+Resumable and safe (see :mod:`pipeline.folders`): every input gets exactly one row, even across
+``kill -9`` and re-runs. Inputs are only read; the output folder is never the input folder.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import cv2
 import numpy as np
 from tqdm import tqdm
 
 from pipeline import CLASSES
+from pipeline.folders import VOLUME_SUFFIXES, Item, ResultsCSV, iter_input_files, iter_read
 from pipeline.roi import make_input
-from pipeline.scans import Scan, ScanReadError, read_scans
 
 COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASSES], "found", "x0", "y0", "x1", "y1",
            "mode", "status", "error"]
-VOLUME_SUFFIXES = (".nii", ".nii.gz")
-
-
 class Segmenter(Protocol):
     def predict(self, images: Sequence[np.ndarray]) -> list: ...
 
@@ -37,84 +28,6 @@ class ClassifierLike(Protocol):
     size: int
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
-
-
-def iter_input_files(root: Path, exclude: Path | None = None) -> Iterator[Path]:
-    """Every non-hidden file under ``root``, sorted, except those under ``exclude`` (the output)."""
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not (exclude and (here / d).resolve() == exclude))
-        for name in sorted(filenames):
-            if not name.startswith("."):
-                yield here / name
-
-
-class ResultsCSV:
-    """Append-only CSV that survives ``kill -9``: whole lines per write, torn tail repaired on open."""
-
-    def __init__(self, path: Path, columns: Sequence[str] = COLUMNS):
-        self.path, self.columns = path, list(columns)
-        self.done: set[str] = set()
-        self.done_files: set[str] = set()
-        if path.exists() and path.stat().st_size > 0:
-            self._repair_and_load()
-        else:
-            self._append([",".join(self.columns)], header=True)
-
-    def _repair_and_load(self) -> None:
-        data = self.path.read_bytes()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):  # a killed run left half a line: drop it, that input is redone
-            with open(self.path, "r+b") as fh:
-                fh.truncate(end)
-            data = data[:end]
-        reader = csv.DictReader(io.StringIO(data.decode()))
-        if reader.fieldnames != self.columns:
-            raise ValueError(f"{self.path}: existing file has columns {reader.fieldnames}, expected {self.columns}; "
-                             f"use another --out")
-        for row in reader:
-            self.done.add(row["path"])
-            self.done_files.add(row["path"].split("#z=")[0])
-
-    def _append(self, lines: list[str], header: bool = False) -> None:
-        with open(self.path, "a", newline="") as fh:
-            fh.write("".join(line + "\n" for line in lines))
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def write(self, rows: list[dict]) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n", extrasaction="ignore")
-        for row in rows:
-            writer.writerow(row)
-            self.done.add(row["path"])
-        if rows:
-            self._append(buf.getvalue().rstrip("\n").split("\n"))
-
-
-@dataclass
-class _Item:
-    key: str           # path relative to the input root, with #z=NN for volume slices
-    scan: Scan | None
-    error: str = ""
-
-
-def _read(path: Path, root: Path, nifti_slices) -> list[_Item]:
-    rel = path.relative_to(root).as_posix()
-    try:
-        scans = read_scans(path, nifti_slices=nifti_slices)
-    except ScanReadError as exc:
-        return [_Item(rel, None, exc.reason)]
-    except Exception as exc:  # one bad file must never stop the folder
-        return [_Item(rel, None, f"{type(exc).__name__}: {exc}")]
-    if not scans:
-        return [_Item(rel, None, "no slice selected (volume is blank)")]
-    items = []
-    for scan in scans:
-        suffix = scan.key[len(str(path)):] if scan.key.startswith(str(path)) else ""
-        items.append(_Item(rel + suffix, scan))
-    return items
 
 
 def _fmt(x: float) -> str:
@@ -136,7 +49,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     if mode != "full" and segmenter is None:
         raise ValueError(f"mode {mode!r} needs a segmenter (--seg)")
     out.mkdir(parents=True, exist_ok=True)
-    results = ResultsCSV(out / "predictions.csv")
+    results = ResultsCSV(out / "predictions.csv", COLUMNS)
     exclude = out if root in out.parents else None
     files = [p for p in iter_input_files(root, exclude)]
     todo = [p for p in files if p.relative_to(root).as_posix() not in results.done
@@ -144,9 +57,9 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0}
 
     bar = tqdm(total=len(todo), desc="predict", unit="file", disable=None if progress is None else not progress, smoothing=0.1)
-    pending: list[_Item] = []
+    pending: list[Item] = []
 
-    def flush(items: list[_Item]) -> None:
+    def flush(items: list[Item]) -> None:
         ok = [it for it in items if it.scan is not None]
         rows = {it.key: {"path": it.key, "mode": mode, "status": "error", "error": it.error}
                 for it in items if it.scan is None}
@@ -173,33 +86,14 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
         counts["rows_written"] += len(ordered)
         counts["errors"] += sum(r["status"] == "error" for r in ordered)
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        # A bounded window of reads in flight keeps memory flat whatever the folder's size.
-        window: deque = deque()
-        files_iter = iter(todo)
-
-        def refill():
-            while len(window) < 2 * batch_size:
-                try:
-                    p = next(files_iter)
-                except StopIteration:
-                    return
-                window.append(pool.submit(_read, p, root, nifti_slices))
-
-        refill()
-        while window:
-            items = window.popleft().result()
-            refill()
-            bar.update(1)
-            for it in items:
-                if it.key not in results.done:
-                    pending.append(it)
-            if len(pending) >= batch_size:
-                flush(pending[:batch_size])
-                pending = pending[batch_size:]
-        while pending:
+    for items in iter_read(todo, root, nifti_slices, workers, 2 * batch_size):
+        bar.update(1)
+        pending.extend(it for it in items if it.key not in results.done)
+        while len(pending) >= batch_size:
             flush(pending[:batch_size])
             pending = pending[batch_size:]
+    if pending:
+        flush(pending)
     bar.close()
     return counts
 

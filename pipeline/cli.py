@@ -201,20 +201,20 @@ def cmd_train_seg(a):
                          seed=a.seed, patience=a.patience, time_hours=a.time_hours, resume=a.resume))
 
 
-def load_segmenter(name: str | None, device: str, imgsz: int | None = None):
-    """``none`` -> None; ``auto`` -> the shipped segmenter if the manifest lists one; else a name or path."""
-    from pipeline.weights import load_manifest
+def load_segmenter(name: str | None, device: str):
+    """``none`` -> None; ``auto`` -> the shipped default segmenter, or None when there is none; else a name or path."""
+    from pipeline.segment.run import build_segmenter, default_segmenter_name
+    from pipeline.weights import WeightsError
 
     if not name or name == "none":
         return None
     if name == "auto":
-        shipped = [n for n, e in load_manifest().items() if e.get("kind") == "segmenter" and e.get("default")]
-        if not shipped:
+        try:
+            name = default_segmenter_name()
+        except WeightsError:
+            print("note: no shipped segmenter; classifying without one (found/x0..y1 stay empty)", file=sys.stderr)
             return None
-        name = shipped[0]
-    from pipeline.segment.load import load_segmenter as _load
-
-    return _load(name, device=device, imgsz=imgsz)
+    return build_segmenter("yolo", weights=name, device=device)
 
 
 @command("predict", "run the whole chain on a folder of scans -> predictions.csv (resumable)")
@@ -232,6 +232,15 @@ def cmd_predict(a):
     print(json.dumps(counts))
 
 
+#: Commands whose arguments and body live in their stage's module (``add_arguments`` / ``run``).
+MODULE_COMMANDS = {
+    "segment": ("pipeline.segment.run", "segment every scan of a folder -> masks/ + segments.csv (resumable)"),
+    "evaluate-seg": ("pipeline.evaluate_seg", "Dice, IoU, HD95, detection and false-mask rates of predicted masks"),
+    "evaluate-cls": ("pipeline.evaluate_cls", "classify a cache with a checkpoint -> predictions.csv + metrics"),
+    "compare": ("pipeline.report", "masked vs crop vs full report: metrics with CIs, all vs clean, McNemar"),
+    "weights": ("pipeline.weights_cli", "list, verify and download the checkpoints in weights/manifest.json"),
+}
+
 ARGS = {"audit": _args_audit, "split": _args_split, "phantoms": _args_phantoms, "read": _args_read,
         "crop": _args_crop, "train-cls": _args_train_cls,
         "predict": _args_predict, "seg-data": _args_seg_data, "train-seg": _args_train_seg}
@@ -242,12 +251,17 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     common = config.get("common", {})
-    for name, (help_text, _) in COMMANDS.items():
+    import importlib
+
+    entries = [(name, help_text, ARGS[name]) for name, (help_text, _) in COMMANDS.items()]
+    entries += [(name, help_text, lambda p, m=module: importlib.import_module(m).add_arguments(p))
+                for name, (module, help_text) in MODULE_COMMANDS.items()]
+    for name, help_text, add_args in entries:
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", help="YAML file layered over configs/default.yaml")
         p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
         p.add_argument("--seed", type=int, help="random seed (default: %(default)s)")
-        ARGS[name](p)
+        add_args(p)
         defaults = {**common, **{k.replace("-", "_"): v for k, v in config.get(name, {}).items()}}
         known = {action.dest for action in p._actions}
         p.set_defaults(**{k: v for k, v in defaults.items() if k in known})
@@ -268,10 +282,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.device = resolve_device(args.device or "auto")
         seed_everything(args.seed if args.seed is not None else 0)
+        if args.command in MODULE_COMMANDS:
+            import importlib
+
+            return importlib.import_module(MODULE_COMMANDS[args.command][0]).run(args) or 0
         return COMMANDS[args.command][1](args) or 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -30,9 +30,9 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def load_manifest(path: str | os.PathLike = MANIFEST) -> dict[str, dict[str, Any]]:
+def load_manifest(path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
     """``{name: {file, url, sha256, license, ...}}``; an absent manifest is empty."""
-    path = Path(path)
+    path = Path(path or MANIFEST)
     if not path.is_file():
         return {}
     entries = json.loads(path.read_text())

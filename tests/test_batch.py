@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from pipeline import CLASSES
-from pipeline.batch import COLUMNS, ResultsCSV, run_predict
+from pipeline.batch import COLUMNS, run_predict
+from pipeline.folders import ResultsCSV
 from pipeline.classify.models import create_model
 from pipeline.classify.predict import Classifier
 from pipeline.phantoms import make_phantom
-from pipeline.segment.yolo import SegResult
+from tests.fakes import BrightBlobSegmenter
 from tests.scan_fixtures import write_dicom, write_jpeg, write_nifti, write_png
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,21 +31,6 @@ def tiny_classifier(tmp_path_factory) -> Path:
     torch.save({"state_dict": model.state_dict(),
                 "meta": {"model": "smallcnn", "mode": "full", "size": 32, "classes": list(CLASSES)}}, path)
     return path
-
-
-class BrightBlobSegmenter:
-    """Stands in for YOLO: marks bright pixels inside the skull as tumor."""
-
-    def predict(self, images):
-        out = []
-        for im in images:
-            k = max(3, im.shape[0] // 12)
-            inside = cv2.erode((im > 20).astype(np.uint8), np.ones((k, k), np.uint8))
-            mask = np.where((im > 225) & (inside > 0), 255, 0).astype(np.uint8)
-            mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
-            found = bool(mask.any())
-            out.append(SegResult(mask, np.zeros((int(found), 4), np.float32), np.ones(int(found), np.float32)))
-        return out
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -171,4 +157,4 @@ def test_results_csv_refuses_a_foreign_file(tmp_path):
     path = tmp_path / "predictions.csv"
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="columns"):
-        ResultsCSV(path)
+        ResultsCSV(path, COLUMNS)

@@ -8,7 +8,6 @@ shipped checkpoint is loaded with ``torch.load(weights_only=True)`` after its sh
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 

@@ -1,0 +1,89 @@
+"""YOLOv8-cls baseline on the same split, the same inputs and the same image size as the CNNs.
+
+The cached inputs (:mod:`pipeline.classify.data`) are written out as PNG class folders, the
+layout ultralytics' classifier trains on, so the baseline sees exactly what the CNNs see.
+Predictions come out in the ``predictions.csv`` format that ``compare`` reads.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline import CLASSES
+from pipeline.classify.data import load_cache
+from pipeline.config import REPO_ROOT
+
+PRETRAINED_CLS = REPO_ROOT / "weights" / "yolov8n-cls.pt"
+
+
+def export_cache_as_folders(caches: dict[str, str | os.PathLike], out: str | os.PathLike) -> Path:
+    """Write ``out/<split>/<class>/<index>.png`` for each ``{split: cache.npz}``."""
+    out = Path(out)
+    for split, cache in caches.items():
+        data = load_cache(cache)
+        for i, (image, label) in enumerate(zip(data["images"], data["labels"])):
+            folder = out / split / CLASSES[int(label)]
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{i:05d}.png"
+            if not path.exists():
+                cv2.imwrite(str(path), image)
+    return out
+
+
+def train_yolo_cls(data_dir: str | os.PathLike, out_dir: str | os.PathLike, imgsz: int = 128, epochs: int = 10,
+                   batch: int = 64, device: str = "cpu", seed: int = 0, workers: int = 2,
+                   time_hours: float | None = None) -> Path:
+    """Train YOLOv8n-cls from ``weights/yolov8n-cls.pt`` when present, else from the YAML (offline)."""
+    from pipeline.segment.yolo import offline_ultralytics
+
+    offline_ultralytics()
+    from ultralytics import YOLO
+
+    out_dir = Path(out_dir).resolve()
+    source = str(PRETRAINED_CLS) if PRETRAINED_CLS.is_file() else "yolov8n-cls.yaml"
+    cuda = str(device).startswith("cuda")
+    kwargs = dict(data=str(Path(data_dir).resolve()), imgsz=imgsz, epochs=epochs, batch=batch,
+                  device=device.replace("cuda:", "") if cuda else "cpu", seed=seed, deterministic=True,
+                  workers=workers, project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False,
+                  amp=cuda, pretrained=source.endswith(".pt"), verbose=False, fliplr=0.5, degrees=10.0,
+                  auto_augment=None, erasing=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.2)
+    if time_hours:
+        kwargs["time"] = time_hours
+    YOLO(source).train(**kwargs)
+    return out_dir / "weights" / "best.pt"
+
+
+def predict_yolo_cls(weights: str | os.PathLike, cache: str | os.PathLike, out_csv: str | os.PathLike,
+                     device: str = "cpu", batch: int = 64) -> Path:
+    """Classify a cache with a trained YOLO-cls model; write ``predictions.csv`` for ``compare``."""
+    from pipeline.segment.yolo import offline_ultralytics
+
+    offline_ultralytics()
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights), task="classify")
+    names = model.names
+    order = [next(k for k, v in names.items() if v == c) for c in CLASSES]
+    data = load_cache(cache)
+    imgsz = int(data["size"])
+    rows = []
+    for i in range(0, len(data["labels"]), batch):
+        images = [cv2.cvtColor(im, cv2.COLOR_GRAY2BGR) for im in data["images"][i:i + batch]]
+        for j, res in enumerate(model.predict(images, imgsz=imgsz, device=device, verbose=False)):
+            probs = res.probs.data.cpu().numpy()[order]
+            k = i + j
+            rows.append({"path": str(data["paths"][k]), "true": CLASSES[int(data["labels"][k])],
+                         "pred": CLASSES[int(np.argmax(probs))], "confidence": f"{probs.max():.6f}",
+                         **{f"p_{c}": f"{p:.6f}" for c, p in zip(CLASSES, probs)},
+                         "found": str(bool(data["found"][k])).lower()})
+    out_csv = Path(out_csv)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    with out_csv.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out_csv

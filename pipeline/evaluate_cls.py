@@ -1,0 +1,262 @@
+"""``evaluate-cls``: score a classifier on a cached test split -> ``predictions.csv`` + ``metrics.json``.
+
+Either ``--cls WEIGHTS --data CACHE.npz`` (the classifier is run on the cache, whose mode and
+size must be the classifier's own) or ``--predictions CSV`` written by anything else (e.g. an
+external YOLOv8-cls baseline) in the same column layout::
+
+    path,true,pred,confidence,p_glioma,p_meningioma,p_notumor,p_pituitary,found
+
+``true``/``pred`` are class names (or indices); only ``path``, ``true`` and ``pred`` are required.
+A ``predictions.csv`` from ``predict`` (column ``label``, no ``true``) is accepted too when the
+true class can be read from each file's parent folder (Kaggle layout).
+
+With ``--clean clean_test.txt`` (from ``audit``) metrics are also reported on the Testing
+images that have no near-copy in Training, matched by resolved path.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline import CLASSES
+from pipeline.evaluate import bootstrap_cis, classification_metrics
+
+PRED_COLUMNS = ["path", "true", "pred", "confidence", *[f"p_{c}" for c in CLASSES], "found"]
+REQUIRED_COLUMNS = ("path", "true", "pred")
+
+
+# --- predictions.csv ------------------------------------------------------------------------------
+
+def _class_index(value: str, where: str) -> int:
+    value = str(value).strip()
+    if value in CLASSES:
+        return CLASSES.index(value)
+    if value.lstrip("-").isdigit() and 0 <= int(value) < len(CLASSES):
+        return int(value)
+    raise ValueError(f"{where}: {value!r} is not a class ({', '.join(CLASSES)}) or class index")
+
+
+def write_predictions(path: str | os.PathLike, paths: Sequence[str], y_true: Sequence[int], probs: np.ndarray,
+                      found: Sequence[bool] | None = None) -> Path:
+    """Write ``predictions.csv`` (pred = argmax of ``probs``, confidence = its probability)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probs = np.asarray(probs, np.float64)
+    pred = probs.argmax(1)
+    tmp = path.with_suffix(".tmp.csv")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(PRED_COLUMNS)
+        for i, p in enumerate(paths):
+            f = "" if found is None else str(bool(found[i])).lower()
+            w.writerow([p, CLASSES[int(y_true[i])], CLASSES[int(pred[i])], f"{probs[i, pred[i]]:.6f}",
+                        *[f"{v:.6f}" for v in probs[i]], f])
+    os.replace(tmp, path)
+    return path
+
+
+def read_predictions(path: str | os.PathLike) -> dict:
+    """Read a predictions CSV -> ``{"paths": list[str], "y_true": (N,), "y_pred": (N,), "probs": (N, 4) or None,
+    "found": list[str], "source": str}``. Raises ValueError naming what is missing."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "predictions.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: predictions CSV not found (write it with `evaluate-cls`)")
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        rows = list(reader)
+    from_label = "true" not in cols and "label" in cols and "pred" not in cols
+    if not from_label:
+        missing = [c for c in REQUIRED_COLUMNS if c not in cols]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(PRED_COLUMNS)}")
+    paths, y_true, y_pred = [], [], []
+    for i, row in enumerate(rows, start=2):
+        if from_label:
+            if row.get("status", "ok") not in ("ok", "", None) or not row.get("label"):
+                continue  # rows `predict` could not read
+            parent = Path(row["path"]).parent.name
+            if parent not in CLASSES:
+                raise ValueError(f"{path}: no `true` column and the parent folder {parent!r} of line {i} is not "
+                                 f"a class; add a `true` column")
+            y_true.append(CLASSES.index(parent))
+            y_pred.append(_class_index(row["label"], f"{path}:{i}"))
+        else:
+            y_true.append(_class_index(row["true"], f"{path}:{i}"))
+            y_pred.append(_class_index(row["pred"], f"{path}:{i}"))
+        paths.append(row["path"])
+    kept = [r for r in rows if not from_label or (r.get("status", "ok") in ("ok", "", None) and r.get("label"))]
+    prob_cols = [f"p_{c}" for c in CLASSES]
+    probs = None
+    if all(c in cols for c in prob_cols) and all(r[c] not in ("", None) for r in kept for c in prob_cols):
+        probs = np.array([[float(r[c]) for c in prob_cols] for r in kept], np.float64).reshape(-1, len(CLASSES))
+    return {"paths": paths, "y_true": np.array(y_true, np.int64), "y_pred": np.array(y_pred, np.int64),
+            "probs": probs, "found": [r.get("found", "") or "" for r in kept], "source": str(path)}
+
+
+# --- matching paths to clean_test.txt -------------------------------------------------------------
+
+def _resolved(p: str) -> str:
+    return str(Path(p).resolve())
+
+
+def _tail(p: str, k: int = 3) -> str:
+    return "/".join(Path(str(p).replace("\\", "/")).parts[-k:])
+
+
+def clean_mask(paths: Sequence[str], clean: set[str]) -> tuple[np.ndarray, str]:
+    """Which ``paths`` are in the clean set (resolved paths, as :func:`pipeline.audit.load_clean_list` gives).
+
+    Paths are resolved against the current directory. If none matches that way (the CSV was
+    written from another directory), the last three components (``Testing/<class>/<file>``)
+    are compared instead; the second value says which match was used.
+    """
+    mask = np.array([_resolved(p) in clean for p in paths], bool)
+    if mask.any() or not paths or not clean:
+        return mask, "resolved path"
+    tails = {_tail(c) for c in clean}
+    tail_mask = np.array([_tail(p) in tails for p in paths], bool)
+    if tail_mask.any():
+        print(f"warning: no path matched the clean list after resolving against {Path.cwd()}; matched "
+              f"{int(tail_mask.sum())} by their last three components instead", file=sys.stderr)
+        return tail_mask, "last three path components"
+    return mask, "resolved path"
+
+
+def load_clean(path: str | os.PathLike | None) -> set[str] | None:
+    if not path:
+        return None
+    from pipeline.audit import load_clean_list
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: clean list not found (run `audit` first)")
+    return load_clean_list(path)
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+def _jsonable(obj):
+    """NaN -> None and numpy scalars/tuples -> plain JSON values."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isnan(obj) else float(obj)
+    return obj
+
+
+def metrics_with_ci(y_true: Sequence[int], y_pred: Sequence[int], n_boot: int = 1000, seed: int = 0,
+                    alpha: float = 0.05) -> dict:
+    """:func:`classification_metrics` plus ``"ci"``: percentile-bootstrap intervals of every metric."""
+    m = classification_metrics(y_true, y_pred)
+    m["ci"] = bootstrap_cis(y_true, y_pred, n_boot=n_boot, seed=seed, alpha=alpha)
+    m["ci_level"] = 1 - alpha
+    return m
+
+
+def evaluate_predictions(pred: dict, clean: set[str] | None = None, n_boot: int = 1000, seed: int = 0,
+                         alpha: float = 0.05) -> dict:
+    """``{"all": metrics, "clean": metrics or absent}`` for a :func:`read_predictions` result."""
+    out = {"bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha},
+           "all": metrics_with_ci(pred["y_true"], pred["y_pred"], n_boot, seed, alpha)}
+    if clean is not None:
+        mask, how = clean_mask(pred["paths"], clean)
+        out["clean"] = metrics_with_ci(pred["y_true"][mask], pred["y_pred"][mask], n_boot, seed, alpha)
+        out["clean"].update({"clean_list_size": len(clean), "matched_by": how})
+    return out
+
+
+# --- running a classifier on a cache -----------------------------------------------------------
+
+def predict_cache(classifier, cache: dict, batch_size: int = 64) -> np.ndarray:
+    """(N, 4) probabilities of the classifier on ``cache["images"]``, after checking mode and size."""
+    mode, size = str(cache.get("mode", "?")), int(cache.get("size", -1))
+    if mode != classifier.mode or size != classifier.size:
+        raise ValueError(f"cache is mode={mode} size={size} but the classifier ({classifier.meta.get('model')}) "
+                         f"was trained on mode={classifier.mode} size={classifier.size}; build a matching "
+                         f"cache with `crop --mode {classifier.mode} --size {classifier.size}`")
+    images = cache["images"]
+    out = [classifier.predict_proba(images[s:s + batch_size]) for s in range(0, len(images), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json or a .pt path")
+    p.add_argument("--data", help="test cache .npz from `crop` (same mode and size as the classifier)")
+    p.add_argument("--predictions", help="instead of --cls/--data: a predictions CSV from another model "
+                                         f"(columns {','.join(PRED_COLUMNS)}; path,true,pred required)")
+    p.add_argument("--clean", help="clean_test.txt from `audit`: also report metrics on that subset")
+    p.add_argument("--out", required=True, help="output folder: predictions.csv, metrics.json")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the intervals")
+
+
+def run(args) -> int:
+    from pipeline.classify.data import load_cache
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = getattr(args, "seed", None) or 0
+    n_boot, alpha = getattr(args, "n_boot", 1000), getattr(args, "alpha", 0.05)
+    clean = load_clean(getattr(args, "clean", None))
+    if getattr(args, "predictions", None):
+        if args.cls or args.data:
+            raise ValueError("give either --predictions or --cls with --data, not both")
+        pred = read_predictions(args.predictions)
+        dest = out / "predictions.csv"
+        probs = pred["probs"]
+        if probs is None:  # keep what we know; confidence and probabilities left empty
+            probs = np.full((len(pred["paths"]), len(CLASSES)), np.nan)
+        if Path(pred["source"]).resolve() != dest.resolve():
+            _write_rows(dest, pred, probs)
+        source = {"predictions": str(args.predictions)}
+    else:
+        if not (args.cls and args.data):
+            raise ValueError("evaluate-cls needs --cls WEIGHTS and --data CACHE.npz, or --predictions CSV")
+        from pipeline.classify.predict import Classifier
+
+        classifier = Classifier(args.cls, device=getattr(args, "device", "cpu") or "cpu")
+        cache = load_cache(args.data)
+        probs = predict_cache(classifier, cache, getattr(args, "batch_size", 64) or 64)
+        paths = [str(p) for p in cache["paths"]]
+        write_predictions(out / "predictions.csv", paths, cache["labels"], probs, cache.get("found"))
+        pred = read_predictions(out / "predictions.csv")
+        source = {"cls": str(args.cls), "data": str(args.data),
+                  **{k: classifier.meta.get(k) for k in ("model", "mode", "size")}}
+    result = {"source": source, **evaluate_predictions(pred, clean, n_boot, seed, alpha)}
+    (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
+    summary = {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4), "macro_f1": round(v["macro_f1"], 4)}
+               for k, v in result.items() if k in ("all", "clean") and v["n"]}
+    print(json.dumps({"out": str(out), **summary}))
+    return 0
+
+
+def _write_rows(dest: Path, pred: dict, probs: np.ndarray) -> None:
+    """Re-write a foreign predictions CSV in our column layout (pred kept as given, not re-derived)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest, "w", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(PRED_COLUMNS)
+        for i, p in enumerate(pred["paths"]):
+            k = int(pred["y_pred"][i])
+            pr = probs[i]
+            fmt = (lambda v: "" if np.isnan(v) else f"{v:.6f}")
+            w.writerow([p, CLASSES[int(pred["y_true"][i])], CLASSES[k], fmt(pr[k]), *[fmt(v) for v in pr],
+                        pred["found"][i] if i < len(pred["found"]) else ""])
+
+
+__all__ = ("PRED_COLUMNS", "read_predictions", "write_predictions", "clean_mask", "evaluate_predictions",
+                          "metrics_with_ci", "predict_cache", "add_arguments", "run")

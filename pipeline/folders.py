@@ -1,0 +1,136 @@
+"""Walking scan folders and writing resumable result CSVs: shared by every stage that takes a folder.
+
+A result CSV survives ``kill -9``: rows are appended as whole lines per write (then flushed and
+fsync'd), a torn last line left by a killed run is cut off on reopen, and inputs already listed
+are skipped, so every input ends up with exactly one row.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from pipeline.scans import Scan, ScanReadError, read_scans
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+
+
+def iter_input_files(root: Path, exclude: Path | None = None) -> Iterator[Path]:
+    """Every non-hidden file under ``root``, sorted, except those under ``exclude`` (the output)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not (exclude and (here / d).resolve() == exclude))
+        for name in sorted(filenames):
+            if not name.startswith("."):
+                yield here / name
+
+
+class ResultsCSV:
+    """Append-only CSV that survives ``kill -9``: whole lines per write, torn tail repaired on open."""
+
+    def __init__(self, path: Path, columns: Sequence[str]):
+        self.path, self.columns = path, list(columns)
+        self.done: set[str] = set()
+        self.done_files: set[str] = set()
+        if path.exists() and path.stat().st_size > 0:
+            self._repair_and_load()
+        else:
+            self._append([",".join(self.columns)], header=True)
+
+    def _repair_and_load(self) -> None:
+        data = self.path.read_bytes()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):  # a killed run left half a line: drop it, that input is redone
+            with open(self.path, "r+b") as fh:
+                fh.truncate(end)
+            data = data[:end]
+        reader = csv.DictReader(io.StringIO(data.decode()))
+        if reader.fieldnames != self.columns:
+            raise ValueError(f"{self.path}: existing file has columns {reader.fieldnames}, expected {self.columns}; "
+                             f"use another --out")
+        for row in reader:
+            self.done.add(row["path"])
+            self.done_files.add(row["path"].split("#z=")[0])
+
+    def _append(self, lines: list[str], header: bool = False) -> None:
+        with open(self.path, "a", newline="") as fh:
+            fh.write("".join(line + "\n" for line in lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def write(self, rows: list[dict]) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n", extrasaction="ignore")
+        for row in rows:
+            writer.writerow(row)
+            self.done.add(row["path"])
+        if rows:
+            self._append(buf.getvalue().rstrip("\n").split("\n"))
+
+
+@dataclass
+class Item:
+    key: str           # path relative to the input root, with #z=NN for volume slices
+    scan: Scan | None
+    error: str = ""
+
+
+def read_items(path: Path, root: Path, nifti_slices) -> list[Item]:
+    rel = path.relative_to(root).as_posix()
+    try:
+        scans = read_scans(path, nifti_slices=nifti_slices)
+    except ScanReadError as exc:
+        return [Item(rel, None, exc.reason)]
+    except Exception as exc:  # one bad file must never stop the folder
+        return [Item(rel, None, f"{type(exc).__name__}: {exc}")]
+    if not scans:
+        return [Item(rel, None, "no slice selected (volume is blank)")]
+    items = []
+    for scan in scans:
+        suffix = scan.key[len(str(path)):] if scan.key.startswith(str(path)) else ""
+        items.append(Item(rel + suffix, scan))
+    return items
+
+
+
+def iter_read(files: Sequence[Path], root: Path, nifti_slices="nonempty", workers: int = 2,
+              window_size: int = 64) -> Iterator[list[Item]]:
+    """Read files on ``workers`` threads, in order, with at most ``window_size`` in flight.
+
+    The bounded window keeps memory flat whatever the folder's size.
+    """
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        window: deque = deque()
+        it = iter(files)
+        while True:
+            while len(window) < window_size:
+                p = next(it, None)
+                if p is None:
+                    break
+                window.append(pool.submit(read_items, p, root, nifti_slices))
+            if not window:
+                return
+            yield window.popleft().result()
+
+
+def write_png_atomic(path: Path, image: np.ndarray) -> None:
+    """Write a PNG so that ``path`` is either absent, the old file, or the complete new one."""
+    ok, buf = cv2.imencode(".png", image)
+    if not ok:
+        raise OSError(f"{path}: PNG encoding failed")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(buf.tobytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

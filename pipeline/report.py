@@ -1,0 +1,471 @@
+"""``compare``: side-by-side report of several classifier runs on ALL of Testing and on its CLEAN subset.
+
+Each run is a ``predictions.csv`` (from ``evaluate-cls`` or any model writing the same columns).
+The report gives accuracy, macro-F1, per-class recall then precision (a missed tumor costs most)
+with percentile-bootstrap 95% intervals, McNemar tests of paired runs (same model, different
+input mode, e.g. ``lite0-masked`` vs ``lite0-full``), confusion matrices, a forest plot of
+accuracy and macro-F1, and optionally a Grad-CAM panel. Output: ``report.md`` (figures linked),
+``report.html`` (figures embedded, one self-contained file), ``compare.json`` and the PNGs.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline import CLASSES
+from pipeline.evaluate import mcnemar
+from pipeline.evaluate_cls import _jsonable, clean_mask, load_clean, metrics_with_ci, read_predictions
+
+MODES = ("full", "crop", "masked")
+#: A class whose clean count is below this, or below SMALL_FRACTION of its full count, is flagged.
+SMALL_N, SMALL_FRACTION = 30, 0.25
+#: The Grad-CAM panel draws its right and wrong examples from this many randomly chosen images.
+GRADCAM_POOL = 512
+
+
+# --- pairing ------------------------------------------------------------------------------------
+
+def _split_mode(name: str) -> tuple[str, str | None]:
+    """``"lite0-masked"`` -> ``("lite0", "masked")``; a name without a mode token -> ``(name, None)``."""
+    tokens = re.split(r"[-_.\s]+", name)
+    modes = [t for t in tokens if t.lower() in MODES]
+    if len(modes) != 1:
+        return name, None
+    rest = [t for t in tokens if t.lower() not in MODES]
+    return "-".join(rest), modes[0].lower()
+
+
+def auto_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
+    """Runs of one model in different modes: every crop/masked run against the full one, and
+    masked against crop. The model is the run name without its mode token."""
+    groups: dict[str, dict[str, str]] = {}
+    for n in names:
+        model, mode = _split_mode(n)
+        if mode:
+            groups.setdefault(model, {}).setdefault(mode, n)
+    pairs = []
+    for modes in groups.values():
+        for a, b in (("masked", "full"), ("crop", "full"), ("masked", "crop")):
+            if a in modes and b in modes:
+                pairs.append((modes[a], modes[b]))
+    return pairs
+
+
+def parse_pairs(specs: Sequence[str] | None, names: Sequence[str]) -> list[tuple[str, str]]:
+    if not specs:
+        return auto_pairs(names)
+    pairs = []
+    for spec in specs:
+        if ":" not in spec:
+            raise ValueError(f"--pairs {spec!r}: expected A:B with two run names")
+        a, b = spec.split(":", 1)
+        unknown = [x for x in (a, b) if x not in names]
+        if unknown:
+            raise ValueError(f"--pairs {spec!r}: unknown run(s) {', '.join(unknown)}; runs are {', '.join(names)}")
+        pairs.append((a, b))
+    return pairs
+
+
+def parse_runs(specs: Sequence[str]) -> dict[str, Path]:
+    runs: dict[str, Path] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise ValueError(f"--runs {spec!r}: expected NAME=DIR (DIR holds predictions.csv) or NAME=FILE.csv")
+        name, path = spec.split("=", 1)
+        if not name or name in runs:
+            raise ValueError(f"--runs {spec!r}: run names must be non-empty and unique")
+        runs[name] = Path(path)
+    return runs
+
+
+# --- paired comparison ---------------------------------------------------------------------------
+
+def _align(pa: dict, pb: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into a and b of the images both runs scored (matched by resolved path, else by the
+    last three path components)."""
+    from pipeline.evaluate_cls import _resolved, _tail
+
+    best = (np.zeros(0, int), np.zeros(0, int))
+    for key in (_resolved, _tail):
+        ka = {key(p): i for i, p in enumerate(pa["paths"])}
+        ib, ia = [], []
+        for j, p in enumerate(pb["paths"]):
+            i = ka.get(key(p))
+            if i is not None:
+                ia.append(i)
+                ib.append(j)
+        if len(ia) > len(best[0]):
+            best = (np.array(ia, int), np.array(ib, int))
+        if len(best[0]) == min(len(pa["paths"]), len(pb["paths"])):
+            break
+    return best
+
+
+def paired_test(pa: dict, pb: dict, mask_a: np.ndarray | None = None) -> dict:
+    """McNemar of two runs on the images both scored (restricted to ``mask_a`` of run a if given)."""
+    ia, ib = _align(pa, pb)
+    if mask_a is not None:
+        keep = mask_a[ia]
+        ia, ib = ia[keep], ib[keep]
+    disagree_truth = int(np.sum(pa["y_true"][ia] != pb["y_true"][ib]))
+    if disagree_truth:
+        raise ValueError(f"{pa['source']} and {pb['source']}: {disagree_truth} paired images have different true "
+                         f"labels; are they the same test set?")
+    y = pa["y_true"][ia]
+    res = mcnemar(y, pa["y_pred"][ia], pb["y_pred"][ib])
+    res["acc_a"] = float(np.mean(pa["y_pred"][ia] == y)) if len(y) else float("nan")
+    res["acc_b"] = float(np.mean(pb["y_pred"][ib] == y)) if len(y) else float("nan")
+    return res
+
+
+def describe_pair(a: str, b: str, res: dict, subset: str, alpha: float = 0.05) -> str:
+    """One plain sentence: the accuracy difference, the discordant counts and the p-value, no more."""
+    n = res["n"]
+    if n == 0:
+        return f"{subset}: no images scored by both {a} and {b}."
+    diff = 100 * (res["acc_a"] - res["acc_b"])
+    lead = (f"{subset} (n={n}): {a} {100 * res['acc_a']:.1f}% vs {b} {100 * res['acc_b']:.1f}% accuracy "
+            f"({diff:+.1f} points); {res['b'] + res['c']} images right for only one of them "
+            f"({res['b']} only {a}, {res['c']} only {b}); McNemar ({res['method']}) {_fmt_p(res['p_value'])}.")
+    if res["b"] + res["c"] == 0:
+        return lead + " The two runs are right on exactly the same images."
+    if res["p_value"] < alpha:
+        better = a if res["b"] > res["c"] else b
+        return (lead + f" At α = {alpha:g} the difference is unlikely to be chance on this test set: {better} "
+                f"made fewer errors here (one training run each; other data or seeds may differ).")
+    return (lead + f" Not significant at α = {alpha:g}: this test set does not show a difference between them "
+            f"(which is not evidence that they are equal).")
+
+
+def _fmt_p(p: float) -> str:
+    """``p = 0.039`` or ``p < 0.001``."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+# --- figures ------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def plot_confusions(name: str, metrics: dict[str, dict], out_png: Path) -> Path:
+    """One panel per subset: counts, shaded by row (recall) share."""
+    plt = _plt()
+    subsets = [k for k in ("all", "clean") if k in metrics]
+    fig, axes = plt.subplots(1, len(subsets), figsize=(4.4 * len(subsets), 4.0), squeeze=False)
+    for ax, key in zip(axes[0], subsets):
+        cm = np.asarray(metrics[key]["confusion"], float)
+        share = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=9,
+                        color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=30, fontsize=8)
+        ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=8)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name}: {key.upper()} (n={metrics[key]['n']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_forest(results: dict[str, dict], out_png: Path) -> Path:
+    """Accuracy and macro-F1 with their intervals, ALL vs CLEAN, one row per run."""
+    plt = _plt()
+    names = list(results)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 1.2 + 0.55 * len(names)), squeeze=False, sharey=True)
+    styles = {"all": ("tab:blue", "o", -0.12), "clean": ("tab:orange", "s", 0.12)}
+    for ax, metric in zip(axes[0], ("accuracy", "macro_f1")):
+        for key, (color, marker, dy) in styles.items():
+            ys, xs, lo, hi = [], [], [], []
+            for r, name in enumerate(names):
+                m = results[name].get(key)
+                if not m or not m["n"]:
+                    continue
+                ys.append(r + dy)
+                xs.append(m[metric])
+                lo.append(m[metric] - m["ci"][metric][0])
+                hi.append(m["ci"][metric][1] - m[metric])
+            if xs:
+                ax.errorbar(xs, ys, xerr=[lo, hi], fmt=marker, color=color, capsize=3,
+                            label=f"{key.upper()}" if metric == "accuracy" else None)
+        ax.set_yticks(range(len(names)), names)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"{'accuracy' if metric == 'accuracy' else 'macro-F1'} (95% bootstrap CI)")
+        ax.grid(axis="x", alpha=0.3)
+    axes[0, 0].legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+# --- tables -------------------------------------------------------------------------------------
+
+def _cell(m: dict | None, value, ci) -> str:
+    if m is None or not m["n"] or value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    lo, hi = ci
+    if lo is None or np.isnan(lo):
+        return f"{value:.3f}"
+    return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def run_table(m_all: dict, m_clean: dict | None) -> list[list[str]]:
+    """Rows [metric, ALL, CLEAN]: accuracy, macro-F1, recall per class, then precision per class."""
+    header = ["metric", f"ALL (n={m_all['n']})", f"CLEAN (n={m_clean['n']})" if m_clean else "CLEAN"]
+    rows = [header]
+    for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
+        rows.append([label, _cell(m_all, m_all[key], m_all["ci"][key]),
+                     _cell(m_clean, m_clean[key], m_clean["ci"][key]) if m_clean else "–"])
+    for kind in ("recall", "precision"):
+        for c in CLASSES:
+            n_all = m_all["per_class"][c]["support"]
+            n_clean = m_clean["per_class"][c]["support"] if m_clean else None
+            label = f"{kind} {c} (n={n_all}" + (f"/{n_clean})" if m_clean else ")")
+            rows.append([label, _cell(m_all, m_all["per_class"][c][kind], m_all["ci"][kind][c]),
+                         _cell(m_clean, m_clean["per_class"][c][kind], m_clean["ci"][kind][c]) if m_clean else "–"])
+    return rows
+
+
+def summary_table(results: dict[str, dict]) -> list[list[str]]:
+    rows = [["run", "n ALL", "accuracy ALL", "macro-F1 ALL", "n CLEAN", "accuracy CLEAN", "macro-F1 CLEAN"]]
+    for name, r in results.items():
+        a, c = r["all"], r.get("clean")
+        rows.append([name, str(a["n"]), _cell(a, a["accuracy"], a["ci"]["accuracy"]),
+                     _cell(a, a["macro_f1"], a["ci"]["macro_f1"]),
+                     str(c["n"]) if c else "–", _cell(c, c["accuracy"], c["ci"]["accuracy"]) if c else "–",
+                     _cell(c, c["macro_f1"], c["ci"]["macro_f1"]) if c else "–"])
+    return rows
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+def header_notes(results: dict[str, dict], clean_size: int | None) -> list[str]:
+    """Dataset lines: n and per-class n on ALL and CLEAN, flagging classes the clean subset has few of."""
+    first = next(iter(results.values()))
+    a = first["all"]
+    per_all = {c: a["per_class"][c]["support"] for c in CLASSES}
+    lines = [f"ALL = every scored Testing image: n = {a['n']} ("
+             + ", ".join(f"{c} {per_all[c]}" for c in CLASSES) + ")."]
+    c = first.get("clean")
+    if c is None:
+        lines.append("No clean list was given (`--clean`): only ALL is reported; ALL includes Testing images "
+                     "that have near-copies in Training, so its scores are optimistic.")
+        return lines
+    per_clean = {k: c["per_class"][k]["support"] for k in CLASSES}
+    lines.append(f"CLEAN = Testing images with no near-copy in Training (audit; {clean_size} listed, "
+                 f"{c['n']} matched here, by {c.get('matched_by', 'resolved path')}): n = {c['n']} ("
+                 + ", ".join(f"{k} {per_clean[k]}" for k in CLASSES) + ").")
+    small = [k for k in CLASSES if per_clean[k] < SMALL_N or per_clean[k] < SMALL_FRACTION * max(per_all[k], 1)]
+    if small:
+        small.sort(key=lambda k: per_clean[k] / max(per_all[k], 1))
+        lines.append("Note: the clean subset has " + ", ".join(f"few {k} images (n = {per_clean[k]} of {per_all[k]})"
+                                                              for k in small)
+                     + ": their recall/precision intervals on CLEAN are wide, and CLEAN accuracy/macro-F1 weigh "
+                       "the classes differently from ALL, so ALL vs CLEAN is not a like-for-like comparison.")
+    lines.append("Intervals: 95% percentile bootstrap over images (a percentile interval cannot reach past an "
+                 "observed 0% or 100%, so for a small class it is too narrow, e.g. [1.000, 1.000]). Recall is listed "
+                 "before precision: a missed tumor costs most.")
+    return lines
+
+
+def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None = None,
+                 pairs: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                 gradcam_cls: str | None = None, gradcam_data: str | None = None, gradcam_n: int = 8,
+                 device: str = "cpu", title: str = "Full slice vs tumor region: classifier comparison") -> dict:
+    """Compute everything and write the report; returns the ``compare.json`` content."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not runs:
+        raise ValueError("compare needs at least one --runs NAME=DIR")
+    clean = load_clean(clean_path)
+    preds = {name: read_predictions(path) for name, path in runs.items()}
+    results, masks = {}, {}
+    for name, p in preds.items():
+        r = {"source": p["source"], "all": metrics_with_ci(p["y_true"], p["y_pred"], n_boot, seed, alpha)}
+        if clean is not None:
+            mask, how = clean_mask(p["paths"], clean)
+            masks[name] = mask
+            r["clean"] = metrics_with_ci(p["y_true"][mask], p["y_pred"][mask], n_boot, seed, alpha)
+            r["clean"]["matched_by"] = how
+        results[name] = r
+    pair_list = parse_pairs(pairs, list(preds))
+    tests = []
+    for a, b in pair_list:
+        t = {"a": a, "b": b, "all": paired_test(preds[a], preds[b])}
+        t["all"]["text"] = describe_pair(a, b, t["all"], "ALL", alpha)
+        if clean is not None:
+            t["clean"] = paired_test(preds[a], preds[b], masks[a])
+            t["clean"]["text"] = describe_pair(a, b, t["clean"], "CLEAN", alpha)
+        tests.append(t)
+
+    figures: list[tuple[str, str]] = []
+    forest = plot_forest(results, out / "accuracy_ci.png")
+    figures.append(("Accuracy and macro-F1 with 95% CI, ALL vs CLEAN", forest.name))
+    for name in results:
+        png = plot_confusions(name, results[name], out / f"confusion_{_safe(name)}.png")
+        figures.append((f"Confusion matrix: {name}", png.name))
+    gradcam_png = None
+    if gradcam_cls or gradcam_data:
+        if not (gradcam_cls and gradcam_data):
+            raise ValueError("--gradcam-cls and --gradcam-data go together")
+        gradcam_png = _gradcam(gradcam_cls, gradcam_data, out / "gradcam.png", gradcam_n, seed, device)
+        figures.append((f"Grad-CAM: {gradcam_cls} on a sample of right and wrong predictions", gradcam_png.name))
+
+    notes = header_notes(results, len(clean) if clean is not None else None)
+    md = _markdown(title, notes, results, tests, figures, alpha, len(pair_list))
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(_html(title, notes, results, tests, figures, alpha, len(pair_list), out))
+    summary = {"runs": {k: str(v) for k, v in runs.items()}, "clean": clean_path,
+               "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha},
+               "results": results, "pairs": tests}
+    (out / "compare.json").write_text(json.dumps(_jsonable(summary), indent=2))
+    return summary
+
+
+def _gradcam(weights: str, data: str, out_png: Path, n: int, seed: int, device: str) -> Path:
+    from pipeline.classify.data import load_cache
+    from pipeline.classify.gradcam import gradcam_panel
+    from pipeline.classify.predict import Classifier
+    from pipeline.evaluate_cls import predict_cache
+
+    classifier = Classifier(weights, device=device)
+    cache = load_cache(data)
+    # a seeded sample is enough to find right and wrong examples; spares a pass over the whole split
+    keep = np.sort(np.random.default_rng(seed).permutation(len(cache["labels"]))[:GRADCAM_POOL])
+    cache = {**cache, "images": cache["images"][keep], "labels": cache["labels"][keep]}
+    probs = predict_cache(classifier, cache)
+    preds = probs.argmax(1)
+    gradcam_panel(classifier, cache["images"], cache["labels"], preds, out_png, n=n, seed=seed, probs=probs)
+    return out_png
+
+
+def _pair_section(tests: list[dict], alpha: float, n_pairs: int) -> list[str]:
+    lines = []
+    for t in tests:
+        lines.append(f"**{t['a']} vs {t['b']}**")
+        for key in ("all", "clean"):
+            if key in t:
+                r = t[key]
+                lines.append(f"- McNemar {key.upper()}: b = {r['b']}, c = {r['c']}, statistic = {r['statistic']:.3f}, "
+                             f"{_fmt_p(r['p_value'])} ({r['method']}, n = {r['n']}). "
+                             f"What this shows: {r['text']}")
+    if n_pairs > 1:
+        lines.append(f"\n{n_pairs} pairs are tested on each subset and the p-values are not adjusted; with a "
+                     f"Bonferroni correction the threshold would be {alpha / n_pairs:.4f}.")
+    return lines
+
+
+def _markdown(title, notes, results, tests, figures, alpha, n_pairs) -> str:
+    parts = [f"# {title}", "", *[f"- {n}" for n in notes], "", "## Summary", "", _md_table(summary_table(results)), ""]
+    for name, r in results.items():
+        parts += [f"## {name}", "", f"Predictions: `{r['source']}`", "", _md_table(run_table(r["all"], r.get("clean"))), ""]
+    parts += ["## Paired runs (McNemar)", ""]
+    parts += _pair_section(tests, alpha, n_pairs) if tests else [
+        "No paired runs (name runs `<model>-<mode>`, e.g. `lite0-masked` and `lite0-full`, or pass `--pairs A:B`)."]
+    parts += ["", "## Figures", ""]
+    parts += [f"![{cap}]({png})\n\n*{cap}*\n" for cap, png in figures]
+    return "\n".join(parts) + "\n"
+
+
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}"
+        "img{max-width:100%}figure{margin:1.5em 0}figcaption{font-style:italic;font-size:13px}"
+        ".note{background:#fff8e1;padding:.5em 1em;border-left:4px solid #f0b400}")
+
+
+def _html(title, notes, results, tests, figures, alpha, n_pairs, out: Path) -> str:
+    esc = html.escape
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+             f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1><div class='note'><ul>"]
+    parts += [f"<li>{esc(n)}</li>" for n in notes]
+    parts += ["</ul></div><h2>Summary</h2>", _html_table(summary_table(results))]
+    for name, r in results.items():
+        parts += [f"<h2>{esc(name)}</h2><p>Predictions: <code>{esc(r['source'])}</code></p>",
+                  _html_table(run_table(r["all"], r.get("clean")))]
+    parts.append("<h2>Paired runs (McNemar)</h2>")
+    if tests:
+        for line in _pair_section(tests, alpha, n_pairs):
+            line = line.strip()
+            if line.startswith("**"):
+                parts.append(f"<h3>{esc(line.strip('*'))}</h3>")
+            elif line.startswith("- "):
+                parts.append(f"<p>{esc(line[2:])}</p>")
+            elif line:
+                parts.append(f"<p><em>{esc(line)}</em></p>")
+    else:
+        parts.append("<p>No paired runs (name runs <code>&lt;model&gt;-&lt;mode&gt;</code> or pass "
+                     "<code>--pairs A:B</code>).</p>")
+    parts.append("<h2>Figures</h2>")
+    for cap, png in figures:
+        data = base64.b64encode((out / png).read_bytes()).decode()
+        parts.append(f"<figure><img alt='{esc(cap)}' src='data:image/png;base64,{data}'>"
+                     f"<figcaption>{esc(cap)}</figcaption></figure>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# --- command ------------------------------------------------------------------------------------
+
+def add_arguments(p) -> None:
+    p.add_argument("--runs", nargs="+", required=True, metavar="NAME=DIR",
+                   help="runs to compare: NAME=DIR with DIR/predictions.csv (from evaluate-cls) or NAME=FILE.csv; "
+                        "name them <model>-<mode> (e.g. lite0-masked, lite0-full) to pair them automatically")
+    p.add_argument("--clean", help="clean_test.txt from `audit`: also report the CLEAN subset")
+    p.add_argument("--out", required=True, help="output folder: report.md, report.html, compare.json, PNGs")
+    p.add_argument("--pairs", nargs="+", metavar="A:B", help="run pairs for McNemar (default: same model, "
+                                                             "masked/crop vs full, masked vs crop)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level; significance level")
+    p.add_argument("--gradcam-cls", help="classifier whose Grad-CAM panel to add (manifest name or .pt)")
+    p.add_argument("--gradcam-data", help="cache .npz matching --gradcam-cls (mode and size)")
+    p.add_argument("--gradcam-n", type=int, default=8, help="images in the Grad-CAM panel (half right, half wrong)")
+    p.add_argument("--title", default="Full slice vs tumor region: classifier comparison")
+
+
+def run(args) -> int:
+    summary = build_report(parse_runs(args.runs), args.out, clean_path=getattr(args, "clean", None),
+                           pairs=getattr(args, "pairs", None), n_boot=getattr(args, "n_boot", 1000),
+                           seed=getattr(args, "seed", None) or 0, alpha=getattr(args, "alpha", 0.05),
+                           gradcam_cls=getattr(args, "gradcam_cls", None),
+                           gradcam_data=getattr(args, "gradcam_data", None),
+                           gradcam_n=getattr(args, "gradcam_n", 8), device=getattr(args, "device", "cpu") or "cpu",
+                           title=getattr(args, "title", None) or "Full slice vs tumor region: classifier comparison")
+    print(f"wrote {Path(args.out) / 'report.md'} and report.html")
+    for t in summary["pairs"]:
+        for key in ("all", "clean"):
+            if key in t:
+                print(t[key]["text"])
+    return 0

@@ -1,0 +1,225 @@
+"""``segment``: tumor masks for every scan in a folder -> ``OUT/masks/`` + ``OUT/segments.csv``.
+
+Outputs
+-------
+* ``OUT/masks/<mask name>``: one PNG per readable slice, the input's H x W, uint8 0 (background)
+  / 255 (tumor); an all-zero PNG where nothing was found. Mask names mirror the input tree:
+
+  - a 2D file ``a/b/x.jpg`` -> ``masks/a/b/x.png`` (its suffix, ``.nii.gz`` included, replaced by ``.png``);
+  - a suffix-less file (DICOM ``IM0001``) -> ``masks/IM0001.png``;
+  - a volume slice ``a/vol.nii.gz#z=07`` -> ``masks/a/vol.nii.gz_z07.png`` (full name + ``_zNN``);
+  - if two inputs of one folder would get the same name (``x.jpg`` and ``x.png``), each of them
+    keeps its full name instead: ``x.jpg.png``, ``x.png.png``.
+
+* ``OUT/segments.csv``: columns ``path,found,x0,y0,x1,y1,area_px,score,model,status,error``;
+  ``path`` relative to the input folder (``file.nii.gz#z=NN`` for volume slices); box = the mask's
+  bounding box, ``x1``/``y1`` exclusive, empty when nothing was found; ``area_px`` = tumor pixels;
+  ``score`` = the highest detection confidence (empty when none); ``status`` ``ok`` | ``error``
+  with the reason in ``error`` (an unreadable file never stops the run).
+
+Resumable like ``predict`` (:class:`pipeline.folders.ResultsCSV`): every mask of a batch is written
+atomically (temporary file + ``os.replace``) before that batch's rows, so a row always points to a
+complete mask; a re-run skips inputs already in the CSV and writes nothing for them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from pipeline.folders import VOLUME_SUFFIXES, Item, ResultsCSV, iter_input_files, iter_read, write_png_atomic
+from pipeline.roi import mask_roi
+
+SEG_COLUMNS = ["path", "found", "x0", "y0", "x1", "y1", "area_px", "score", "model", "status", "error"]
+MODELS = ("yolo", "yolo+sam", "yolo+unet")
+CSV_NAME = "segments.csv"
+MASKS_DIR = "masks"
+
+
+# --- mask names ------------------------------------------------------------------------------------
+
+def _strip_suffix(name: str) -> str:
+    low = name.lower()
+    if low.endswith(".nii.gz"):
+        return name[: -len(".nii.gz")]
+    stem, dot, suffix = name.rpartition(".")
+    return stem if dot and stem else name
+
+
+def mask_names(rel_paths: Sequence[str]) -> dict[str, str]:
+    """``{input relative path: mask relative path}`` for whole-file inputs (see the module docstring)."""
+    wanted = {rel: _strip_suffix(rel.rsplit("/", 1)[-1]) for rel in rel_paths}
+    taken = Counter((rel.rsplit("/", 1)[0] if "/" in rel else "", stem.lower()) for rel, stem in wanted.items())
+    names = {}
+    for rel, stem in wanted.items():
+        folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
+        clash = taken[(folder.rstrip("/"), stem.lower())] > 1
+        names[rel] = (rel if clash else folder + stem) + ".png"
+    return names
+
+
+def mask_relpath(key: str, names: dict[str, str] | None = None) -> str:
+    """Mask path (relative to ``OUT/masks``) for a CSV ``path``: ``vol.nii.gz#z=07`` -> ``vol.nii.gz_z07.png``."""
+    if "#z=" in key:
+        return key.replace("#z=", "_z") + ".png"
+    return (names or {}).get(key) or mask_names([key])[key]
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmenter,
+                batch_size: int = 16, workers: int = 2, nifti_slices="nonempty", model_name: str = "yolo",
+                progress: bool | None = None) -> dict:
+    """Segment every file under ``input_dir``; returns counts. See the module docstring for the outputs."""
+    root = Path(input_dir).resolve()
+    out = Path(out_dir).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{input_dir}: input folder not found")
+    if out == root:
+        raise ValueError(f"--out {out_dir} is the input folder; choose another folder so no input is overwritten")
+    batch_size = max(1, int(batch_size))
+    out.mkdir(parents=True, exist_ok=True)
+    masks_root = out / MASKS_DIR
+    results = ResultsCSV(out / CSV_NAME, SEG_COLUMNS)
+    exclude = out if root in out.parents else None
+    files = list(iter_input_files(root, exclude))
+    rels = [p.relative_to(root).as_posix() for p in files]
+    names = mask_names(rels)
+    todo = [p for p, rel in zip(files, rels) if rel not in results.done or rel.lower().endswith(VOLUME_SUFFIXES)]
+    counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0,
+              "found": 0}
+
+    def flush(items: list[Item]) -> None:
+        rows = {it.key: {"path": it.key, "model": model_name, "status": "error", "error": it.error}
+                for it in items if it.scan is None}
+        ok = [it for it in items if it.scan is not None]
+        segs = segmenter.predict([it.scan.image for it in ok]) if ok else []
+        if len(segs) != len(ok):
+            raise RuntimeError(f"segmenter returned {len(segs)} results for {len(ok)} images")
+        for it, seg in zip(ok, segs):
+            h, w = it.scan.image.shape[:2]
+            mask = np.asarray(seg.mask)
+            if mask.shape != (h, w):
+                rows[it.key] = {"path": it.key, "model": model_name, "status": "error",
+                                "error": f"segmenter returned a {mask.shape} mask for a {(h, w)} image"}
+                continue
+            mask = np.where(mask > 0, 255, 0).astype(np.uint8)
+            write_png_atomic(masks_root / mask_relpath(it.key, names), mask)
+            roi = mask_roi(mask)
+            scores = np.asarray(seg.scores, np.float64).reshape(-1)
+            found = bool(len(scores) > 0 and roi.found)
+            row = {"path": it.key, "found": str(found).lower(), "area_px": roi.area_px,
+                   "score": f"{scores.max():.4f}" if len(scores) else "", "model": model_name,
+                   "status": "ok", "error": ""}
+            if roi.found:
+                row.update(zip(("x0", "y0", "x1", "y1"), roi.box))
+            rows[it.key] = row
+            counts["found"] += found
+        ordered = [rows[it.key] for it in items]
+        results.write(ordered)  # after the masks: a row never points to a missing or partial mask
+        counts["rows_written"] += len(ordered)
+        counts["errors"] += sum(r["status"] == "error" for r in ordered)
+
+    bar = tqdm(total=len(todo), desc="segment", unit="file", disable=None if progress is None else not progress,
+               smoothing=0.1)
+    pending: list[Item] = []
+    for items in iter_read(todo, root, nifti_slices, workers, 2 * batch_size):
+        bar.update(1)
+        pending.extend(it for it in items if it.key not in results.done)
+        while len(pending) >= batch_size:
+            flush(pending[:batch_size])
+            pending = pending[batch_size:]
+    if pending:
+        flush(pending)
+    bar.close()
+    return counts
+
+
+# --- building the segmenter ------------------------------------------------------------------------
+
+def default_segmenter_name() -> str:
+    """The manifest entry with ``"kind": "segmenter", "default": true``; WeightsError when there is none."""
+    from pipeline.weights import MANIFEST, WeightsError, load_manifest
+
+    shipped = [n for n, e in load_manifest().items() if e.get("kind") == "segmenter" and e.get("default")]
+    if not shipped:
+        raise WeightsError(f"no default segmenter: {MANIFEST} has no entry with \"kind\": \"segmenter\", "
+                           f"\"default\": true. Train one (`seg-data`, `train-seg`, then export it with "
+                           f"pipeline.segment.load.export_yolo_seg) and list it there, or pass --weights PATH.pt")
+    return shipped[0]
+
+
+def build_segmenter(model: str = "yolo", weights: str | None = None, device: str = "cpu", imgsz: int | None = None,
+                    conf: float | None = None, sam_model: str | None = None, sam_checkpoint: str | None = None):
+    """``yolo`` | ``yolo+sam`` | ``yolo+unet`` -> an object with ``predict(list of (H, W) uint8) -> [SegResult]``."""
+    from pipeline.config import ConfigError
+
+    if model not in MODELS:
+        raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
+    if model == "yolo+unet":
+        raise ConfigError("--model yolo+unet is not available yet; use --model yolo or yolo+sam")
+    from pipeline.segment.load import load_segmenter
+
+    sam = None
+    if model == "yolo+sam":  # SAM first: its missing checkpoint is the likelier problem, and it loads no YOLO
+        try:
+            from pipeline.segment.sam import SamRefiner, YoloSamSegmenter, build_sam
+        except ModuleNotFoundError as exc:
+            if exc.name != "pipeline.segment.sam":
+                raise
+            raise ConfigError("--model yolo+sam: pipeline/segment/sam.py is not in this checkout") from exc
+        kw = {"checkpoint": sam_checkpoint} if sam_checkpoint else {}
+        sam = build_sam(sam_model or "vit_b", device=device, **kw)
+    yolo = load_segmenter(weights or default_segmenter_name(), device=device, imgsz=imgsz, conf=conf)
+    return yolo if sam is None else YoloSamSegmenter(yolo, SamRefiner(sam))
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+def _nifti_slices(text: str):
+    if text in ("all", "middle", "nonempty"):
+        return text
+    try:
+        return [int(z) for z in str(text).split(",") if z.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all | middle | nonempty | a comma list of slice indices, "
+                                         f"got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="folder of scans (walked recursively; any format)")
+    p.add_argument("--out", required=True, help="output folder: segments.csv and masks/ (resumable)")
+    p.add_argument("--model", choices=MODELS, default="yolo",
+                   help="yolo | yolo+sam (YOLO boxes refined by SAM) | yolo+unet (not available yet)")
+    p.add_argument("--weights", help="YOLO-seg checkpoint: a manifest name or a weights-only .pt "
+                                     "(default: the manifest's default segmenter)")
+    p.add_argument("--sam-model", choices=["vit_b", "vit_l", "vit_h"], default="vit_b",
+                   help="SAM variant for --model yolo+sam")
+    p.add_argument("--sam-checkpoint", help="SAM weights: a manifest name or a path (default: the manifest "
+                                            "entry of --sam-model, e.g. sam_vit_b)")
+    p.add_argument("--imgsz", type=int, help="network input size (default: the checkpoint's)")
+    p.add_argument("--conf", type=float, help="detection threshold (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=2, help="reader threads")
+    p.add_argument("--nifti-slices", type=_nifti_slices, default="nonempty",
+                   help="all | middle | nonempty | comma list: which axial slices of a NIfTI volume")
+
+
+def run(args) -> int:
+    segmenter = build_segmenter(args.model, getattr(args, "weights", None), device=getattr(args, "device", "cpu"),
+                                imgsz=getattr(args, "imgsz", None), conf=getattr(args, "conf", None),
+                                sam_model=getattr(args, "sam_model", None),
+                                sam_checkpoint=getattr(args, "sam_checkpoint", None))
+    slices = args.nifti_slices
+    if isinstance(slices, str) and slices not in ("all", "middle", "nonempty"):  # from a config file
+        slices = _nifti_slices(slices)
+    counts = run_segment(args.input, args.out, segmenter, batch_size=args.batch_size or 16,
+                         workers=args.workers or 2, nifti_slices=slices, model_name=args.model)
+    print(json.dumps(counts))
+    return 0

@@ -1,0 +1,74 @@
+"""``python -m pipeline weights``: list, download and verify the checkpoints in ``weights/manifest.json``.
+
+An entry whose sha256 is ``null`` (not known offline) gets the sha256 of its first download
+written into the manifest; later downloads and ``--verify`` are checked against it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from pipeline import weights as _weights
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--list", action="store_true",
+                   help="print name, file, present?, sha256 ok?, license for every manifest entry (default)")
+    p.add_argument("--download", nargs="+", metavar="NAME", help="fetch these manifest entries and check them")
+    p.add_argument("--verify", action="store_true", help="check every present file against its manifest sha256")
+
+
+def _status(entry: dict) -> tuple[bool, str]:
+    """(present, sha state: ok | MISMATCH | unknown | -)."""
+    path = _weights.WEIGHTS_DIR / entry["file"]
+    if not path.is_file():
+        return False, "-"
+    if not entry.get("sha256"):
+        return True, "unknown"
+    return True, "ok" if _weights.sha256_file(path) == entry["sha256"] else "MISMATCH"
+
+
+def _record_sha(name: str) -> None:
+    """Trust on first download: write the file's sha256 into the manifest where it was null."""
+    data = json.loads(_weights.MANIFEST.read_text())
+    for entry in data["weights"]:
+        if entry["name"] == name and not entry.get("sha256"):
+            entry["sha256"] = _weights.sha256_file(_weights.WEIGHTS_DIR / entry["file"])
+            entry["sha256_source"] = "recorded from the first download (trust on first use)"
+            _weights.MANIFEST.write_text(json.dumps(data, indent=2) + "\n")
+            print(f"{name}: recorded sha256 {entry['sha256']} in {_weights.MANIFEST}")
+
+
+def run(args) -> int:
+    """0 when every requested download and check succeeded, else 1."""
+    manifest = _weights.load_manifest(_weights.MANIFEST)
+    rc = 0
+    for name in args.download or []:
+        try:
+            path = _weights.download(name, manifest=manifest)
+        except _weights.WeightsError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            rc = 1
+            continue
+        print(f"{name}: {path}")
+        _record_sha(name)
+        manifest = _weights.load_manifest(_weights.MANIFEST)
+    if args.verify:
+        for name, entry in manifest.items():
+            present, sha = _status(entry)
+            if not present:
+                continue
+            print(f"{name}: {sha}")
+            if sha == "MISMATCH":
+                print(f"error: {_weights.WEIGHTS_DIR / entry['file']}: sha256 does not match the manifest "
+                      f"({entry['sha256']}); delete it and download again", file=sys.stderr)
+                rc = 1
+    if args.list or not (args.download or args.verify):
+        rows = [("name", "file", "present", "sha256", "license")]
+        for name, entry in manifest.items():
+            present, sha = _status(entry)
+            rows.append((name, entry["file"], "yes" if present else "no", sha, str(entry.get("license", "?"))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        for r in rows:
+            print("  ".join(c.ljust(wd) for c, wd in zip(r, widths)).rstrip())
+    return rc

@@ -1,0 +1,179 @@
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.evaluate_seg import evaluate_segmentation
+from pipeline.phantoms import make_phantom, write_phantom_dataset
+from pipeline.segment import run as seg_run
+from pipeline.segment.run import SEG_COLUMNS, add_arguments, mask_names, mask_relpath, run, run_segment
+from pipeline.weights import WeightsError
+from tests.fakes import BrightBlobSegmenter
+from tests.scan_fixtures import write_jpeg, write_nifti, write_png
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def make_folder(root: Path) -> dict[str, tuple[int, int] | None]:
+    """Scans of several sizes plus bad files; returns {csv path: expected (H, W) or None for an error row}."""
+    expected: dict[str, tuple[int, int] | None] = {}
+    (root / "study" / "series").mkdir(parents=True)
+    wide = np.pad(make_phantom("meningioma", 96, 1)[0], ((0, 0), (12, 20)))  # 96 x 128: H != W
+    write_png(root / "study" / "mening.png", wide)
+    expected["study/mening.png"] = (96, 128)
+    write_png(root / "study" / "none.png", make_phantom("notumor", 80, 2)[0])
+    expected["study/none.png"] = (80, 80)
+    write_jpeg(root / "study" / "series" / "glioma.jpg", make_phantom("glioma", 64, 3)[0])
+    expected["study/series/glioma.jpg"] = (64, 64)
+    vol = np.zeros((72, 64, 4), np.float32)  # displayed slices are (64, 72)
+    for z in (1, 2):
+        vol[:, :, z] = make_phantom("pituitary", 72, z)[0][:, :64]
+    write_nifti(root / "vol.nii.gz", vol)
+    expected["vol.nii.gz#z=01"] = expected["vol.nii.gz#z=02"] = (64, 72)
+    (root / "empty.jpg").write_bytes(b"")
+    expected["empty.jpg"] = None
+    (root / "study" / "fake.png").write_text("this is text, not a PNG")
+    expected["study/fake.png"] = None
+    return expected
+
+
+def test_segment_folder_masks_rows_and_errors(tmp_path):
+    src, out = tmp_path / "scans", tmp_path / "out"
+    expected = make_folder(src)
+    before = {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}
+    counts = run_segment(src, out, BrightBlobSegmenter(), batch_size=2, workers=1, progress=False)
+    with (out / "segments.csv").open() as fh:
+        assert fh.readline().strip() == ",".join(SEG_COLUMNS)
+    rows = {r["path"]: r for r in read_rows(out / "segments.csv")}
+    assert set(rows) == set(expected) and counts["rows_written"] == len(expected)
+    assert counts["errors"] == 2
+    for key, shape in expected.items():
+        row = rows[key]
+        assert row["model"] == "yolo"
+        if shape is None:
+            assert row["status"] == "error" and row["error"] and row["found"] == ""
+            continue
+        assert row["status"] == "ok" and row["error"] == ""
+        mask = cv2.imread(str(out / "masks" / mask_relpath(key)), cv2.IMREAD_UNCHANGED)
+        assert mask is not None and mask.dtype == np.uint8 and mask.shape == shape
+        assert set(np.unique(mask)) <= {0, 255}
+        assert int(row["area_px"]) == int((mask > 0).sum())
+        if row["found"] == "true":
+            ys, xs = np.nonzero(mask)
+            assert (int(row["x0"]), int(row["y0"]), int(row["x1"]), int(row["y1"])) == \
+                   (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert float(row["score"]) == pytest.approx(1.0)
+        else:
+            assert row["x0"] == "" and not mask.any()
+    assert "empty" in rows["empty.jpg"]["error"]
+    assert rows["study/mening.png"]["found"] == "true" and rows["study/none.png"]["found"] == "false"
+    assert (out / "masks" / "vol.nii.gz_z01.png").is_file() and (out / "masks" / "study/series/glioma.png").is_file()
+    assert not list((out / "masks").rglob(".*"))  # no temporary files left behind
+    assert before == {p: p.read_bytes() for p in src.rglob("*") if p.is_file()}  # inputs untouched
+
+
+def test_rerun_writes_nothing_and_lost_rows_are_redone(tmp_path):
+    src, out = tmp_path / "scans", tmp_path / "out"
+    expected = make_folder(src)
+    run_segment(src, out, BrightBlobSegmenter(), batch_size=3, progress=False)
+    csv_path = out / "segments.csv"
+    full = csv_path.read_bytes()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "masks").rglob("*")}
+    again = run_segment(src, out, BrightBlobSegmenter(), batch_size=3, progress=False)
+    assert again["rows_written"] == 0 and csv_path.read_bytes() == full
+    assert stamps == {p: p.stat().st_mtime_ns for p in (out / "masks").rglob("*")}
+    # A run killed mid-line: the torn row (a volume slice) and the one before it are redone.
+    lines = full.split(b"\n")
+    csv_path.write_bytes(b"\n".join(lines[:-3]) + b"\n" + lines[-3][:7])
+    third = run_segment(src, out, BrightBlobSegmenter(), batch_size=3, progress=False)
+    assert third["rows_written"] == 2
+    paths = [r["path"] for r in read_rows(csv_path)]
+    assert sorted(paths) == sorted(expected) and len(paths) == len(set(paths))
+
+
+def test_mask_names_mirror_the_tree_and_avoid_clashes():
+    names = mask_names(["a/x.jpg", "a/x.png", "a/y.dcm", "IM0001", "v.nii.gz", "b/x.jpg"])
+    assert names == {"a/x.jpg": "a/x.jpg.png", "a/x.png": "a/x.png.png", "a/y.dcm": "a/y.png",
+                     "IM0001": "IM0001.png", "v.nii.gz": "v.png", "b/x.jpg": "b/x.png"}
+    assert mask_relpath("d/vol.nii.gz#z=07") == "d/vol.nii.gz_z07.png"
+
+
+def test_clashing_names_get_distinct_masks(tmp_path):
+    src = tmp_path / "scans"
+    src.mkdir()
+    write_png(src / "x.png", make_phantom("meningioma", 64, 0)[0])
+    write_jpeg(src / "x.jpg", make_phantom("notumor", 48, 0)[0])
+    run_segment(src, tmp_path / "out", BrightBlobSegmenter(), progress=False)
+    assert cv2.imread(str(tmp_path / "out" / "masks" / "x.png.png"), 0).shape == (64, 64)
+    assert cv2.imread(str(tmp_path / "out" / "masks" / "x.jpg.png"), 0).shape == (48, 48)
+
+
+def test_segment_then_evaluate_on_phantoms(tmp_path):
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=2, size=96, seed=1, splits={"Testing": 1.0})
+    out = tmp_path / "seg"
+    run_segment(root / "Testing", out, BrightBlobSegmenter(), progress=False)
+    res = evaluate_segmentation(out, root / "masks" / "Testing", tmp_path / "eval", images_dir=root / "Testing")
+    c = res["counts"]
+    assert c["paired"] == 8 and c["missing_pred"] == 0 and c["tumor_slices"] == 6 and c["empty_truth_slices"] == 2
+    assert res["false_mask_rate"] == 0.0
+    per = {r["path"]: r for r in csv.DictReader((tmp_path / "eval" / "per_image.csv").open())}
+    assert all(float(r["dice"]) > 0.9 for k, r in per.items() if k.startswith("pituitary/"))
+    assert res["worst_cases"][0]["path"].startswith("glioma/")  # the stand-in misses the dark ring-enhancing mass
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.device, args.seed = "cpu", 0
+    return args
+
+
+def test_cli_unet_is_a_clear_error(tmp_path):
+    args = parse(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "yolo+unet"])
+    with pytest.raises(ConfigError, match="not available yet"):
+        run(args)
+
+
+def test_cli_missing_default_segmenter_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("pipeline.weights.load_manifest", lambda *a, **k: {})
+    with pytest.raises(WeightsError, match="no default segmenter.*train"):
+        run(parse(["--input", str(tmp_path), "--out", str(tmp_path / "o")]))
+    with pytest.raises(WeightsError, match="not found"):
+        run(parse(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--weights", str(tmp_path / "no.pt")]))
+
+
+def test_cli_run_with_a_stand_in_segmenter(tmp_path, monkeypatch, capsys):
+    src = tmp_path / "scans"
+    src.mkdir()
+    write_png(src / "a.png", make_phantom("meningioma", 64, 0)[0])
+    seen = {}
+
+    def fake_build(model, weights=None, **kw):
+        seen.update(model=model, weights=weights, **kw)
+        return BrightBlobSegmenter()
+
+    monkeypatch.setattr(seg_run, "build_segmenter", fake_build)
+    args = parse(["--input", str(src), "--out", str(tmp_path / "o"), "--weights", "w.pt", "--nifti-slices", "1,2"])
+    assert run(args) == 0
+    assert json.loads(capsys.readouterr().out)["rows_written"] == 1
+    assert seen["model"] == "yolo" and seen["weights"] == "w.pt" and args.nifti_slices == [1, 2]
+    assert read_rows(tmp_path / "o" / "segments.csv")[0]["model"] == "yolo"
+
+
+def test_cli_sam_without_its_checkpoint_is_a_clear_error(tmp_path):
+    from pipeline.weights import WEIGHTS_DIR, load_manifest
+
+    entry = load_manifest().get("sam_vit_b")
+    if entry is None or (WEIGHTS_DIR / entry["file"]).is_file():
+        pytest.skip("needs a manifest listing sam_vit_b whose file is absent")
+    with pytest.raises(WeightsError, match="SAM checkpoint missing"):
+        run(parse(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "yolo+sam"]))

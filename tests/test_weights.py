@@ -1,0 +1,136 @@
+"""Manifest, sha256 checks, weights-only loading and the ``weights`` sub-command; never touches the network."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import re
+import urllib.request
+
+import pytest
+import torch
+
+from pipeline import weights as W
+from pipeline import weights_cli
+from pipeline.weights import WeightsError
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def urlopen(url, *args, **kwargs):
+        raise OSError(f"network disabled in tests: {getattr(url, 'full_url', url)}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+
+
+@pytest.fixture
+def wdir(tmp_path, monkeypatch):
+    """tmp weights dir: ``good`` present and matching, ``absent`` missing, ``unk`` with sha256 null."""
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "good.pt")
+    entries = [
+        {"name": "good", "file": "good.pt", "url": "https://example.invalid/good.pt",
+         "sha256": W.sha256_file(tmp_path / "good.pt"), "license": "MIT", "kind": "test"},
+        {"name": "absent", "file": "absent.pt", "url": "https://example.invalid/absent.pt",
+         "sha256": "0" * 64, "license": "Apache-2.0", "kind": "test"},
+        {"name": "unk", "file": "unk.pt", "url": "https://example.invalid/unk.pt",
+         "sha256": None, "license": "AGPL-3.0", "kind": "test"},
+    ]
+    (tmp_path / "manifest.json").write_text(json.dumps({"weights": entries}, indent=2) + "\n")
+    monkeypatch.setattr(W, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(W, "MANIFEST", tmp_path / "manifest.json")
+    return tmp_path
+
+
+def _run(*argv):
+    p = argparse.ArgumentParser()
+    weights_cli.add_arguments(p)
+    return weights_cli.run(p.parse_args(list(argv)))
+
+
+def _row(out: str, name: str) -> list[str]:
+    return next(line.split() for line in out.splitlines() if line.split()[:1] == [name])
+
+
+def test_list(wdir, capsys):
+    assert _run("--list") == 0
+    out = capsys.readouterr().out
+    assert _row(out, "good") == ["good", "good.pt", "yes", "ok", "MIT"]
+    assert _row(out, "absent") == ["absent", "absent.pt", "no", "-", "Apache-2.0"]
+    assert _run() == 0 and "good.pt" in capsys.readouterr().out  # listing is the default
+
+
+def test_verify_detects_tampering(wdir, capsys):
+    assert _run("--verify") == 0
+    with open(wdir / "good.pt", "ab") as fh:
+        fh.write(b"x")
+    assert _run("--verify") == 1
+    captured = capsys.readouterr()
+    assert "good: MISMATCH" in captured.out and "good.pt" in captured.err
+    assert _row(_run_list(capsys), "good")[3] == "MISMATCH"
+
+
+def _run_list(capsys):
+    _run("--list")
+    return capsys.readouterr().out
+
+
+def test_download_offline_is_clear_and_keeps_going(wdir, capsys):
+    assert _run("--download", "absent", "nosuch", "good") == 1
+    captured = capsys.readouterr()
+    assert "https://example.invalid/absent.pt" in captured.err and "network disabled" in captured.err
+    assert str(wdir / "absent.pt") in captured.err  # says where to put the file by hand
+    assert "nosuch: not in" in captured.err
+    assert f"good: {wdir / 'good.pt'}" in captured.out  # the later name was still handled
+    assert not list(wdir.glob("*.part"))
+
+
+def test_download_records_unknown_sha_then_checks_it(wdir, monkeypatch, capsys):
+    payload = b"first download"
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(payload))
+    assert _run("--download", "unk") == 0
+    entry = W.load_manifest(W.MANIFEST)["unk"]
+    assert entry["sha256"] == hashlib.sha256(payload).hexdigest()
+    assert W.load_manifest(W.MANIFEST)["good"]["sha256"]  # other entries untouched
+    (wdir / "unk.pt").unlink()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"changed upstream"))
+    assert _run("--download", "unk") == 1
+    assert "manifest says" in capsys.readouterr().err and not (wdir / "unk.pt").exists()
+
+
+def test_resolve_refuses_sha_mismatch(wdir):
+    manifest = W.load_manifest(W.MANIFEST)
+    assert W.resolve("good", manifest=manifest) == wdir / "good.pt"
+    (wdir / "good.pt").write_bytes(b"not the published file")
+    with pytest.raises(WeightsError, match="does not match the manifest"):
+        W.resolve("good", manifest=manifest)
+    with pytest.raises(WeightsError, match="does not match the manifest"):  # by path, too
+        W.resolve(wdir / "good.pt", manifest=manifest)
+    with pytest.raises(WeightsError, match=re.escape("https://example.invalid/absent.pt")):
+        W.resolve("absent", manifest=manifest)
+
+
+class Gadget:  # any non-tensor class in a pickle: weights_only must refuse it
+    def __init__(self):
+        self.x = 1
+
+
+def test_load_checkpoint_weights_only(tmp_path):
+    ok = tmp_path / "own.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "meta": {"task": "segment", "imgsz": 64}}, ok)
+    ckpt = W.load_checkpoint(ok)
+    assert ckpt["meta"]["imgsz"] == 64 and torch.equal(ckpt["state_dict"]["w"], torch.ones(2))
+    bad = tmp_path / "gadget.pt"
+    torch.save({"meta": Gadget()}, bad)
+    with pytest.raises(WeightsError, match="not a loadable weights-only checkpoint"):
+        W.load_checkpoint(bad)
+
+
+def test_real_manifest_shape():
+    data = json.loads(W.MANIFEST.read_text())
+    names = [e["name"] for e in data["weights"]]
+    assert len(names) == len(set(names))
+    for e in data["weights"]:
+        assert {"name", "file", "url", "sha256", "license", "kind"} <= set(e), e["name"]
+        assert e["sha256"] is None or re.fullmatch(r"[0-9a-f]{64}", e["sha256"]), e["name"]
+        assert e["sha256"] or e.get("sha256_source"), f"{e['name']}: unknown sha256 needs a note"
