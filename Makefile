@@ -1,46 +1,66 @@
 # Brain MRI pipeline: every stage reads files and writes files, so `make` redoes only what is stale.
-# `make help` lists targets and variables.
+# `make help` lists targets and variables. Data flows one way:
+#   data -> audit -> split -> seg-data -> seg-train -> segment -> crop -> cls-train -> evaluate -> compare
+#   predict (the main job) uses the shipped checkpoints in weights/.
 
-PYTHON      ?= python3
-VENV        ?= .venv
-PY          := $(VENV)/bin/python
-DATA_SRC    ?= $(firstword $(wildcard ../shared/datasets) )
-DATA        ?= datasets/brain-tumor-mri
-OUT         ?= runs
-DEVICE      ?= auto
-SEED        ?= 0
-SIZE        ?= 128
-INPUT       ?= $(DATA)/Testing
-PREDICT_OUT ?= $(OUT)/predict
-PYTEST_ARGS ?=
+PYTHON       ?= python3
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+DATA_SRC     ?= $(firstword $(wildcard ../shared/datasets))
+DATA         ?= datasets/brain-tumor-mri
+DATA_READY   ?= datasets/.ready
+OUT          ?= runs
+DEVICE       ?= auto
+SEED         ?= 0
+INPUT        ?= $(DATA)/Testing
+PREDICT_OUT  ?= $(OUT)/predict
+PYTEST_ARGS  ?=
 
-STAMP := $(VENV)/.installed
+# Stage 1
+SEG_FIGSHARE ?= datasets/figshare-cheng2017
+SEG_BRISC    ?= datasets/brisc2025-seg
+SEG_IMGSZ    ?= 256
+SEG_EPOCHS   ?= 40
+SEG_TIME     ?= 0.8
+SEG_CKPT     ?= weights/seg_yolov8n_256.pt
+# Stage 2
+MODES        ?= full
+SIZE         ?= 128
+CLS_MODEL    ?= timm:tf_efficientnet_lite0
+CLS_TAG      ?= lite0
+CLS_PRETRAINED ?= true
+CLS_EPOCHS   ?= 8
+CLS_BATCH    ?= 64
+# The main job
+CLS_WEIGHTS  ?= cls-lite0-full
+SEG_WEIGHTS  ?= auto
+DEMO         ?= runs/demo
 
-.PHONY: help setup data audit split weights seg-data seg-train segment crop cls-train baseline evaluate \
-        compare report predict all demo bench test phantoms clean-venv
+STAMP  := $(VENV)/.installed
+CACHE   = $(OUT)/cache
+CLEAN   = $(OUT)/audit/clean_test.txt
 
-# Shipped checkpoints (weights/manifest.json); `make predict` uses them, training targets write runs/.
-CLS_WEIGHTS ?= cls-lite0-full
-SEG_WEIGHTS ?= auto
-MODES       ?= full
-CLS_MODEL   ?= timm:tf_efficientnet_lite0
-CLS_EPOCHS  ?= 8
-CLS_TAG     ?= lite0
-CACHE        = $(OUT)/cache
-CLEAN        = $(OUT)/audit/clean_test.txt
+.PHONY: help setup data audit split weights seg-data seg-train segment crop cls-train evaluate compare report \
+        predict all demo test phantoms clean-venv
+
+# Long stages write their outputs as they go (resumable), so each ends by touching a .done stamp:
+# a run killed part-way is redone (and resumes) rather than taken as finished.
 
 help: ## this list
-	@echo "Targets:"; grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "Targets:"; grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | awk -F'\t' '{printf "  %-10s %s\n", $$1, $$2}'
 	@echo "Variables (make VAR=value):"
 	@echo "  DATA_SRC     where the datasets come from (default: ../shared/datasets when it exists)"
 	@echo "  DATA         Kaggle-layout dataset root (default: $(DATA))"
-	@echo "  INPUT        folder of scans for predict (default: $(INPUT))"
+	@echo "  INPUT        folder of scans for predict (default: $(INPUT)); PREDICT_OUT its output"
 	@echo "  OUT          folder for every stage's outputs (default: $(OUT))"
 	@echo "  DEVICE       auto | cpu | cuda | cuda:N (default: $(DEVICE))"
-	@echo "  SEED, SIZE   random seed and classifier input size (default: $(SEED), $(SIZE))"
-	@echo "  MODES        classifier input modes to build/train/compare: full crop masked (default: $(MODES))"
-	@echo "  CLS_MODEL    registry name of the CNN trained by cls-train (default: $(CLS_MODEL)); CLS_TAG its short name"
-	@echo "  CLS_WEIGHTS  classifier predict uses (default: $(CLS_WEIGHTS)); SEG_WEIGHTS segmenter (default: $(SEG_WEIGHTS))"
+	@echo "  SEED         random seed (default: $(SEED))"
+	@echo "  SEG_IMGSZ, SEG_EPOCHS, SEG_TIME   segmenter training (default: $(SEG_IMGSZ) px, $(SEG_EPOCHS) epochs, $(SEG_TIME) h cap)"
+	@echo "  SEG_CKPT     segmenter used by segment (default: $(SEG_CKPT))"
+	@echo "  MODES        classifier inputs to build/train/compare: full crop masked (default: $(MODES))"
+	@echo "  SIZE         classifier input size (default: $(SIZE))"
+	@echo "  CLS_MODEL, CLS_TAG, CLS_EPOCHS, CLS_PRETRAINED   the CNN cls-train trains (default: $(CLS_MODEL))"
+	@echo "  CLS_WEIGHTS, SEG_WEIGHTS   checkpoints predict uses (default: $(CLS_WEIGHTS), $(SEG_WEIGHTS))"
 
 setup: $(STAMP) ## make .venv and install the project with its test tools
 
@@ -52,7 +72,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet -e ".[test,bench]"
 	touch $@
 
-data: datasets/.ready ## make the data available under datasets/ (from DATA_SRC, or says what to download)
+data: $(DATA_READY) ## make the data available under datasets/ (from DATA_SRC, or says what to download)
 
 datasets/.ready:
 	@mkdir -p datasets
@@ -69,35 +89,50 @@ datasets/.ready:
 	fi
 	@touch $@
 
+phantoms: $(OUT)/phantoms/.ready ## a synthetic phantom dataset with exact masks (no data needed)
+
+$(OUT)/phantoms/.ready: $(STAMP)
+	$(PY) -m pipeline phantoms --out $(OUT)/phantoms --n-per-class 48 --size 192 --seed $(SEED)
+	touch $@
+
 audit: $(OUT)/audit/audit.json ## leakage audit of Training vs Testing (duplicates.csv, clean_test.txt)
 
-$(OUT)/audit/audit.json: $(STAMP) datasets/.ready
+$(OUT)/audit/audit.json: $(STAMP) $(DATA_READY)
 	$(PY) -m pipeline audit --train $(DATA)/Training --test $(DATA)/Testing --out $(OUT)/audit
+
+$(CLEAN): $(OUT)/audit/audit.json
 
 split: $(OUT)/split.csv ## stratified train/validation split of Training (near-copies kept together)
 
 $(OUT)/split.csv: $(OUT)/audit/audit.json
-	$(PY) -m pipeline split --train $(DATA)/Training --out $@ --train-duplicates $(OUT)/audit/train_duplicates.csv --seed $(SEED)
+	$(PY) -m pipeline split --train $(DATA)/Training --out $@ --train-duplicates $(OUT)/audit/train_duplicates.csv \
+	  --seed $(SEED)
 
-weights: $(STAMP) ## check shipped checkpoints; download the public ones (SAM, YOLO) where there is internet
+weights: $(STAMP) ## verify shipped checkpoints; download the public ones (SAM, YOLO) where there is internet
 	$(PY) -m pipeline weights --verify
 	-$(PY) -m pipeline weights --download sam_vit_b yolov8n-seg yolov8n-cls
 
 seg-data: $(OUT)/seg/data/data.yaml ## YOLO-seg dataset from the masked slices (+ no-tumor backgrounds)
 
 $(OUT)/seg/data/data.yaml: $(OUT)/split.csv
-	$(PY) -m pipeline seg-data --figshare datasets/figshare-cheng2017 --brisc datasets/brisc2025-seg \
+	$(PY) -m pipeline seg-data --figshare $(SEG_FIGSHARE) $(if $(SEG_BRISC),--brisc $(SEG_BRISC)) \
 	  --split $(OUT)/split.csv --root $(DATA)/Training --out $(OUT)/seg/data --seed $(SEED)
 
-seg-train: $(OUT)/seg/yolov8n_seg/weights/best.pt ## train YOLOv8n-seg (about 50 min on 2 CPU cores)
+seg-train: $(OUT)/seg/yolov8n_seg.pt ## train YOLOv8n-seg and export it weights-only (about 50 min on 2 CPU cores)
 
-$(OUT)/seg/yolov8n_seg/weights/best.pt: $(OUT)/seg/data/data.yaml
-	$(PY) -m pipeline train-seg --data $< --out $(OUT)/seg/yolov8n_seg --device $(DEVICE) --seed $(SEED)
+$(OUT)/seg/yolov8n_seg/.done: $(OUT)/seg/data/data.yaml
+	$(PY) -m pipeline train-seg --data $< --out $(OUT)/seg/yolov8n_seg --imgsz $(SEG_IMGSZ) --epochs $(SEG_EPOCHS) \
+	  --time-hours $(SEG_TIME) --device $(DEVICE) --seed $(SEED)
+	touch $@
 
-segment: $(OUT)/segment/Training/segments.csv $(OUT)/segment/Testing/segments.csv ## masks for Training and Testing
+$(OUT)/seg/yolov8n_seg.pt: $(OUT)/seg/yolov8n_seg/.done
+	$(PY) -m pipeline export --kind segmenter --run $(OUT)/seg/yolov8n_seg/weights/best.pt --out $@
 
-$(OUT)/segment/%/segments.csv: $(STAMP) datasets/.ready
-	$(PY) -m pipeline segment --input $(DATA)/$* --out $(OUT)/segment/$* --device $(DEVICE)
+segment: $(OUT)/segment/Training/.done $(OUT)/segment/Testing/.done ## masks for Training and Testing
+
+$(OUT)/segment/%/.done: $(SEG_CKPT) $(DATA_READY)
+	$(PY) -m pipeline segment --input $(DATA)/$* --out $(OUT)/segment/$* --weights $(SEG_CKPT) --device $(DEVICE)
+	touch $@
 
 CACHE_FILES = $(foreach m,$(MODES),$(CACHE)/$(m)_$(SIZE)/testing.npz)
 crop: $(CACHE_FILES) ## decode once into classifier inputs for each of MODES
@@ -106,31 +141,31 @@ $(CACHE)/full_$(SIZE)/testing.npz: $(OUT)/split.csv
 	$(PY) -m pipeline crop --split $< --root $(DATA)/Training --input $(DATA)/Testing --mode full --size $(SIZE) \
 	  --out $(CACHE)/full_$(SIZE)
 
-# crop/masked need stage-1 masks for Training and Testing; they are cached from one masks tree each.
-$(CACHE)/%_$(SIZE)/testing.npz: $(OUT)/split.csv $(OUT)/segment/Training/segments.csv $(OUT)/segment/Testing/segments.csv
+# crop and masked read the stage-1 masks of Training and Testing.
+$(CACHE)/%_$(SIZE)/testing.npz: $(OUT)/split.csv $(OUT)/segment/Training/.done $(OUT)/segment/Testing/.done
 	$(PY) -m pipeline crop --split $< --root $(DATA)/Training --masks $(OUT)/segment/Training/masks \
 	  --mode $* --size $(SIZE) --out $(CACHE)/$*_$(SIZE)
 	$(PY) -m pipeline crop --input $(DATA)/Testing --masks $(OUT)/segment/Testing/masks \
 	  --mode $* --size $(SIZE) --out $(CACHE)/$*_$(SIZE)
 
-CLS_RUNS = $(foreach m,$(MODES),$(OUT)/cls/$(CLS_TAG)_$(m)_$(SIZE)/best.pt)
+CLS_RUNS = $(foreach m,$(MODES),$(OUT)/cls/$(CLS_TAG)_$(m)_$(SIZE)/summary.json)
 cls-train: $(CLS_RUNS) ## train CLS_MODEL on each of MODES (early stopping on the validation split)
 
-$(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/best.pt: $(CACHE)/%_$(SIZE)/testing.npz
+# summary.json is written when training ends (early stop included); best.pt appears after epoch 1.
+$(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz
 	$(PY) -m pipeline train-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/cls/$(CLS_TAG)_$*_$(SIZE) \
-	  --model $(CLS_MODEL) --epochs $(CLS_EPOCHS) --device $(DEVICE) --seed $(SEED)
+	  --model $(CLS_MODEL) --pretrained $(CLS_PRETRAINED) --epochs $(CLS_EPOCHS) --batch-size $(CLS_BATCH) \
+	  --device $(DEVICE) --seed $(SEED)
 
-EVALS = $(foreach m,$(MODES),$(OUT)/eval/$(CLS_TAG)-$(m)/predictions.csv)
-evaluate: $(EVALS) ## each trained classifier on all of Testing and its clean subset
+EVALS = $(foreach m,$(MODES),$(OUT)/eval/$(CLS_TAG)-$(m)/metrics.json)
+evaluate: $(EVALS) ## each trained classifier on all of Testing and on its clean subset
 
-$(OUT)/eval/$(CLS_TAG)-%/predictions.csv: $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/best.pt $(CLEAN)
-	$(PY) -m pipeline evaluate-cls --cls $< --data $(CACHE)/$*_$(SIZE)/testing.npz --clean $(CLEAN) \
+$(OUT)/eval/$(CLS_TAG)-%/metrics.json: $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.json $(CLEAN)
+	$(PY) -m pipeline evaluate-cls --cls $(OUT)/cls/$(CLS_TAG)_$*_$(SIZE)/best.pt --data $(CACHE)/$*_$(SIZE)/testing.npz --clean $(CLEAN) \
 	  --out $(OUT)/eval/$(CLS_TAG)-$* --device $(DEVICE)
 
-$(CLEAN): $(OUT)/audit/audit.json
-
 compare: $(OUT)/report/report.md ## report.md/html: every trained model x mode, all vs clean Testing, McNemar
-report: compare
+report: compare ## same as compare
 
 $(OUT)/report/report.md: $(EVALS)
 	$(PY) -m pipeline compare --runs $(foreach m,$(MODES),$(CLS_TAG)-$(m)=$(OUT)/eval/$(CLS_TAG)-$(m)) \
@@ -138,21 +173,24 @@ $(OUT)/report/report.md: $(EVALS)
 	  --gradcam-cls $(OUT)/cls/$(CLS_TAG)_$(firstword $(MODES))_$(SIZE)/best.pt \
 	  --gradcam-data $(CACHE)/$(firstword $(MODES))_$(SIZE)/testing.npz
 
-predict: $(PREDICT_OUT)/predictions.csv ## the main job: classify every scan under INPUT with the shipped models
+predict: $(PREDICT_OUT)/.done ## the main job: classify every scan under INPUT with the shipped models
 
-$(PREDICT_OUT)/predictions.csv: $(STAMP) datasets/.ready weights/manifest.json
+$(PREDICT_OUT)/.done: $(STAMP) $(DATA_READY) weights/manifest.json $(filter %.pt,$(CLS_WEIGHTS) $(SEG_WEIGHTS))
 	$(PY) -m pipeline predict --input $(INPUT) --out $(PREDICT_OUT) --cls $(CLS_WEIGHTS) --seg $(SEG_WEIGHTS) \
 	  --device $(DEVICE)
 	@$(PY) -c "import csv,collections,sys; r=list(csv.DictReader(open(sys.argv[1]))); \
-	  print(len(r), 'rows:', dict(collections.Counter(x['label'] or 'error' for x in r)))" $@
-
-all: compare predict ## the whole chain on the real data (trains what is missing; hours on a CPU)
-
-phantoms: $(OUT)/phantoms/.ready ## a synthetic phantom dataset (no data needed)
-
-$(OUT)/phantoms/.ready: $(STAMP)
-	$(PY) -m pipeline phantoms --out $(OUT)/phantoms --n-per-class 40 --size 256 --seed $(SEED)
+	  print(sys.argv[1] + ':', len(r), 'rows', dict(collections.Counter(x['label'] or 'error' for x in r)))" \
+	  $(PREDICT_OUT)/predictions.csv
 	touch $@
+
+all: compare predict ## the whole chain on the real data (trains what is missing: hours on a CPU)
+
+demo: ## the whole chain on synthetic phantoms: no data, no network, a few minutes
+	$(MAKE) all OUT=$(DEMO) DATA=$(DEMO)/phantoms DATA_READY=$(DEMO)/phantoms/.ready \
+	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/yolov8n_seg.pt SEG_IMGSZ=128 \
+	  SEG_EPOCHS=6 SEG_TIME=0 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
+	  CLS_PRETRAINED=false CLS_EPOCHS=15 CLS_BATCH=16 CLS_WEIGHTS=$(DEMO)/cls/smallcnn_crop_64/best.pt \
+	  SEG_WEIGHTS=$(DEMO)/seg/yolov8n_seg.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import CLASSES
-from pipeline.folders import VOLUME_SUFFIXES, Item, ResultsCSV, iter_input_files, iter_read
+from pipeline.folders import Item, ResultsCSV, iter_input_files, iter_read
 from pipeline.roi import make_input
 
 COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASSES], "found", "x0", "y0", "x1", "y1",
@@ -52,8 +52,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     results = ResultsCSV(out / "predictions.csv", COLUMNS)
     exclude = out if root in out.parents else None
     files = [p for p in iter_input_files(root, exclude)]
-    todo = [p for p in files if p.relative_to(root).as_posix() not in results.done
-            or p.name.lower().endswith(VOLUME_SUFFIXES)]
+    todo = results.pending(files, root)
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0}
 
     bar = tqdm(total=len(todo), desc="predict", unit="file", disable=None if progress is None else not progress, smoothing=0.1)

@@ -22,6 +22,19 @@ def command(name: str, help: str):
     return wrap
 
 
+def _nifti_slices(text: str):
+    from pipeline.scans import parse_nifti_slices
+
+    return parse_nifti_slices(text)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _bool(text: str) -> bool:
     if str(text).lower() in ("1", "true", "yes", "on"):
         return True
@@ -159,10 +172,10 @@ def _args_predict(p):
     p.add_argument("--mode", choices=["full", "crop", "masked"], help="classifier input (default: the classifier's own)")
     p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json or a .pt path")
     p.add_argument("--seg", help="segmenter: a manifest name, a .pt path, auto (shipped one if any) or none")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--workers", type=int, help="reader threads")
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--workers", type=_positive_int, help="reader threads")
     p.add_argument("--overlays", action="store_true", help="write each scan with the mask outline and label")
-    p.add_argument("--nifti-slices", help="all | middle | nonempty: which axial slices of a NIfTI volume")
+    p.add_argument("--nifti-slices", type=_nifti_slices, help="all | middle | nonempty | 3,4,5: axial slices of a NIfTI")
 
 
 def _args_train_seg(p):
@@ -182,6 +195,7 @@ def _args_seg_data(p):
     p.add_argument("--split", help="classifier split CSV: its notumor slices become background images")
     p.add_argument("--root", help="folder the split's paths are relative to (Training)")
     p.add_argument("--n-background", type=int)
+    p.add_argument("--exclude-copies-of", help="Kaggle-layout folder (Testing) whose near-copies are left out")
     p.add_argument("--out", required=True, help="YOLO dataset folder to write (data.yaml, images/, labels/)")
 
 
@@ -190,7 +204,7 @@ def cmd_seg_data(a):
     from pipeline.segment.yolo_data import build_yolo_dataset
 
     print(build_yolo_dataset(a.out, a.figshare, a.brisc, a.split, a.root, n_background=a.n_background,
-                             seed=a.seed))
+                             seed=a.seed, exclude_copies_of=a.exclude_copies_of))
 
 
 @command("train-seg", "train YOLOv8n-seg (from weights/yolov8n-seg.pt if present, else from the YAML)")
@@ -217,6 +231,31 @@ def load_segmenter(name: str | None, device: str):
     return build_segmenter("yolo", weights=name, device=device)
 
 
+def _args_export(p):
+    p.add_argument("--run", required=True, help="training output: ultralytics weights/best.pt (segmenter) or "
+                                                "train-cls best.pt (classifier)")
+    p.add_argument("--out", required=True, help="weights-only checkpoint to write (e.g. weights/my_model.pt)")
+    p.add_argument("--kind", choices=["segmenter", "classifier"], required=True)
+    p.add_argument("--conf", type=float, default=0.25, help="segmenter: detection threshold stored with it")
+    p.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16 to halve the size)")
+
+
+@command("export", "turn a training checkpoint into a small weights-only file for weights/ (prints its sha256)")
+def cmd_export(a):
+    from pipeline.weights import sha256_file
+
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if a.kind == "segmenter":
+        from pipeline.segment.load import export_yolo_seg
+
+        export_yolo_seg(a.run, a.out, conf=a.conf, half=not a.fp32)
+    else:
+        from pipeline.classify.predict import export_checkpoint
+
+        export_checkpoint(a.run, a.out, half=not a.fp32)
+    print(json.dumps({"file": str(a.out), "sha256": sha256_file(a.out), "bytes": Path(a.out).stat().st_size}))
+
+
 @command("predict", "run the whole chain on a folder of scans -> predictions.csv (resumable)")
 def cmd_predict(a):
     from pipeline.batch import run_predict
@@ -224,11 +263,15 @@ def cmd_predict(a):
 
     classifier = Classifier(a.cls, device=a.device)
     mode = a.mode or classifier.mode
+    if mode != classifier.mode:
+        raise ConfigError(f"--mode {mode}: the classifier {a.cls} was trained on {classifier.mode} inputs; "
+                          f"pass a classifier trained on {mode} (--cls)")
     segmenter = load_segmenter(a.seg, a.device)
     if mode != "full" and segmenter is None:
         raise ConfigError(f"--mode {mode} needs a segmenter: pass --seg NAME (see weights/manifest.json)")
     counts = run_predict(a.input, a.out, classifier, segmenter, mode=mode, batch_size=a.batch_size,
-                         workers=a.workers, overlays=a.overlays, nifti_slices=a.nifti_slices)
+                         workers=a.workers, overlays=a.overlays, nifti_slices=a.nifti_slices,
+                         margin=float(classifier.meta.get("margin", 0.25)))
     print(json.dumps(counts))
 
 
@@ -243,11 +286,11 @@ MODULE_COMMANDS = {
 
 ARGS = {"audit": _args_audit, "split": _args_split, "phantoms": _args_phantoms, "read": _args_read,
         "crop": _args_crop, "train-cls": _args_train_cls,
-        "predict": _args_predict, "seg-data": _args_seg_data, "train-seg": _args_train_seg}
+        "predict": _args_predict, "export": _args_export, "seg-data": _args_seg_data, "train-seg": _args_train_seg}
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="<command>")
     common = config.get("common", {})
@@ -257,7 +300,7 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     entries += [(name, help_text, lambda p, m=module: importlib.import_module(m).add_arguments(p))
                 for name, (module, help_text) in MODULE_COMMANDS.items()]
     for name, help_text, add_args in entries:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         p.add_argument("--config", help="YAML file layered over configs/default.yaml")
         p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
         p.add_argument("--seed", type=int, help="random seed (default: %(default)s)")
@@ -270,7 +313,7 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     try:

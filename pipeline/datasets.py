@@ -207,7 +207,9 @@ def make_split(train_dir: str | os.PathLike, out: str | os.PathLike, val_fractio
     """Carve a validation split from ``train_dir`` and save it; returns counts per split."""
     samples = list_class_folder(train_dir)
     groups = None
-    if train_duplicates_csv and Path(train_duplicates_csv).is_file():
+    if train_duplicates_csv and not Path(train_duplicates_csv).is_file():
+        raise DatasetError(f"{train_duplicates_csv}: not found (run `audit` first, or leave out --train-duplicates)")
+    if train_duplicates_csv:
         with open(train_duplicates_csv, newline="") as fh:
             by_real = duplicate_groups((os.path.realpath(r["path_a"]), os.path.realpath(r["path_b"]))
                                        for r in csv.DictReader(fh))

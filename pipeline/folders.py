@@ -24,9 +24,18 @@ VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
 
 def iter_input_files(root: Path, exclude: Path | None = None) -> Iterator[Path]:
-    """Every non-hidden file under ``root``, sorted, except those under ``exclude`` (the output)."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    """Every non-hidden file under ``root``, sorted, except those under ``exclude`` (the output).
+
+    Linked folders are followed (a study tree often links series in), each real folder once.
+    """
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         here = Path(dirpath)
+        real = os.path.realpath(here)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and not (exclude and (here / d).resolve() == exclude))
         for name in sorted(filenames):
@@ -53,7 +62,7 @@ class ResultsCSV:
             with open(self.path, "r+b") as fh:
                 fh.truncate(end)
             data = data[:end]
-        reader = csv.DictReader(io.StringIO(data.decode()))
+        reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
         if reader.fieldnames != self.columns:
             raise ValueError(f"{self.path}: existing file has columns {reader.fieldnames}, expected {self.columns}; "
                              f"use another --out")
@@ -61,8 +70,24 @@ class ResultsCSV:
             self.done.add(row["path"])
             self.done_files.add(row["path"].split("#z=")[0])
 
+    def pending(self, files: Sequence[Path], root: Path) -> list[Path]:
+        """Files still to process: not listed yet, or volumes with slices that may still be missing.
+
+        A volume whose own path is listed (an error row) is final, like any other file.
+        """
+        todo = []
+        for p in files:
+            rel = p.relative_to(root).as_posix()
+            if rel in self.done:
+                continue
+            if rel in self.done_files and not rel.lower().endswith(VOLUME_SUFFIXES):
+                continue
+            todo.append(p)
+        return todo
+
     def _append(self, lines: list[str], header: bool = False) -> None:
-        with open(self.path, "a", newline="") as fh:
+        # surrogateescape: a file name that is not valid UTF-8 is written back byte for byte.
+        with open(self.path, "a", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             fh.write("".join(line + "\n" for line in lines))
             fh.flush()
             os.fsync(fh.fileno())
@@ -71,6 +96,8 @@ class ResultsCSV:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n", extrasaction="ignore")
         for row in rows:
+            # One record per line, always: a torn write can then only lose whole lines.
+            row = {k: (" ".join(v.splitlines()) if isinstance(v, str) else v) for k, v in row.items()}
             writer.writerow(row)
             self.done.add(row["path"])
         if rows:

@@ -85,12 +85,15 @@ def write_phantom_dataset(root: str | os.PathLike, n_per_class: int = 20, size: 
     """Write a phantom dataset in the Kaggle layout plus masks.
 
     Layout: ``root/<split>/<class>/<name>.png`` and ``root/masks/<split>/<class>/<name>.png``
-    (the mask tree mirrors the image tree). ``splits`` maps split names to their share of
-    ``n_per_class``; default ``{"Training": 0.75, "Testing": 0.25}``.
+    (the mask tree mirrors the image tree), plus the Training slices with a tumor again in the
+    figshare layout (``root/seg/images``, ``root/seg/masks``, ``root/seg/labels.csv``) so the
+    segmenter's data preparation runs on phantoms unchanged. ``splits`` maps split names to their
+    share of ``n_per_class``; default ``{"Training": 0.75, "Testing": 0.25}``.
     """
     root = Path(root)
     splits = splits or {"Training": 0.75, "Testing": 0.25}
     rng = np.random.default_rng(seed)
+    seg_labels = []
     for split, share in splits.items():
         count = max(1, round(n_per_class * share))
         for label in CLASSES:
@@ -103,4 +106,13 @@ def write_phantom_dataset(root: str | os.PathLike, n_per_class: int = 20, size: 
                 name = f"{split[:2].lower()}-{label[:2]}_{i:04d}.png"
                 cv2.imwrite(str(img_dir / name), image)
                 cv2.imwrite(str(mask_dir / name), mask)
+                if split == "Training" and label != "notumor":
+                    (root / "seg" / "images").mkdir(parents=True, exist_ok=True)
+                    (root / "seg" / "masks").mkdir(parents=True, exist_ok=True)
+                    stem = Path(name).stem
+                    cv2.imwrite(str(root / "seg" / "images" / name), image)
+                    cv2.imwrite(str(root / "seg" / "masks" / name), mask)
+                    seg_labels.append(f"{stem},{label}\n")
+    if seg_labels:
+        (root / "seg" / "labels.csv").write_text("id,label\n" + "".join(seg_labels))
     return root

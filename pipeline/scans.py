@@ -28,6 +28,8 @@ imported lazily so importing this module stays cheap.
 
 from __future__ import annotations
 
+import argparse
+
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -581,3 +583,14 @@ def read_scan(path: PathLike, **kw) -> Scan:
     if not scans:
         raise ScanReadError(os.fspath(path), "no slices selected (volume is blank)")
     return scans[len(scans) // 2]
+
+
+def parse_nifti_slices(text: str):
+    """``all`` | ``middle`` | ``nonempty`` | ``"3,4,5"`` -> the ``nifti_slices`` value of :func:`read_scans`."""
+    if text in ("all", "middle", "nonempty"):
+        return text
+    try:
+        return [int(z) for z in str(text).split(",") if z.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected all | middle | nonempty | a comma list of slice indices, "
+                                         f"got {text!r}") from None

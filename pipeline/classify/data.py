@@ -23,10 +23,15 @@ from pipeline.roi import make_input
 from pipeline.scans import read_scan
 
 
-def mask_path_for(image_path: Path, image_root: Path, masks_dir: Path) -> Path:
-    """Where ``segment`` wrote the mask of ``image_path``: same relative path, ``.png``."""
-    rel = Path(os.path.relpath(image_path, image_root))
-    return masks_dir / rel.with_suffix(".png")
+def mask_paths(samples: Sequence[Sample], image_root: Path, masks_dir: Path) -> list[Path]:
+    """Where ``segment`` wrote each sample's mask, named by its own rule (:func:`mask_names`)."""
+    from pipeline.folders import iter_input_files
+    from pipeline.segment.run import mask_names, mask_relpath
+
+    root = Path(image_root).resolve()
+    names = mask_names([p.relative_to(root).as_posix() for p in iter_input_files(root)])
+    return [Path(masks_dir) / mask_relpath(Path(os.path.relpath(Path(s.path).resolve(), root)).as_posix(), names)
+            for s in samples]
 
 
 def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "full", size: int = 128,
@@ -36,11 +41,13 @@ def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "
     if mode != "full" and (masks_dir is None or image_root is None):
         raise ValueError(f"mode {mode!r} needs masks_dir and image_root (the output of `segment`)")
 
-    def one(sample: Sample):
+    masks = mask_paths(samples, Path(image_root), Path(masks_dir)) if mode != "full" else [None] * len(samples)
+
+    def one(job):
+        sample, mpath = job
         image = read_scan(sample.path).image
         mask = None
-        if mode != "full":
-            mpath = mask_path_for(sample.path, Path(image_root), Path(masks_dir))
+        if mpath is not None:
             mask = cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE)
             if mask is None:
                 raise FileNotFoundError(f"{mpath}: mask missing (run `segment` on {image_root} first)")
@@ -48,7 +55,7 @@ def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "
         return x, roi.found
 
     with ThreadPoolExecutor(workers) as pool:
-        results = list(tqdm(pool.map(one, samples), total=len(samples), desc=f"cache {mode} {size}px",
+        results = list(tqdm(pool.map(one, zip(samples, masks)), total=len(samples), desc=f"cache {mode} {size}px",
                             disable=None))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -57,7 +64,7 @@ def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "
              labels=np.array([CLASSES.index(s.label) for s in samples], np.int64),
              paths=np.array([str(s.path) for s in samples]),
              found=np.array([r[1] for r in results], bool),
-             mode=np.array(mode), size=np.array(size))
+             mode=np.array(mode), size=np.array(size), margin=np.array(margin))
     os.replace(out.with_suffix(".tmp.npz"), out)
     return out
 

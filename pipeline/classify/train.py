@@ -77,12 +77,18 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
     aug = Augment(**(augment or {})).to(device)
     meta = {"model": model_name, "mode": mode, "size": size, "classes": list(CLASSES), "pretrained": pretrained,
             "seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "input_mean": INPUT_MEAN,
-            "input_std": INPUT_STD, "train_cache": str(train_cache), "val_cache": str(val_cache)}
+            "input_std": INPUT_STD, "train_cache": str(train_cache), "val_cache": str(val_cache),
+            "margin": float(tr["margin"]) if "margin" in tr else 0.25, "n_train": int(len(tr["labels"])),
+            "n_val": int(len(va["labels"]))}
 
     start_epoch, best, history, elapsed = 0, None, [], 0.0
     last_path = out / "last.pt"
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location=device, weights_only=True)
+        if state.get("meta") != meta:
+            changed = sorted(k for k in meta if (state.get("meta") or {}).get(k) != meta[k])
+            raise RuntimeError(f"{last_path}: was trained with other settings ({', '.join(changed)}); "
+                               f"use another --out or --no-resume")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -131,7 +137,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
             stale += 1
         _save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                      "elapsed": elapsed, "torch_rng": torch.get_rng_state()}, last_path)
+                      "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "meta": meta}, last_path)
         write_curves(history, out)
     summary = {**meta, "best_epoch": best["epoch"] if best else None, "best": best, "train_seconds": elapsed,
                "best_sha256": sha256_file(out / "best.pt") if (out / "best.pt").is_file() else None}

@@ -44,7 +44,9 @@ def train_yolo_cls(data_dir: str | os.PathLike, out_dir: str | os.PathLike, imgs
     from ultralytics import YOLO
 
     out_dir = Path(out_dir).resolve()
-    source = str(PRETRAINED_CLS) if PRETRAINED_CLS.is_file() else "yolov8n-cls.yaml"
+    from pipeline.segment.yolo import verified_pretrained
+
+    source = str(verified_pretrained("yolov8n-cls")) if PRETRAINED_CLS.is_file() else "yolov8n-cls.yaml"
     cuda = str(device).startswith("cuda")
     kwargs = dict(data=str(Path(data_dir).resolve()), imgsz=imgsz, epochs=epochs, batch=batch,
                   device=device.replace("cuda:", "") if cuda else "cpu", seed=seed, deterministic=True,

@@ -17,8 +17,10 @@ from pipeline.weights import WeightsError, load_checkpoint, load_manifest
 def export_yolo_seg(run_best: str | os.PathLike, dest: str | os.PathLike, conf: float = 0.25,
                     imgsz: int | None = None, half: bool = True) -> None:
     """Turn an ultralytics training checkpoint (one we trained ourselves) into the weights-only format."""
-    # Our own training output, written on this machine by ultralytics: the one place a pickle is opened.
-    ckpt = torch.load(run_best, map_location="cpu", weights_only=False)
+    from ultralytics.nn.tasks import torch_safe_load
+
+    # weights_only load against ultralytics' allow-list of its own classes: no arbitrary code runs.
+    ckpt, _ = torch_safe_load(str(run_best), safe_only=True)
     model = (ckpt.get("ema") or ckpt["model"]).float()
     args = ckpt.get("train_args", {}) or {}
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
@@ -35,6 +37,26 @@ def _plain(obj):
     return obj
 
 
+#: Architectures a shipped segmenter may have: the network is always built from ultralytics' own
+#: packaged YAML, never from YAML carried in a checkpoint (ultralytics' parser evaluates names in it).
+ALLOWED_YAMLS = ("yolov8n-seg.yaml", "yolov8s-seg.yaml")
+
+
+def _reference_yaml(meta: dict) -> dict:
+    import json
+
+    from ultralytics.nn.tasks import yaml_model_load
+
+    name = str(meta["yaml"].get("yaml_file", ""))
+    if name not in ALLOWED_YAMLS:
+        raise WeightsError(f"segmenter architecture {name!r} is not one of {ALLOWED_YAMLS}")
+    ref = yaml_model_load(name)
+    for key in ("backbone", "head", "scale"):
+        if json.dumps(meta["yaml"].get(key)) != json.dumps(ref.get(key)):
+            raise WeightsError(f"segmenter checkpoint's {key} differs from ultralytics' {name}; refusing to build it")
+    return {**ref, "nc": len(meta["names"])}
+
+
 def build_yolo_seg(ckpt: dict, device: str = "cpu"):
     """An ultralytics ``YOLO`` object around a network rebuilt from a weights-only checkpoint."""
     from pipeline.segment.yolo import offline_ultralytics
@@ -44,24 +66,20 @@ def build_yolo_seg(ckpt: dict, device: str = "cpu"):
     from ultralytics.nn.tasks import SegmentationModel
 
     meta = ckpt["meta"]
-    net = SegmentationModel(cfg=dict(meta["yaml"]), ch=int(meta["yaml"].get("ch", 3)),
-                            nc=len(meta["names"]), verbose=False)
+    cfg = _reference_yaml(meta)
+    net = SegmentationModel(cfg=cfg, ch=3, nc=len(meta["names"]), verbose=False)
     missing, unexpected = net.load_state_dict({k: v.float() if v.is_floating_point() else v
                                                for k, v in ckpt["state_dict"].items()}, strict=False)
     if missing or unexpected:
         raise WeightsError(f"segmenter checkpoint does not fit its YAML: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
-    net.names = {int(k): v for k, v in meta["names"].items()}
-    net.args = {"imgsz": meta["imgsz"], "task": "segment"}
+    net.names = {int(k): str(v) for k, v in meta["names"].items()}
+    net.args = {"imgsz": int(meta["imgsz"]), "task": "segment"}
     net.eval()
-    yolo = YOLO(model=_yaml_name(meta), task="segment", verbose=False)
+    yolo = YOLO(model=cfg["yaml_file"], task="segment", verbose=False)
     yolo.model = net
-    yolo.overrides.update({"task": "segment", "imgsz": meta["imgsz"]})
+    yolo.overrides.update({"task": "segment", "imgsz": int(meta["imgsz"])})
     return yolo
-
-
-def _yaml_name(meta: dict) -> str:
-    return str(meta["yaml"].get("yaml_file", "yolov8n-seg.yaml"))
 
 
 def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | None = None, conf: float | None = None):

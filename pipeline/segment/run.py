@@ -33,8 +33,9 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.folders import VOLUME_SUFFIXES, Item, ResultsCSV, iter_input_files, iter_read, write_png_atomic
+from pipeline.folders import Item, ResultsCSV, iter_input_files, iter_read, write_png_atomic
 from pipeline.roi import mask_roi
+from pipeline.scans import parse_nifti_slices
 
 SEG_COLUMNS = ["path", "found", "x0", "y0", "x1", "y1", "area_px", "score", "model", "status", "error"]
 MODELS = ("yolo", "yolo+sam", "yolo+unet")
@@ -91,7 +92,7 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
     files = list(iter_input_files(root, exclude))
     rels = [p.relative_to(root).as_posix() for p in files]
     names = mask_names(rels)
-    todo = [p for p, rel in zip(files, rels) if rel not in results.done or rel.lower().endswith(VOLUME_SUFFIXES)]
+    todo = results.pending(files, root)
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0,
               "found": 0}
 
@@ -182,16 +183,6 @@ def build_segmenter(model: str = "yolo", weights: str | None = None, device: str
 
 # --- CLI -------------------------------------------------------------------------------------------
 
-def _nifti_slices(text: str):
-    if text in ("all", "middle", "nonempty"):
-        return text
-    try:
-        return [int(z) for z in str(text).split(",") if z.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected all | middle | nonempty | a comma list of slice indices, "
-                                         f"got {text!r}") from None
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="folder of scans (walked recursively; any format)")
     p.add_argument("--out", required=True, help="output folder: segments.csv and masks/ (resumable)")
@@ -207,7 +198,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--conf", type=float, help="detection threshold (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="reader threads")
-    p.add_argument("--nifti-slices", type=_nifti_slices, default="nonempty",
+    p.add_argument("--nifti-slices", type=parse_nifti_slices, default="nonempty",
                    help="all | middle | nonempty | comma list: which axial slices of a NIfTI volume")
 
 
@@ -218,7 +209,7 @@ def run(args) -> int:
                                 sam_checkpoint=getattr(args, "sam_checkpoint", None))
     slices = args.nifti_slices
     if isinstance(slices, str) and slices not in ("all", "middle", "nonempty"):  # from a config file
-        slices = _nifti_slices(slices)
+        slices = parse_nifti_slices(slices)
     counts = run_segment(args.input, args.out, segmenter, batch_size=args.batch_size or 16,
                          workers=args.workers or 2, nifti_slices=slices, model_name=args.model)
     print(json.dumps(counts))

@@ -29,6 +29,21 @@ def offline_ultralytics() -> None:
         SETTINGS.update({"sync": False})
 
 
+def verified_pretrained(name: str) -> Path:
+    """A pretrained ultralytics checkpoint from the manifest, only if its sha256 is recorded and matches.
+
+    Ultralytics ``.pt`` files are pickles, so an unrecorded file is refused rather than opened.
+    """
+    from pipeline.weights import WeightsError, load_manifest, resolve
+
+    entry = load_manifest().get(name)
+    if not entry or not entry.get("sha256"):
+        raise WeightsError(f"{name}: no sha256 recorded in weights/manifest.json, so the file is not opened "
+                           f"(it is a pickle). `python -m pipeline weights --download {name}` fetches it and "
+                           f"records its sha256; or remove it to train from the YAML")
+    return resolve(name)
+
+
 def train_yolo_seg(data_yaml: str | os.PathLike, out_dir: str | os.PathLike, imgsz: int = 256, epochs: int = 30,
                    batch: int = 16, device: str = "cpu", seed: int = 0, workers: int = 2,
                    model: str | None = None, patience: int = 10, time_hours: float | None = None,
@@ -46,7 +61,7 @@ def train_yolo_seg(data_yaml: str | os.PathLike, out_dir: str | os.PathLike, img
         yolo = YOLO(str(last))
         yolo.train(resume=True)
         return out_dir / "weights" / "best.pt"
-    source = model or (str(PRETRAINED_SEG) if PRETRAINED_SEG.is_file() else "yolov8n-seg.yaml")
+    source = model or (str(verified_pretrained("yolov8n-seg")) if PRETRAINED_SEG.is_file() else "yolov8n-seg.yaml")
     yolo = YOLO(source)
     cuda = str(device).startswith("cuda")
     kwargs = dict(data=str(data_yaml), imgsz=imgsz, epochs=epochs, batch=batch, device=device.replace("cuda:", "")

@@ -73,10 +73,26 @@ def seg_split_ids(names: list[str], val_fraction: float, test_fraction: float, s
     return {n: ("test" if i < n_test else "val" if i < n_test + n_val else "train") for i, n in enumerate(order)}
 
 
+def copies_of(candidates: list[Path], reference_dir: str | os.PathLike) -> set[str]:
+    """Those of ``candidates`` that are (near-)copies of an image in the Kaggle-layout ``reference_dir``.
+
+    The figshare and BRISC slices are also Kaggle images; a segmenter trained on a slice that is
+    in Testing would segment it from memory and bias the masked-vs-full comparison, so those
+    slices are kept out of its training data (found with the leakage audit's own matcher).
+    """
+    from pipeline.audit import find_duplicates
+    from pipeline.datasets import list_class_folder
+
+    reference = [(str(p), label) for p, label in list_class_folder(reference_dir)]
+    result = find_duplicates(reference, [(str(p), "tumor") for p in candidates])
+    return {pair["test_path"] for pair in result["cross"]}
+
+
 def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | None,
                        brisc: str | os.PathLike | None = None, cls_split: str | os.PathLike | None = None,
                        cls_root: str | os.PathLike | None = None, n_background: int = 600,
-                       val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> Path:
+                       val_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0,
+                       exclude_copies_of: str | os.PathLike | None = None) -> Path:
     """Write ``out/{images,labels}/{train,val,test}`` (images symlinked) and ``out/data.yaml``.
 
     figshare slices are split train/val/test (test is the held-out set for the model card);
@@ -87,11 +103,16 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
     """
     out = Path(out)
     rows = []
+    excluded: set[str] = set()
     sources = [("figshare", figshare, test_fraction), ("brisc", brisc, 0.0)]
     for source, root, test_frac in sources:
         if not root:
             continue
         samples = list_mask_dataset(root)
+        if exclude_copies_of:
+            drop = copies_of([s.image for s in samples], exclude_copies_of)
+            excluded |= drop
+            samples = [s for s in samples if str(s.image) not in drop]
         split = seg_split_ids([s.image.stem for s in samples], val_fraction, test_frac, seed)
         for s in samples:
             part = split[s.image.stem]
@@ -118,6 +139,7 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
                 label.parent.mkdir(parents=True, exist_ok=True)
                 label.write_text("")
                 rows.append(("background", name, part))
+    (out / "excluded.txt").write_text("".join(f"{p}\n" for p in sorted(excluded)))
     with (out / "split.csv").open("w") as fh:
         fh.write("source,name,split\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
     data = {"path": str(out.resolve()), "train": "images/train", "val": "images/val", "test": "images/test",

@@ -1,0 +1,422 @@
+"""Robustness fixes: odd file names, final error rows, linked folders, mask naming, CSV newlines,
+segmenter checkpoint safety, train-cls resume refusal, CLI argument checks, split inputs.
+
+All data is synthetic and written to ``tmp_path`` at test time.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import itertools
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline import CLASSES
+from pipeline.batch import run_predict
+from pipeline.classify.models import create_model
+from pipeline.classify.predict import Classifier
+from pipeline.folders import ResultsCSV, iter_input_files
+from pipeline.phantoms import make_phantom
+from tests.fakes import BrightBlobSegmenter
+from tests.scan_fixtures import write_jpeg, write_nifti, write_png
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory) -> Path:
+    """A random smallcnn in the shipped weights-only format, trained on ``full`` inputs."""
+    torch.manual_seed(0)
+    model = create_model("smallcnn")
+    path = tmp_path_factory.mktemp("weights") / "tiny_cls.pt"
+    torch.save({"state_dict": model.state_dict(),
+                "meta": {"model": "smallcnn", "mode": "full", "size": 32, "classes": list(CLASSES)}}, path)
+    return path
+
+
+def read_rows(path: Path) -> list[dict]:
+    # surrogateescape: paths that are not valid UTF-8 are stored byte for byte.
+    text = path.read_bytes().decode("utf-8", "surrogateescape")
+    return list(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    return buf.tobytes()
+
+
+# --- 1. file names that are not valid UTF-8 ---------------------------------------------------------
+
+def test_non_utf8_file_name_gets_an_ok_row_and_rerun_adds_nothing(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    src.mkdir()
+    write_png(src / "plain.png", make_phantom("glioma", 64, 1)[0])
+    raw_name = b"T\xfcmor.png"  # latin-1 u-umlaut: not valid UTF-8
+    fd = os.open(os.path.join(os.fsencode(src), raw_name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, png_bytes(make_phantom("meningioma", 64, 2)[0]))
+    finally:
+        os.close(fd)
+    clf = Classifier(tiny_classifier)
+    out = tmp_path / "out"
+    counts = run_predict(src, out, clf, None, batch_size=4, workers=1, progress=False)
+    assert counts["rows_written"] == 2 and counts["errors"] == 0
+    csv_path = out / "predictions.csv"
+    rows = read_rows(csv_path)
+    odd = os.fsdecode(raw_name)
+    assert {r["path"]: r["status"] for r in rows} == {"plain.png": "ok", odd: "ok"}
+    assert b"T\xfcmor.png" in csv_path.read_bytes()  # written back byte for byte
+    before = csv_path.read_bytes()
+    again = run_predict(src, out, clf, None, batch_size=4, workers=1, progress=False)  # reopens the CSV
+    assert again["rows_written"] == 0 and again["skipped_done"] == 2
+    assert csv_path.read_bytes() == before
+    assert len(read_rows(csv_path)) == 2
+
+
+# --- 2. a failed volume's error row is final --------------------------------------------------------
+
+def test_failed_nifti_error_row_is_final(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    src.mkdir()
+    write_png(src / "a.png", make_phantom("glioma", 64, 1)[0])
+    (src / "vol.nii.gz").write_bytes(b"definitely not gzip nor nifti " * 20)
+    clf = Classifier(tiny_classifier)
+    out = tmp_path / "out"
+    run_predict(src, out, clf, None, batch_size=4, workers=1, progress=False)
+    rows = read_rows(out / "predictions.csv")
+    vol_rows = [r for r in rows if r["path"].startswith("vol.nii.gz")]
+    assert len(vol_rows) == 1 and vol_rows[0]["path"] == "vol.nii.gz" and vol_rows[0]["status"] == "error"
+    assert vol_rows[0]["error"]
+
+    # Replace it by a readable volume with non-empty slices: the error row stays the only row.
+    (src / "vol.nii.gz").unlink()
+    vol = np.zeros((64, 64, 3), np.float32)
+    for z in range(3):
+        vol[:, :, z] = make_phantom("pituitary", 64, z)[0]
+    write_nifti(src / "vol.nii.gz", vol)
+    results = ResultsCSV(out / "predictions.csv", [*rows[0]])
+    assert results.pending([src / "a.png", src / "vol.nii.gz"], src.resolve()) == []
+    again = run_predict(src, out, clf, None, batch_size=4, workers=1, progress=False)
+    assert again["rows_written"] == 0
+    rows2 = read_rows(out / "predictions.csv")
+    assert rows2 == rows
+    assert not any("#z=" in r["path"] for r in rows2)
+
+
+# --- 3. linked folders and link loops ----------------------------------------------------------------
+
+def test_linked_folder_is_walked_and_link_loop_neither_hangs_nor_duplicates(tmp_path, tiny_classifier):
+    root = tmp_path / "scans"
+    other = tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    other.mkdir()
+    write_png(root / "top.png", make_phantom("glioma", 64, 1)[0])
+    write_png(root / "a" / "b.png", make_phantom("notumor", 64, 2)[0])
+    write_png(other / "linked_scan.png", make_phantom("pituitary", 64, 3)[0])
+    os.symlink(other, root / "linked")
+    os.symlink(root, root / "a" / "loop")  # a -> loop -> root -> a -> ...
+
+    # Bounded walk: a loop would yield without end; islice stops it so the test cannot hang.
+    walked = list(itertools.islice(iter_input_files(root.resolve()), 50))
+    rels = sorted(p.relative_to(root.resolve()).as_posix() for p in walked)
+    assert rels == ["a/b.png", "linked/linked_scan.png", "top.png"]
+
+    out = tmp_path / "out"
+    counts = run_predict(root, out, Classifier(tiny_classifier), None, batch_size=2, workers=1, progress=False)
+    paths = [r["path"] for r in read_rows(out / "predictions.csv")]
+    assert sorted(paths) == ["a/b.png", "linked/linked_scan.png", "top.png"]
+    assert len(paths) == len(set(paths)) == counts["files"] == 3
+
+
+# --- 4. crop reads exactly the mask segment wrote ----------------------------------------------------
+
+def _head_with_blob(center: tuple[int, int], size: int = 128) -> np.ndarray:
+    image = np.zeros((size, size), np.uint8)
+    cv2.circle(image, (size // 2, size // 2), size * 2 // 5, 90, -1)
+    cv2.circle(image, center, 9, 255, -1)
+    return image
+
+
+def test_same_stem_images_get_their_own_masks_in_segment_and_crop(tmp_path):
+    from pipeline.classify.data import build_cache, load_cache
+    from pipeline.datasets import list_class_folder
+    from pipeline.roi import make_input
+    from pipeline.scans import read_scan
+    from pipeline.segment.run import run_segment
+
+    root = tmp_path / "Training"
+    (root / "glioma").mkdir(parents=True)
+    # Same stem, different blob positions: a mix-up of x.jpg's and x.png's masks would change the crops.
+    write_jpeg(root / "glioma" / "x.jpg", _head_with_blob((45, 45)))
+    write_png(root / "glioma" / "x.png", _head_with_blob((85, 80)))
+    write_png(root / "glioma" / "y.png", _head_with_blob((64, 50)))
+    out = tmp_path / "seg"
+    counts = run_segment(root, out, BrightBlobSegmenter(), batch_size=2, workers=1, progress=False)
+    assert counts["rows_written"] == 3 and counts["errors"] == 0 and counts["found"] == 3
+
+    masks_dir = out / "masks"
+    # The documented names: clashing stems keep their full name, the others drop their suffix.
+    expected_mask = {"x.jpg": "glioma/x.jpg.png", "x.png": "glioma/x.png.png", "y.png": "glioma/y.png"}
+    written = sorted(p.relative_to(masks_dir).as_posix() for p in masks_dir.rglob("*.png"))
+    assert written == sorted(expected_mask.values())
+
+    samples = list_class_folder(root)
+    assert sorted(s.path.name for s in samples) == ["x.jpg", "x.png", "y.png"]
+    size = 32
+    cache = load_cache(build_cache(samples, tmp_path / "cache" / "train.npz", mode="crop", size=size,
+                                   image_root=root, masks_dir=masks_dir, workers=1))
+    assert cache["images"].shape == (3, size, size) and cache["found"].all()
+    crops = {}
+    for i, sample in enumerate(samples):
+        image = read_scan(sample.path).image
+        mask = cv2.imread(str(masks_dir / expected_mask[sample.path.name]), cv2.IMREAD_GRAYSCALE)
+        # The mask file is the one segment made for this very image.
+        assert np.array_equal(mask, BrightBlobSegmenter().predict([image])[0].mask)
+        want, roi = make_input(image, "crop", size, mask)
+        assert roi.found
+        assert np.array_equal(cache["images"][i], want), f"crop of {sample.path.name} used another mask"
+        crops[sample.path.name] = want
+    assert not np.array_equal(crops["x.jpg"], crops["x.png"])  # a swap would have shown
+
+
+# --- 5. one CSV line per record ----------------------------------------------------------------------
+
+def test_error_with_newlines_is_written_as_one_line(tmp_path):
+    path = tmp_path / "r.csv"
+    results = ResultsCSV(path, ["path", "status", "error"])
+    results.write([{"path": "a.png", "status": "error", "error": "first line\nsecond\r\nthird"},
+                   {"path": "b.png", "status": "ok", "error": ""}])
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 4  # header + 2 records, each ending in one "\n"
+    rows = read_rows(path)
+    assert [r["path"] for r in rows] == ["a.png", "b.png"]
+    assert rows[0]["error"] == "first line second third"
+    assert ResultsCSV(path, ["path", "status", "error"]).done == {"a.png", "b.png"}
+
+
+# --- 6. segmenter checkpoints: weights-only and built from ultralytics' own YAML ---------------------
+
+@pytest.fixture(scope="module")
+def tiny_seg_ckpt(tmp_path_factory) -> tuple[Path, dict]:
+    from ultralytics.nn.tasks import SegmentationModel
+
+    torch.manual_seed(0)
+    model = SegmentationModel("yolov8n-seg.yaml", nc=1, verbose=False)
+    ckpt = {"state_dict": model.state_dict(),
+            "meta": {"yaml": copy.deepcopy(model.yaml), "names": {0: "tumor"}, "imgsz": 64, "conf": 0.25,
+                     "task": "segment"}}
+    path = tmp_path_factory.mktemp("seg") / "tiny_seg.pt"
+    torch.save(ckpt, path)
+    return path, ckpt
+
+
+def test_weights_only_segmenter_loads_and_predicts_at_input_size(tiny_seg_ckpt):
+    from pipeline.segment.load import load_segmenter
+
+    path, _ = tiny_seg_ckpt
+    seg = load_segmenter(path)
+    image = np.random.default_rng(0).integers(0, 256, (80, 100), dtype=np.uint8)
+    results = seg.predict([image])
+    assert len(results) == 1 and results[0].mask.shape == (80, 100) and results[0].mask.dtype == np.uint8
+
+
+def _spy_parse_model(monkeypatch) -> list:
+    import ultralytics.nn.tasks as tasks
+
+    calls = []
+    real = tasks.parse_model
+
+    def spy(d, *a, **kw):
+        calls.append(copy.deepcopy(d))
+        return real(d, *a, **kw)
+
+    monkeypatch.setattr(tasks, "parse_model", spy)
+    return calls
+
+
+@pytest.mark.parametrize("tamper", ["head_module", "yaml_file"])
+def test_tampered_segmenter_yaml_is_refused_before_any_model_is_built(tmp_path, tiny_seg_ckpt, monkeypatch, tamper):
+    from pipeline.segment.load import load_segmenter
+    from pipeline.weights import WeightsError
+
+    _, ckpt = tiny_seg_ckpt
+    bad = {"state_dict": ckpt["state_dict"], "meta": copy.deepcopy(ckpt["meta"])}
+    if tamper == "head_module":
+        bad["meta"]["yaml"]["head"][0][2] = "__import__"
+        bad["meta"]["yaml"]["head"][0][3] = ["os"]
+    else:
+        bad["meta"]["yaml"]["yaml_file"] = "evil.yaml"
+    path = tmp_path / f"{tamper}.pt"
+    torch.save(bad, path)
+    calls = _spy_parse_model(monkeypatch)
+    with pytest.raises(WeightsError, match="head differs" if tamper == "head_module" else "evil.yaml"):
+        load_segmenter(path)
+    assert calls == []  # no network was built from anything, let alone from the checkpoint's YAML
+
+
+def test_code_in_other_yaml_keys_never_runs(tmp_path, tiny_seg_ckpt, monkeypatch):
+    """Keys that are not compared (e.g. ``activation``, which ultralytics may eval) are not used at all."""
+    from pipeline.segment.load import load_segmenter
+    from pipeline.weights import WeightsError
+
+    _, ckpt = tiny_seg_ckpt
+    marker = tmp_path / "pwned"
+    bad = {"state_dict": ckpt["state_dict"], "meta": copy.deepcopy(ckpt["meta"])}
+    bad["meta"]["yaml"]["activation"] = f"__import__('pathlib').Path({str(marker)!r}).touch() or __import__('torch').nn.SiLU()"
+    path = tmp_path / "activation.pt"
+    torch.save(bad, path)
+    calls = _spy_parse_model(monkeypatch)
+    try:
+        load_segmenter(path)
+    except WeightsError:
+        pass  # refusing is fine too
+    else:
+        assert calls, "the spy should have seen the network being built"
+    assert not marker.exists()
+    assert all("activation" not in d for d in calls)
+
+
+# --- 7. train-cls resume refuses a last.pt made with other settings ----------------------------------
+
+def _tiny_cache(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % len(CLASSES)
+    np.savez(path, images=rng.integers(0, 256, (n, 32, 32), dtype=np.uint8), labels=labels,
+             paths=np.array([f"img{i}.png" for i in range(n)]), found=np.zeros(n, bool),
+             mode=np.array("full"), size=np.array(32))
+    return path
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_train_cls_resume_refuses_other_settings_and_continues_with_same(tmp_path, monkeypatch):
+    import pipeline.classify.train as train_mod
+
+    tr = _tiny_cache(tmp_path / "train.npz", 16, 0)
+    va = _tiny_cache(tmp_path / "val.npz", 8, 1)
+    out = tmp_path / "run"
+    kw = dict(model_name="smallcnn", pretrained=False, epochs=2, batch_size=8, lr=1e-3, patience=10, seed=0,
+              threads=1)
+
+    # First run: killed right after epoch 0's last.pt is written (write_curves runs just after it).
+    real_curves = train_mod.write_curves
+
+    def curves_then_die(history, out_dir):
+        real_curves(history, out_dir)
+        raise _Interrupted
+
+    monkeypatch.setattr(train_mod, "write_curves", curves_then_die)
+    with pytest.raises(_Interrupted):
+        train_mod.train(str(tr), str(va), str(out), **kw)
+    monkeypatch.setattr(train_mod, "write_curves", real_curves)
+    last = out / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 0 and [h["epoch"] for h in state["history"]] == [0]
+    saved = last.read_bytes()
+
+    # Other settings: refused, naming what changed, and last.pt is left alone.
+    with pytest.raises(RuntimeError, match="other settings") as exc:
+        train_mod.train(str(tr), str(va), str(out), **{**kw, "lr": 5e-3})
+    assert "lr" in str(exc.value)
+    with pytest.raises(RuntimeError, match="other settings"):
+        train_mod.train(str(tr), str(va), str(out), **{**kw, "batch_size": 4})
+    assert last.read_bytes() == saved
+
+    # Same settings: resumes at epoch 1 and the history continues.
+    summary = train_mod.train(str(tr), str(va), str(out), **kw)
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 1
+    assert [h["epoch"] for h in state["history"]] == [0, 1]
+    assert state["history"][0] == torch.load(io.BytesIO(saved), weights_only=True)["history"][0]
+    with (out / "curves.csv").open(newline="") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1]
+    assert summary["lr"] == kw["lr"] and (out / "best.pt").is_file()
+
+    # --no-resume starts over even with other settings.
+    fresh = train_mod.train(str(tr), str(va), str(tmp_path / "run"), **{**kw, "epochs": 1, "lr": 5e-3},
+                            resume=False)
+    assert torch.load(last, weights_only=True)["history"][-1]["epoch"] == 0 and fresh["epochs"] == 1
+
+
+# --- 8. CLI argument checks (in-process) -------------------------------------------------------------
+
+def test_cli_segment_conf_is_not_taken_for_config(tmp_path, capsys):
+    from pipeline.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    missing = tmp_path / "missing.pt"
+    rc = main(["segment", "--input", str(src), "--out", str(tmp_path / "out"), "--conf", "0.3",
+               "--weights", str(missing), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert "config file not found" not in err
+    assert "missing.pt" in err and "checkpoint not found" in err
+
+
+def test_cli_predict_batch_size_zero_is_refused(tmp_path, capsys, tiny_classifier):
+    from pipeline.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--input", str(src), "--out", str(tmp_path / "out"), "--cls", str(tiny_classifier),
+              "--seg", "none", "--batch-size", "0", "--device", "cpu"])
+    assert exc.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "--batch-size" in err and "at least 1" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_predict_bad_nifti_slices_is_refused(tmp_path, capsys, tiny_classifier):
+    from pipeline.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    with pytest.raises(SystemExit) as exc:
+        main(["predict", "--input", str(src), "--out", str(tmp_path / "out"), "--cls", str(tiny_classifier),
+              "--seg", "none", "--nifti-slices", "middel", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--nifti-slices" in err and "middel" in err
+
+
+def test_cli_predict_mode_must_match_the_classifier(tmp_path, capsys, tiny_classifier):
+    from pipeline.cli import main
+
+    src = tmp_path / "in"
+    src.mkdir()
+    write_png(src / "a.png", make_phantom("glioma", 64, 1)[0])
+    rc = main(["predict", "--input", str(src), "--out", str(tmp_path / "out"), "--cls", str(tiny_classifier),
+               "--seg", "none", "--mode", "crop", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "crop" in err and "full" in err
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+# --- 9. split with a missing duplicates file ---------------------------------------------------------
+
+def test_make_split_missing_train_duplicates_names_the_path(tmp_path):
+    from pipeline.datasets import DatasetError, make_split
+
+    train = tmp_path / "Training"
+    for i, label in enumerate(CLASSES):
+        (train / label).mkdir(parents=True)
+        for j in range(3):
+            write_png(train / label / f"{j}.png", np.full((16, 16), 10 * i + j, np.uint8))
+    missing = tmp_path / "audit" / "train_duplicates.csv"
+    out = tmp_path / "split.csv"
+    with pytest.raises(DatasetError) as exc:
+        make_split(train, out, 0.25, 0, missing)
+    assert str(missing) in str(exc.value)
+    assert not out.exists()
