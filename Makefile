@@ -40,7 +40,8 @@ STAMP  := $(VENV)/.installed
 CACHE   = $(OUT)/cache
 CLEAN   = $(OUT)/audit/clean_test.txt
 
-.PHONY: help setup data audit split weights seg-data seg-train segment crop cls-train evaluate compare report \
+.PHONY: help setup data audit split weights seg-data seg-train segment crop cls-train baseline evaluate compare \
+        report \
         predict all demo test phantoms clean-venv
 
 # Long stages write their outputs as they go (resumable), so each ends by touching a .done stamp:
@@ -157,6 +158,15 @@ $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz
 	  --model $(CLS_MODEL) --pretrained $(CLS_PRETRAINED) --epochs $(CLS_EPOCHS) --batch-size $(CLS_BATCH) \
 	  --device $(DEVICE) --seed $(SEED)
 
+BASELINE_MODES ?= $(filter full crop,$(MODES))
+BASELINE_EPOCHS ?= 10
+BASELINES = $(foreach m,$(BASELINE_MODES),$(OUT)/cls/yolov8n_cls_$(m)_$(SIZE)/testing_predictions.csv)
+baseline: $(BASELINES) ## YOLOv8n-cls on the same inputs, split and size (full slices and crops)
+
+$(OUT)/cls/yolov8n_cls_%_$(SIZE)/testing_predictions.csv: $(CACHE)/%_$(SIZE)/testing.npz
+	$(PY) -m pipeline train-yolo-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/cls/yolov8n_cls_$*_$(SIZE) \
+	  --epochs $(BASELINE_EPOCHS) --device $(DEVICE) --seed $(SEED)
+
 EVALS = $(foreach m,$(MODES),$(OUT)/eval/$(CLS_TAG)-$(m)/metrics.json)
 evaluate: $(EVALS) ## each trained classifier on all of Testing and on its clean subset
 
@@ -167,8 +177,9 @@ $(OUT)/eval/$(CLS_TAG)-%/metrics.json: $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.j
 compare: $(OUT)/report/report.md ## report.md/html: every trained model x mode, all vs clean Testing, McNemar
 report: compare ## same as compare
 
-$(OUT)/report/report.md: $(EVALS)
+$(OUT)/report/report.md: $(EVALS) $(BASELINES)
 	$(PY) -m pipeline compare --runs $(foreach m,$(MODES),$(CLS_TAG)-$(m)=$(OUT)/eval/$(CLS_TAG)-$(m)) \
+	  $(foreach m,$(BASELINE_MODES),yolov8n_cls-$(m)=$(OUT)/cls/yolov8n_cls_$(m)_$(SIZE)/testing_predictions.csv) \
 	  --clean $(CLEAN) --out $(OUT)/report \
 	  --gradcam-cls $(OUT)/cls/$(CLS_TAG)_$(firstword $(MODES))_$(SIZE)/best.pt \
 	  --gradcam-data $(CACHE)/$(firstword $(MODES))_$(SIZE)/testing.npz
@@ -190,7 +201,8 @@ demo: ## the whole chain on synthetic phantoms: no data, no network, a few minut
 	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/yolov8n_seg.pt SEG_IMGSZ=128 \
 	  SEG_EPOCHS=6 SEG_TIME=0 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
 	  CLS_PRETRAINED=false CLS_EPOCHS=15 CLS_BATCH=16 CLS_WEIGHTS=$(DEMO)/cls/smallcnn_crop_64/best.pt \
-	  SEG_WEIGHTS=$(DEMO)/seg/yolov8n_seg.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict
+	  SEG_WEIGHTS=$(DEMO)/seg/yolov8n_seg.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict \
+	  BASELINE_EPOCHS=3
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

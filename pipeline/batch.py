@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import CLASSES
-from pipeline.folders import Item, ResultsCSV, iter_input_files, iter_read
+from pipeline.folders import Item, iter_batches, start_folder_run
 from pipeline.roi import make_input
 
 COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASSES], "found", "x0", "y0", "x1", "y1",
@@ -39,24 +39,14 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
                 workers: int = 2, overlays: bool = False, nifti_slices="nonempty", progress: bool | None = None,
                 margin: float = 0.25) -> dict:
     """Process every file under ``input_dir``; returns counts. See the module docstring for guarantees."""
-    root = Path(input_dir).resolve()
-    out = Path(out_dir).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{input_dir}: input folder not found")
-    if out == root:
-        raise ValueError(f"--out {out_dir} is the input folder; choose another folder so no input is overwritten")
     mode = mode or classifier.mode
     if mode != "full" and segmenter is None:
         raise ValueError(f"mode {mode!r} needs a segmenter (--seg)")
-    out.mkdir(parents=True, exist_ok=True)
-    results = ResultsCSV(out / "predictions.csv", COLUMNS)
-    exclude = out if root in out.parents else None
-    files = [p for p in iter_input_files(root, exclude)]
-    todo = results.pending(files, root)
+    run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS)
+    root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0}
 
     bar = tqdm(total=len(todo), desc="predict", unit="file", disable=None if progress is None else not progress, smoothing=0.1)
-    pending: list[Item] = []
 
     def flush(items: list[Item]) -> None:
         ok = [it for it in items if it.scan is not None]
@@ -85,14 +75,8 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
         counts["rows_written"] += len(ordered)
         counts["errors"] += sum(r["status"] == "error" for r in ordered)
 
-    for items in iter_read(todo, root, nifti_slices, workers, 2 * batch_size):
-        bar.update(1)
-        pending.extend(it for it in items if it.key not in results.done)
-        while len(pending) >= batch_size:
-            flush(pending[:batch_size])
-            pending = pending[batch_size:]
-    if pending:
-        flush(pending)
+    for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update):
+        flush(batch)
     bar.close()
     return counts
 

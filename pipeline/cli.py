@@ -256,6 +256,27 @@ def cmd_export(a):
     print(json.dumps({"file": str(a.out), "sha256": sha256_file(a.out), "bytes": Path(a.out).stat().st_size}))
 
 
+def _args_train_yolo_cls(p):
+    p.add_argument("--data", required=True, help="folder with train.npz, val.npz, testing.npz from `crop`")
+    p.add_argument("--out", required=True, help="run folder; also writes OUT/testing_predictions.csv for compare")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--time-hours", type=float, default=None, help="wall-time cap")
+
+
+@command("train-yolo-cls", "the YOLOv8n-cls baseline on the same cached inputs, split and size as the CNNs")
+def cmd_train_yolo_cls(a):
+    from pipeline.classify.yolo_cls import export_cache_as_folders, predict_yolo_cls, train_yolo_cls
+
+    data, out = Path(a.data), Path(a.out)
+    folders = export_cache_as_folders({"train": data / "train.npz", "val": data / "val.npz"}, out / "images")
+    size = int(__import__("numpy").load(data / "train.npz")["size"])
+    best = train_yolo_cls(folders, out / "run", imgsz=size, epochs=a.epochs, batch=a.batch, device=a.device,
+                          seed=a.seed, time_hours=a.time_hours)
+    if (data / "testing.npz").is_file():
+        print(predict_yolo_cls(best, data / "testing.npz", out / "testing_predictions.csv", device=a.device))
+
+
 @command("predict", "run the whole chain on a folder of scans -> predictions.csv (resumable)")
 def cmd_predict(a):
     from pipeline.batch import run_predict
@@ -286,7 +307,8 @@ MODULE_COMMANDS = {
 
 ARGS = {"audit": _args_audit, "split": _args_split, "phantoms": _args_phantoms, "read": _args_read,
         "crop": _args_crop, "train-cls": _args_train_cls,
-        "predict": _args_predict, "export": _args_export, "seg-data": _args_seg_data, "train-seg": _args_train_seg}
+        "predict": _args_predict, "export": _args_export,
+        "train-yolo-cls": _args_train_yolo_cls, "seg-data": _args_seg_data, "train-seg": _args_train_seg}
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:

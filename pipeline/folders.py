@@ -161,3 +161,46 @@ def write_png_atomic(path: Path, image: np.ndarray) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def iter_batches(files: Sequence[Path], root: Path, done: set[str], batch_size: int, nifti_slices="nonempty",
+                 workers: int = 2, on_file=None) -> Iterator[list[Item]]:
+    """Batches of ``batch_size`` read items (scans or error items), skipping keys in ``done``.
+
+    ``on_file`` is called once per file read (a progress bar's ``update``).
+    """
+    pending: list[Item] = []
+    for items in iter_read(files, root, nifti_slices, workers, 2 * batch_size):
+        if on_file:
+            on_file(1)
+        pending.extend(it for it in items if it.key not in done)
+        while len(pending) >= batch_size:
+            yield pending[:batch_size]
+            pending = pending[batch_size:]
+    if pending:
+        yield pending
+
+
+@dataclass
+class FolderRun:
+    """A stage's pass over a scan folder: where it reads, where it writes, and what is left to do."""
+
+    root: Path
+    out: Path
+    results: ResultsCSV
+    files: list[Path]
+    todo: list[Path]
+
+
+def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str]) -> FolderRun:
+    """Check the folders, open (or resume) ``out_dir/csv_name`` and list the files still to process."""
+    root = Path(input_dir).resolve()
+    out = Path(out_dir).resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{input_dir}: input folder not found")
+    if out == root:
+        raise ValueError(f"--out {out_dir} is the input folder; choose another folder so no input is overwritten")
+    out.mkdir(parents=True, exist_ok=True)
+    results = ResultsCSV(out / csv_name, columns)
+    files = list(iter_input_files(root, exclude=out if root in out.parents else None))
+    return FolderRun(root, out, results, files, results.pending(files, root))

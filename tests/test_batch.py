@@ -9,12 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from pipeline import CLASSES
 from pipeline.batch import COLUMNS, run_predict
 from pipeline.folders import ResultsCSV
-from pipeline.classify.models import create_model
 from pipeline.classify.predict import Classifier
 from pipeline.phantoms import make_phantom
 from tests.fakes import BrightBlobSegmenter
@@ -23,14 +21,6 @@ from tests.scan_fixtures import write_dicom, write_jpeg, write_nifti, write_png
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    model = create_model("smallcnn")
-    path = tmp_path_factory.mktemp("weights") / "tiny_cls.pt"
-    torch.save({"state_dict": model.state_dict(),
-                "meta": {"model": "smallcnn", "mode": "full", "size": 32, "classes": list(CLASSES)}}, path)
-    return path
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -19,7 +19,6 @@ import torch
 
 from pipeline import CLASSES
 from pipeline.batch import run_predict
-from pipeline.classify.models import create_model
 from pipeline.classify.predict import Classifier
 from pipeline.folders import ResultsCSV, iter_input_files
 from pipeline.phantoms import make_phantom
@@ -29,15 +28,6 @@ from tests.scan_fixtures import write_jpeg, write_nifti, write_png
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_classifier(tmp_path_factory) -> Path:
-    """A random smallcnn in the shipped weights-only format, trained on ``full`` inputs."""
-    torch.manual_seed(0)
-    model = create_model("smallcnn")
-    path = tmp_path_factory.mktemp("weights") / "tiny_cls.pt"
-    torch.save({"state_dict": model.state_dict(),
-                "meta": {"model": "smallcnn", "mode": "full", "size": 32, "classes": list(CLASSES)}}, path)
-    return path
 
 
 def read_rows(path: Path) -> list[dict]:

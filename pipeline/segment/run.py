@@ -27,13 +27,12 @@ import argparse
 import json
 import os
 from collections import Counter
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.folders import Item, ResultsCSV, iter_input_files, iter_read, write_png_atomic
+from pipeline.folders import Item, iter_batches, start_folder_run, write_png_atomic
 from pipeline.roi import mask_roi
 from pipeline.scans import parse_nifti_slices
 
@@ -78,21 +77,11 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
                 batch_size: int = 16, workers: int = 2, nifti_slices="nonempty", model_name: str = "yolo",
                 progress: bool | None = None) -> dict:
     """Segment every file under ``input_dir``; returns counts. See the module docstring for the outputs."""
-    root = Path(input_dir).resolve()
-    out = Path(out_dir).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"{input_dir}: input folder not found")
-    if out == root:
-        raise ValueError(f"--out {out_dir} is the input folder; choose another folder so no input is overwritten")
     batch_size = max(1, int(batch_size))
-    out.mkdir(parents=True, exist_ok=True)
+    run = start_folder_run(input_dir, out_dir, CSV_NAME, SEG_COLUMNS)
+    root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     masks_root = out / MASKS_DIR
-    results = ResultsCSV(out / CSV_NAME, SEG_COLUMNS)
-    exclude = out if root in out.parents else None
-    files = list(iter_input_files(root, exclude))
-    rels = [p.relative_to(root).as_posix() for p in files]
-    names = mask_names(rels)
-    todo = results.pending(files, root)
+    names = mask_names([p.relative_to(root).as_posix() for p in files])
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0,
               "found": 0}
 
@@ -129,15 +118,8 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
 
     bar = tqdm(total=len(todo), desc="segment", unit="file", disable=None if progress is None else not progress,
                smoothing=0.1)
-    pending: list[Item] = []
-    for items in iter_read(todo, root, nifti_slices, workers, 2 * batch_size):
-        bar.update(1)
-        pending.extend(it for it in items if it.key not in results.done)
-        while len(pending) >= batch_size:
-            flush(pending[:batch_size])
-            pending = pending[batch_size:]
-    if pending:
-        flush(pending)
+    for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update):
+        flush(batch)
     bar.close()
     return counts
 

@@ -1,0 +1,43 @@
+import csv
+
+import numpy as np
+import pytest
+
+from pipeline import CLASSES
+from pipeline.classify.yolo_cls import export_cache_as_folders, predict_yolo_cls, train_yolo_cls
+from pipeline.phantoms import make_phantom
+
+
+@pytest.fixture(scope="module")
+def tiny_caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2), ("testing", 3)):
+        labels = np.repeat(np.arange(4), n)
+        images = np.stack([make_phantom(CLASSES[k], 32, rng)[0] for k in labels])
+        np.savez(root / f"{split}.npz", images=images, labels=labels,
+                 paths=np.array([f"{split}/{CLASSES[k]}/{i}.png" for i, k in enumerate(labels)]),
+                 found=np.zeros(len(labels), bool), mode=np.array("full"), size=np.array(32))
+    return root
+
+
+def test_cache_exported_as_class_folders(tiny_caches, tmp_path):
+    out = export_cache_as_folders({"train": tiny_caches / "train.npz"}, tmp_path)
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(CLASSES)
+    assert all(len(list((out / "train" / c).glob("*.png"))) == 6 for c in CLASSES)
+
+
+def test_yolo_cls_trains_offline_and_writes_compare_predictions(tiny_caches, tmp_path):
+    folders = export_cache_as_folders({"train": tiny_caches / "train.npz", "val": tiny_caches / "val.npz"},
+                                      tmp_path / "images")
+    best = train_yolo_cls(folders, tmp_path / "run", imgsz=32, epochs=1, batch=8, workers=0)
+    assert best.is_file()
+    out = predict_yolo_cls(best, tiny_caches / "testing.npz", tmp_path / "pred.csv")
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 12
+    for row in rows:
+        probs = [float(row[f"p_{c}"]) for c in CLASSES]
+        assert abs(sum(probs) - 1) < 1e-3
+        assert row["pred"] == CLASSES[int(np.argmax(probs))]
+    assert [r["true"] for r in rows] == [CLASSES[k] for k in np.repeat(np.arange(4), 3)]
