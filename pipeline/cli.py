@@ -302,7 +302,12 @@ MODULE_COMMANDS = {
     "evaluate-seg": ("pipeline.evaluate_seg", "Dice, IoU, HD95, detection and false-mask rates of predicted masks"),
     "evaluate-cls": ("pipeline.evaluate_cls", "classify a cache with a checkpoint -> predictions.csv + metrics"),
     "compare": ("pipeline.report", "masked vs crop vs full report: metrics with CIs, all vs clean, McNemar"),
+    "tune-seg": ("pipeline.segment.tune", "choose the segmenter's threshold on the validation split"),
     "weights": ("pipeline.weights_cli", "list, verify and download the checkpoints in weights/manifest.json"),
+    "index": ("pipeline.classify.search", "embed labelled scans with a classifier for similar-case search",
+              "add_index_arguments", "run_index"),
+    "similar": ("pipeline.classify.search", "the nearest indexed scans to a query scan",
+                "add_similar_arguments", "run_similar"),
 }
 
 ARGS = {"audit": _args_audit, "split": _args_split, "phantoms": _args_phantoms, "read": _args_read,
@@ -319,8 +324,9 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
     import importlib
 
     entries = [(name, help_text, ARGS[name]) for name, (help_text, _) in COMMANDS.items()]
-    entries += [(name, help_text, lambda p, m=module: importlib.import_module(m).add_arguments(p))
-                for name, (module, help_text) in MODULE_COMMANDS.items()]
+    entries += [(name, spec[1], lambda p, spec=spec: getattr(importlib.import_module(spec[0]),
+                                                           spec[2] if len(spec) > 2 else "add_arguments")(p))
+                for name, spec in MODULE_COMMANDS.items()]
     for name, help_text, add_args in entries:
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         p.add_argument("--config", help="YAML file layered over configs/default.yaml")
@@ -350,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in MODULE_COMMANDS:
             import importlib
 
-            return importlib.import_module(MODULE_COMMANDS[args.command][0]).run(args) or 0
+            spec = MODULE_COMMANDS[args.command]
+            return getattr(importlib.import_module(spec[0]), spec[3] if len(spec) > 3 else "run")(args) or 0
         return COMMANDS[args.command][1](args) or 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

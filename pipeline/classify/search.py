@@ -1,0 +1,113 @@
+"""Similar-case search: a trained classifier's penultimate-layer embeddings as a retrieval index.
+
+``index`` embeds labelled scans once; ``similar`` embeds a query the same way (same input mode,
+same preprocessing) and returns the nearest cases by cosine distance.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.classify.models import INPUT_MEAN, INPUT_STD
+from pipeline.classify.predict import Classifier
+from pipeline.datasets import DatasetError, canonical_class
+from pipeline.folders import iter_input_files, read_items
+from pipeline.roi import make_input
+
+
+@torch.inference_mode()
+def embed(classifier: Classifier, images: np.ndarray) -> np.ndarray:
+    """(B, S, S) uint8 classifier inputs -> (B, D) L2-normalised penultimate-layer features."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).to(classifier.device).unsqueeze(1).float()
+    x = ((x - INPUT_MEAN) / INPUT_STD).contiguous(memory_format=torch.channels_last)
+    model = classifier.model
+    if hasattr(model, "forward_head"):  # timm
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+    elif hasattr(model, "forward_features"):  # SmallCNN
+        feats = model.forward_features(x).mean(dim=(2, 3))
+    else:
+        raise TypeError(f"{type(model).__name__}: no feature extractor to embed with")
+    feats = feats.float().flatten(1)
+    return torch.nn.functional.normalize(feats, dim=1).cpu().numpy()
+
+
+def _label_of(rel: str) -> str:
+    for part in reversed(Path(rel).parts[:-1]):
+        try:
+            return canonical_class(part)
+        except DatasetError:
+            continue
+    return ""
+
+
+def build_index(input_dir: str | os.PathLike, out: str | os.PathLike, classifier: Classifier,
+                batch_size: int = 64) -> dict:
+    """Embed every readable scan under ``input_dir`` (full-slice inputs); label = its class folder, if any."""
+    if classifier.mode != "full":
+        raise ValueError(f"index uses full-slice inputs; the classifier was trained on {classifier.mode!r}")
+    root = Path(input_dir).resolve()
+    keys, labels, chunks, batch, errors = [], [], [], [], 0
+    for path in iter_input_files(root):
+        for item in read_items(path, root, "middle"):
+            if item.scan is None:
+                errors += 1
+                continue
+            keys.append(item.key)
+            labels.append(_label_of(item.key))
+            batch.append(make_input(item.scan.image, "full", classifier.size)[0])
+            if len(batch) == batch_size:
+                chunks.append(embed(classifier, np.stack(batch)))
+                batch = []
+    if batch:
+        chunks.append(embed(classifier, np.stack(batch)))
+    if not chunks:
+        raise FileNotFoundError(f"{input_dir}: no readable scans to index")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, embeddings=np.concatenate(chunks).astype(np.float32), keys=np.array(keys),
+             labels=np.array(labels), root=np.array(str(root)), classifier=np.array(json.dumps(classifier.meta)))
+    return {"indexed": len(keys), "errors": errors, "out": str(out)}
+
+
+def search(index: str | os.PathLike, query: np.ndarray, classifier: Classifier, k: int = 5) -> list[dict]:
+    """Nearest ``k`` indexed cases to a (H, W) uint8 query slice: key, label, cosine distance."""
+    with np.load(index, allow_pickle=False) as data:
+        emb, keys, labels = data["embeddings"], data["keys"], data["labels"]
+        meta = json.loads(str(data["classifier"]))
+    if meta.get("model") != classifier.meta.get("model") or int(meta["size"]) != classifier.size:
+        raise ValueError(f"{index}: built with {meta.get('model')} at {meta.get('size')} px; "
+                         f"query classifier is {classifier.meta.get('model')} at {classifier.size} px")
+    q = embed(classifier, make_input(query, "full", classifier.size)[0][None])[0]
+    dist = 1.0 - emb @ q
+    order = np.argsort(dist, kind="stable")[:k]
+    return [{"key": str(keys[i]), "label": str(labels[i]), "distance": round(float(dist[i]), 6)} for i in order]
+
+
+def add_index_arguments(p) -> None:
+    p.add_argument("--input", required=True, help="folder of labelled scans (class folders give the labels)")
+    p.add_argument("--out", required=True, help="index file to write (.npz)")
+    p.add_argument("--cls", default="cls-lite0-full", help="classifier whose embeddings to use (full-slice model)")
+
+
+def run_index(args) -> int:
+    print(json.dumps(build_index(args.input, args.out, Classifier(args.cls, device=args.device))))
+    return 0
+
+
+def add_similar_arguments(p) -> None:
+    p.add_argument("--index", required=True, help="index .npz from `index`")
+    p.add_argument("--query", required=True, help="a scan file")
+    p.add_argument("-k", type=int, default=5, help="how many neighbours")
+    p.add_argument("--cls", default="cls-lite0-full", help="the classifier the index was built with")
+
+
+def run_similar(args) -> int:
+    from pipeline.scans import read_scan
+
+    for hit in search(args.index, read_scan(args.query).image, Classifier(args.cls, device=args.device), args.k):
+        print(json.dumps(hit))
+    return 0

@@ -1,0 +1,76 @@
+"""Choose the segmenter's detection threshold on the validation split (never on Testing).
+
+The rule: the highest mean Dice on validation tumor slices among thresholds whose false-mask
+rate on validation no-tumor slices stays within ``max_false_rate``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from pipeline.scans import read_scan
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    p, t = pred > 0, truth > 127
+    denom = p.sum() + t.sum()
+    return 1.0 if denom == 0 else float(2 * (p & t).sum() / denom)
+
+
+def choose_conf(table: list[dict], max_false_rate: float) -> dict:
+    """The row with the highest mean Dice among those within the false-mask budget; else the fewest false masks."""
+    ok = [r for r in table if r["false_mask_rate"] is None or r["false_mask_rate"] <= max_false_rate]
+    if ok:
+        return max(ok, key=lambda r: (r["mean_dice"] or 0, -r["conf"]))
+    return min(table, key=lambda r: (r["false_mask_rate"], -(r["mean_dice"] or 0)))
+
+
+def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+              confs: Sequence[float] = (0.1, 0.25, 0.4, 0.55), max_false_rate: float = 0.03,
+              device: str = "cpu", batch: int = 16) -> dict:
+    """Score each threshold on ``data_dir/images/val`` (from ``seg-data``) and write ``tune.json``."""
+    from pipeline.segment.load import load_segmenter
+
+    data_dir, out = Path(data_dir), Path(out_dir)
+    images = sorted((data_dir / "images" / "val").iterdir())
+    if not images:
+        raise FileNotFoundError(f"{data_dir}/images/val: no validation images (run `seg-data`)")
+    scans = [read_scan(p).image for p in images]
+    truths = [cv2.imread(str(data_dir / "masks" / "val" / f"{p.stem}.png"), cv2.IMREAD_GRAYSCALE) for p in images]
+    table = []
+    for conf in confs:
+        seg = load_segmenter(weights, device=device, conf=conf)
+        preds = [r.mask for i in range(0, len(scans), batch) for r in seg.predict(scans[i:i + batch])]
+        tumor = [(p, t) for p, t in zip(preds, truths) if t is not None and (t > 127).any()]
+        healthy = [p for p, t in zip(preds, truths) if t is None or not (t > 127).any()]
+        table.append({"conf": conf, "n_tumor": len(tumor), "n_no_tumor": len(healthy),
+                      "mean_dice": float(np.mean([_dice(p, t) for p, t in tumor])) if tumor else None,
+                      "detection_rate": float(np.mean([p.any() for p, _ in tumor])) if tumor else None,
+                      "false_mask_rate": float(np.mean([p.any() for p in healthy])) if healthy else None})
+    best = choose_conf(table, max_false_rate)
+    result = {"weights": str(weights), "split": "val", "max_false_rate": max_false_rate, "table": table,
+              "chosen_conf": best["conf"], "rule": "highest mean Dice with false-mask rate <= max_false_rate"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tune.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--weights", required=True, help="segmenter checkpoint (weights-only, from `export`)")
+    p.add_argument("--data", required=True, help="YOLO-seg dataset folder from `seg-data` (uses images/val)")
+    p.add_argument("--out", required=True, help="folder for tune.json")
+    p.add_argument("--confs", type=float, nargs="+", default=[0.1, 0.25, 0.4, 0.55])
+    p.add_argument("--max-false-rate", type=float, default=0.03)
+
+
+def run(args) -> int:
+    result = tune_conf(args.weights, args.data, args.out, args.confs, args.max_false_rate, args.device)
+    for row in result["table"]:
+        print(json.dumps(row))
+    print(f"chosen conf: {result['chosen_conf']}")
+    return 0

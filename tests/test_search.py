@@ -1,0 +1,45 @@
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.classify.predict import Classifier
+from pipeline.classify.search import build_index, embed, search
+from pipeline.cli import main
+from pipeline.phantoms import make_phantom
+
+
+def test_embeddings_are_unit_vectors(tiny_classifier):
+    clf = Classifier(tiny_classifier)
+    images = np.stack([make_phantom("glioma", 32, i)[0] for i in range(3)])
+    e = embed(clf, images)
+    assert e.shape[0] == 3 and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+
+
+def test_index_then_query_finds_itself_first(phantom_root, tiny_classifier, tmp_path, capsys):
+    out = tmp_path / "index.npz"
+    info = build_index(phantom_root / "Training", out, Classifier(tiny_classifier))
+    assert info["indexed"] == 24 and info["errors"] == 0
+    data = np.load(out)
+    assert set(data["labels"]) == {"glioma", "meningioma", "notumor", "pituitary"}
+    query = phantom_root / "Training" / "meningioma" / sorted((phantom_root / "Training" / "meningioma").iterdir())[0].name
+    assert main(["similar", "--index", str(out), "--query", str(query), "-k", "3", "--cls", str(tiny_classifier),
+                 "--device", "cpu"]) == 0
+    hits = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(hits) == 3
+    assert hits[0]["key"] == f"meningioma/{query.name}" and hits[0]["label"] == "meningioma"
+    assert hits[0]["distance"] == pytest.approx(0, abs=1e-5)
+    assert [h["distance"] for h in hits] == sorted(h["distance"] for h in hits)
+
+
+def test_index_refuses_a_crop_mode_classifier(tmp_path, phantom_root):
+    import torch
+
+    from pipeline import CLASSES
+    from pipeline.classify.models import create_model
+
+    path = tmp_path / "crop.pt"
+    torch.save({"state_dict": create_model("smallcnn").state_dict(),
+                "meta": {"model": "smallcnn", "mode": "crop", "size": 32, "classes": list(CLASSES)}}, path)
+    with pytest.raises(ValueError, match="full-slice"):
+        build_index(phantom_root / "Testing", tmp_path / "i.npz", Classifier(path))
