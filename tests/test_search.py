@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.classify.predict import Classifier
-from pipeline.classify.search import build_index, embed, search
+from pipeline.classify.search import build_index, embed
 from pipeline.cli import main
 from pipeline.phantoms import make_phantom
 
