@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, Union
@@ -195,11 +196,31 @@ def _check_window(window) -> tuple[float, float] | None:
 # --------------------------------------------------------------------------- raster
 
 
+_RASTER_FORMATS = ("JPEG", "MPO", "PNG", "TIFF", "BMP", "DIB", "GIF", "PPM")
+
+
+def _pil_open():
+    """Pillow's own ``Image.open``.
+
+    Importing ultralytics replaces ``Image.open`` with a wrapper that, on any file Pillow cannot
+    identify, tries to pip-install and register a HEIF plugin; a scan reader must not do that.
+    """
+    from PIL import Image
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is not None and Image.open is getattr(patches, "image_open", None):
+        return patches._image_open
+    return Image.open
+
+
 def _read_raster(path: Path, key: str, window) -> list[Scan]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        im = Image.open(path)
+        # Only the formats we support: other libraries (ultralytics) register extra openers
+        # whose own failures would otherwise replace "not an image" with an import error.
+        Image.init()
+        im = _pil_open()(path, formats=[f for f in _RASTER_FORMATS if f in Image.OPEN])
     except UnidentifiedImageError:
         raise ScanReadError(key, "not an image file (unrecognised content)") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds

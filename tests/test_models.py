@@ -88,3 +88,8 @@ def test_pretrained_factory_gives_a_fresh_four_class_head():
     model = create_model("timm:tf_efficientnet_lite0", pretrained=True)
     assert model.conv_stem.weight.shape[1] == 1
     assert model.classifier.out_features == 4
+    # Started small so the first steps do not wreck the pretrained features: near-uniform outputs.
+    assert float(model.classifier.weight.std()) < 0.05 and not model.classifier.bias.any()
+    with torch.no_grad():
+        probs = model.eval()(torch.randn(4, 1, 64, 64)).softmax(1)
+    assert torch.allclose(probs, torch.full_like(probs, 0.25), atol=0.1)

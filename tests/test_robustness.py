@@ -410,3 +410,21 @@ def test_make_split_missing_train_duplicates_names_the_path(tmp_path):
         make_split(train, out, 0.25, 0, missing)
     assert str(missing) in str(exc.value)
     assert not out.exists()
+
+
+def test_reader_ignores_ultralytics_pil_patch(tmp_path, monkeypatch):
+    """Importing ultralytics wraps PIL.Image.open to pip-install a HEIF plugin on unknown files."""
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch)
+    from PIL import Image
+
+    from pipeline.scans import ScanReadError, read_scan
+
+    assert Image.open is ultralytics.utils.patches.image_open
+    calls = []
+    monkeypatch.setattr("ultralytics.utils.checks.check_requirements", lambda *a, **k: calls.append(a))
+    fake = tmp_path / "notes.png"
+    fake.write_text("not a picture")
+    with pytest.raises(ScanReadError) as err:
+        read_scan(fake)
+    assert err.value.reason == "not an image file (unrecognised content)"
+    assert calls == []

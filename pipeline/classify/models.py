@@ -80,7 +80,9 @@ def adapt_lite0_state_dict(source: dict[str, torch.Tensor], target: dict[str, to
             folded = tensor.sum(dim=1, keepdim=True)
             tensor = folded.repeat(1, want.shape[1], 1, 1) / want.shape[1]
         if dst_key.startswith("classifier.") and tensor.shape != want.shape:
-            out[dst_key] = want  # new head for our classes, keep timm's fresh init
+            # A new head for our classes, started small: timm's init for a 4-way head gives logits
+            # large enough (first loss ~5) to wreck the pretrained features in the first steps.
+            out[dst_key] = torch.randn_like(want) * 0.01 if dst_key.endswith("weight") else torch.zeros_like(want)
             continue
         if tensor.shape != want.shape:
             raise ValueError(f"shape mismatch: {src_key} {tuple(tensor.shape)} -> {dst_key} {tuple(want.shape)}")
