@@ -89,7 +89,7 @@ def test_pretrained_factory_gives_a_fresh_four_class_head():
     assert model.conv_stem.weight.shape[1] == 1
     assert model.classifier.out_features == 4
     # Started small so the first steps do not wreck the pretrained features: near-uniform outputs.
-    assert float(model.classifier.weight.std()) < 0.05 and not model.classifier.bias.any()
+    assert float(model.classifier.weight.detach().std()) < 0.05 and not model.classifier.bias.detach().any()
     from pipeline.phantoms import make_phantom
 
     x = torch.from_numpy(np.stack([make_phantom(c, 128, i)[0] for i, c in enumerate(
