@@ -40,7 +40,7 @@ STAMP  := $(VENV)/.installed
 CACHE   = $(OUT)/cache
 CLEAN   = $(OUT)/audit/clean_test.txt
 
-.PHONY: help setup data audit split weights seg-data seg-train segment crop cls-train baseline evaluate compare \
+.PHONY: help setup data audit split weights seg-data seg-train seg-tune seg-eval segment crop cls-train baseline evaluate compare \
         report \
         predict all demo test phantoms clean-venv
 
@@ -128,6 +128,19 @@ $(OUT)/seg/yolov8n_seg/.done: $(OUT)/seg/data/data.yaml
 
 $(OUT)/seg/yolov8n_seg.pt: $(OUT)/seg/yolov8n_seg/.done
 	$(PY) -m pipeline export --kind segmenter --run $(OUT)/seg/yolov8n_seg/weights/best.pt --out $@
+
+seg-tune: $(OUT)/seg/tune/tune.json ## choose the segmenter's threshold on the validation split
+
+$(OUT)/seg/tune/tune.json: $(OUT)/seg/yolov8n_seg.pt
+	$(PY) -m pipeline tune-seg --weights $< --data $(OUT)/seg/data --out $(OUT)/seg/tune --device $(DEVICE)
+
+seg-eval: $(OUT)/seg/eval/metrics.json ## Dice/IoU/HD95 on held-out figshare slices, false masks on no-tumor Testing
+
+$(OUT)/seg/eval/metrics.json: $(SEG_CKPT) $(OUT)/seg/data/data.yaml $(OUT)/segment/Testing/.done
+	$(PY) -m pipeline segment --input $(OUT)/seg/data/images/test --out $(OUT)/seg/test_pred --weights $(SEG_CKPT) \
+	  --device $(DEVICE)
+	$(PY) -m pipeline evaluate-seg --pred $(OUT)/seg/test_pred --truth $(OUT)/seg/data/masks/test \
+	  --images $(OUT)/seg/data/images/test --no-tumor $(OUT)/segment/Testing/masks/notumor --out $(OUT)/seg/eval
 
 segment: $(OUT)/segment/Training/.done $(OUT)/segment/Testing/.done ## masks for Training and Testing
 

@@ -136,10 +136,14 @@ def stratified_split(samples: Iterable[Sample], val_fraction: float = 0.15, seed
     for path, label in samples:
         key = str(path)
         by_class[label][groups.get(key, key)].append(key)
+    # Shuffle groups by a name that does not depend on how the folder was spelled, so the same
+    # data always gives the same split.
+    order_key = {gid: min(Path(k).as_posix().rsplit("/", 2)[-2] + "/" + Path(k).name for k in members)
+                 for cls in by_class.values() for gid, members in cls.items()}
     assignment: dict[str, str] = {}
     rng = random.Random(seed)
     for label in sorted(by_class):
-        group_ids = sorted(by_class[label])
+        group_ids = sorted(by_class[label], key=lambda g: order_key[g])
         rng.shuffle(group_ids)
         n_total = sum(len(by_class[label][g]) for g in group_ids)
         target, n_val = round(n_total * val_fraction), 0

@@ -101,3 +101,16 @@ def test_real_mask_datasets_pair_up(shared_root):
     assert Counter(s.label for s in fig) == {"glioma": 1082, "meningioma": 572, "pituitary": 696}
     brisc = list_mask_dataset(shared_root / "brisc2025-seg")
     assert len(brisc) == 1260 and all(s.label in CLASSES for s in brisc)
+
+
+def test_split_does_not_depend_on_how_the_folder_is_spelled(phantom_root, tmp_path, monkeypatch):
+    # Duplicate groups as the audit writes them (its own spelling of the paths).
+    samples = list_class_folder(phantom_root / "Training")
+    dups = tmp_path / "train_duplicates.csv"
+    dups.write_text("path_a,path_b,distance,same_label\n" + "".join(
+        f"{samples[i].path.resolve()},{samples[i + 1].path.resolve()},0,True\n" for i in range(0, 12, 3)))
+    direct = make_split(phantom_root / "Training", tmp_path / "a.csv", 0.25, seed=0, train_duplicates_csv=dups)
+    monkeypatch.chdir(phantom_root)
+    dotted = make_split("./Training/../Training", tmp_path / "b.csv", 0.25, seed=0, train_duplicates_csv=dups)
+    assert direct == dotted
+    assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()

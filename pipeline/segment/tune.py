@@ -41,7 +41,8 @@ def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: 
     if not images:
         raise FileNotFoundError(f"{data_dir}/images/val: no validation images (run `seg-data`)")
     scans = [read_scan(p).image for p in images]
-    truths = [cv2.imread(str(data_dir / "masks" / "val" / f"{p.stem}.png"), cv2.IMREAD_GRAYSCALE) for p in images]
+    mask_paths = [data_dir / "masks" / "val" / f"{p.stem}.png" for p in images]  # background slices have none
+    truths = [cv2.imread(str(m), cv2.IMREAD_GRAYSCALE) if m.is_file() else None for m in mask_paths]
     table = []
     for conf in confs:
         seg = load_segmenter(weights, device=device, conf=conf)
