@@ -33,7 +33,7 @@ CLS_EPOCHS   ?= 8
 CLS_BATCH    ?= 64
 # The main job
 CLS_WEIGHTS  ?= cls-lite0-full
-SEG_WEIGHTS  ?= auto
+SEG_WEIGHTS  ?= none
 DEMO         ?= runs/demo
 
 STAMP  := $(VENV)/.installed
