@@ -1,0 +1,60 @@
+import numpy as np
+import yaml
+
+from pipeline.phantoms import make_phantom, write_phantom_dataset
+from pipeline.segment.yolo_data import build_yolo_dataset, mask_to_polygons, polygons_to_label, polygons_to_mask
+
+
+def iou(a, b):
+    a, b = a > 0, b > 0
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+def test_mask_polygons_roundtrip_on_phantom_lesions():
+    for label in ("glioma", "meningioma", "pituitary"):
+        _, mask = make_phantom(label, 256, 4)
+        polys = mask_to_polygons(mask)
+        assert polys and all(p.shape[1] == 2 and (p >= 0).all() and (p <= 1).all() for p in polys)
+        assert iou(polygons_to_mask(polys, mask.shape), mask) > 0.85
+
+
+def test_label_text_is_yolo_segment_format():
+    mask = np.zeros((100, 200), np.uint8)
+    mask[20:60, 50:150] = 255
+    text = polygons_to_label(mask_to_polygons(mask))
+    fields = text.split()
+    assert text.count("\n") == 1 and fields[0] == "0" and len(fields[1:]) % 2 == 0 and len(fields) >= 7
+    xs, ys = np.array(fields[1::2], float), np.array(fields[2::2], float)
+    assert abs(xs.min() - 0.25) < 0.01 and abs(xs.max() - 0.745) < 0.01
+    assert abs(ys.min() - 0.2) < 0.01 and abs(ys.max() - 0.59) < 0.01
+
+
+def test_empty_and_specks_give_no_polygon():
+    mask = np.zeros((64, 64), np.uint8)
+    assert mask_to_polygons(mask) == []
+    mask[10:12, 10:12] = 255  # 4 px: below min_area, a labelling speck
+    assert mask_to_polygons(mask) == [] and polygons_to_label([]) == ""
+
+
+def test_two_regions_give_two_lines():
+    mask = np.zeros((64, 64), np.uint8)
+    mask[5:20, 5:20] = 255
+    mask[40:60, 40:60] = 255
+    assert polygons_to_label(mask_to_polygons(mask)).count("\n") == 2
+
+
+def test_dataset_folder_from_phantoms(tmp_path):
+    from pipeline.datasets import make_split
+
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=12, size=96, seed=1)
+    make_split(root / "Training", tmp_path / "split.csv", 0.25, seed=0)
+    data_yaml = build_yolo_dataset(tmp_path / "yolo", root / "seg", cls_split=tmp_path / "split.csv",
+                                   cls_root=root / "Training", n_background=4, val_fraction=0.2, test_fraction=0.2)
+    cfg = yaml.safe_load(data_yaml.read_text())
+    assert cfg["names"] == {0: "tumor"}
+    for part in ("train", "val", "test"):
+        images = sorted((tmp_path / "yolo" / "images" / part).iterdir())
+        labels = {p.stem for p in (tmp_path / "yolo" / "labels" / part).iterdir()}
+        assert images and {p.stem for p in images} == labels
+    backgrounds = list((tmp_path / "yolo" / "labels" / "train").glob("background_*.txt"))
+    assert backgrounds and all(p.read_text() == "" for p in backgrounds)
