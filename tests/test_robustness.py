@@ -353,31 +353,22 @@ def test_cli_segment_conf_is_not_taken_for_config(tmp_path, capsys):
     assert "missing.pt" in err and "checkpoint not found" in err
 
 
-def test_cli_predict_batch_size_zero_is_refused(tmp_path, capsys, tiny_classifier):
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--batch-size", "0", ("--batch-size", "at least 1")),
+    ("--nifti-slices", "middel", ("--nifti-slices", "middel")),
+])
+def test_cli_predict_refuses_bad_values(tmp_path, capsys, tiny_classifier, flag, value, expected):
     from pipeline.cli import main
 
     src = tmp_path / "in"
     src.mkdir()
     with pytest.raises(SystemExit) as exc:
         main(["predict", "--input", str(src), "--out", str(tmp_path / "out"), "--cls", str(tiny_classifier),
-              "--seg", "none", "--batch-size", "0", "--device", "cpu"])
-    assert exc.value.code not in (0, None)
-    err = capsys.readouterr().err
-    assert "--batch-size" in err and "at least 1" in err
-    assert not (tmp_path / "out").exists()
-
-
-def test_cli_predict_bad_nifti_slices_is_refused(tmp_path, capsys, tiny_classifier):
-    from pipeline.cli import main
-
-    src = tmp_path / "in"
-    src.mkdir()
-    with pytest.raises(SystemExit) as exc:
-        main(["predict", "--input", str(src), "--out", str(tmp_path / "out"), "--cls", str(tiny_classifier),
-              "--seg", "none", "--nifti-slices", "middel", "--device", "cpu"])
+              "--seg", "none", flag, value, "--device", "cpu"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--nifti-slices" in err and "middel" in err
+    assert all(text in err for text in expected)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_predict_mode_must_match_the_classifier(tmp_path, capsys, tiny_classifier):
