@@ -266,11 +266,14 @@ def _args_train_yolo_cls(p):
 
 @command("train-yolo-cls", "the YOLOv8n-cls baseline on the same cached inputs, split and size as the CNNs")
 def cmd_train_yolo_cls(a):
+    import numpy as np
+
     from pipeline.classify.yolo_cls import export_cache_as_folders, predict_yolo_cls, train_yolo_cls
 
     data, out = Path(a.data), Path(a.out)
     folders = export_cache_as_folders({"train": data / "train.npz", "val": data / "val.npz"}, out / "images")
-    size = int(__import__("numpy").load(data / "train.npz")["size"])
+    with np.load(data / "train.npz") as cache:  # reads only the "size" entry
+        size = int(cache["size"])
     best = train_yolo_cls(folders, out / "run", imgsz=size, epochs=a.epochs, batch=a.batch, device=a.device,
                           seed=a.seed, time_hours=a.time_hours)
     if (data / "testing.npz").is_file():
