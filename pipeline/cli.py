@@ -228,7 +228,7 @@ def load_segmenter(name: str | None, device: str):
         except WeightsError:
             print("note: no shipped segmenter; classifying without one (found/x0..y1 stay empty)", file=sys.stderr)
             return None
-    return build_segmenter("yolo", weights=name, device=device)
+    return build_segmenter(None, weights=name, device=device)
 
 
 def _args_export(p):
@@ -305,6 +305,10 @@ MODULE_COMMANDS = {
     "evaluate-seg": ("pipeline.evaluate_seg", "Dice, IoU, HD95, detection and false-mask rates of predicted masks"),
     "evaluate-cls": ("pipeline.evaluate_cls", "classify a cache with a checkpoint -> predictions.csv + metrics"),
     "compare": ("pipeline.report", "masked vs crop vs full report: metrics with CIs, all vs clean, McNemar"),
+    "train-unet": ("pipeline.segment.unet", "train one stage of the U-Net cascade (coarse: whole slice; fine: crop)",
+                   "add_train_arguments", "run_train"),
+    "export-unet": ("pipeline.segment.unet", "pack the coarse and fine U-Nets into one weights-only checkpoint",
+                    "add_export_arguments", "run_export"),
     "tune-seg": ("pipeline.segment.tune", "choose the segmenter's threshold on the validation split"),
     "weights": ("pipeline.weights_cli", "list, verify and download the checkpoints in weights/manifest.json"),
     "index": ("pipeline.classify.search", "embed labelled scans with a classifier for similar-case search",

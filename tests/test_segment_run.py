@@ -137,10 +137,11 @@ def parse(argv):
     return args
 
 
-def test_cli_unet_is_a_clear_error(tmp_path):
-    args = parse(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "yolo+unet"])
-    with pytest.raises(ConfigError, match="not available yet"):
-        run(args)
+def test_cli_unknown_model_is_a_clear_error(tmp_path):
+    from pipeline.segment.run import build_segmenter
+
+    with pytest.raises(ConfigError, match="--model must be one of unet, yolo"):
+        build_segmenter("unet++", weights=str(tmp_path / "w.pt"))
 
 
 def test_cli_missing_default_segmenter_is_a_clear_error(tmp_path, monkeypatch):
@@ -165,8 +166,8 @@ def test_cli_run_with_a_stand_in_segmenter(tmp_path, monkeypatch, capsys):
     args = parse(["--input", str(src), "--out", str(tmp_path / "o"), "--weights", "w.pt", "--nifti-slices", "1,2"])
     assert run(args) == 0
     assert json.loads(capsys.readouterr().out)["rows_written"] == 1
-    assert seen["model"] == "yolo" and seen["weights"] == "w.pt" and args.nifti_slices == [1, 2]
-    assert read_rows(tmp_path / "o" / "segments.csv")[0]["model"] == "yolo"
+    assert seen["model"] is None and seen["weights"] == "w.pt" and args.nifti_slices == [1, 2]
+    assert read_rows(tmp_path / "o" / "segments.csv")[0]["model"] == "segmenter"  # the stand-in has no name
 
 
 def test_cli_sam_without_its_checkpoint_is_a_clear_error(tmp_path):

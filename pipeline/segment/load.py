@@ -13,6 +13,8 @@ import torch
 
 from pipeline.weights import WeightsError, load_checkpoint, load_manifest
 
+UNET_ARCH = "monai-unet-cascade"  # pipeline.segment.unet.ARCH, without importing MONAI here
+
 
 def export_yolo_seg(run_best: str | os.PathLike, dest: str | os.PathLike, conf: float = 0.25,
                     imgsz: int | None = None, half: bool = True) -> None:
@@ -83,7 +85,11 @@ def build_yolo_seg(ckpt: dict, device: str = "cpu"):
 
 
 def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | None = None, conf: float | None = None):
-    """Build a segmenter from a manifest name or a weights-only checkpoint path."""
+    """Build a segmenter from a manifest name or a weights-only checkpoint path.
+
+    The checkpoint says what it is: ``meta.arch == "monai-unet-cascade"`` gives the U-Net cascade
+    (``conf`` is then its coarse probability threshold), anything else a YOLO-seg network.
+    """
     from pipeline.segment.yolo import YoloSegmenter
 
     entry = load_manifest().get(str(name), {})
@@ -93,8 +99,18 @@ def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | No
     if "meta" not in ckpt or ckpt["meta"].get("task") != "segment":
         raise WeightsError(f"{name}: not a segmenter checkpoint (expected meta.task == 'segment')")
     meta = ckpt["meta"]
+    if meta.get("arch") == UNET_ARCH:
+        from pipeline.segment.unet import load_unet_cascade
+
+        return load_unet_cascade(ckpt, device=device, threshold=conf)
     seg = YoloSegmenter.__new__(YoloSegmenter)
     seg.model = build_yolo_seg(ckpt, device)
     seg.imgsz, seg.conf = int(imgsz or meta["imgsz"]), float(conf if conf is not None else meta["conf"])
     seg.iou, seg.device, seg.max_det, seg.half = 0.5, device, 3, False
     return seg
+
+
+def segmenter_arch(name: str | os.PathLike) -> str:
+    """``unet`` or ``yolo``: what a segmenter checkpoint holds (sha256-checked, weights-only load)."""
+    meta = load_checkpoint(name).get("meta", {})
+    return "unet" if meta.get("arch") == UNET_ARCH else "yolo"

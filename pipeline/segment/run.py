@@ -37,7 +37,7 @@ from pipeline.roi import mask_roi
 from pipeline.scans import parse_nifti_slices
 
 SEG_COLUMNS = ["path", "found", "x0", "y0", "x1", "y1", "area_px", "score", "model", "status", "error"]
-MODELS = ("yolo", "yolo+sam", "yolo+unet")
+MODELS = ("unet", "yolo", "yolo+sam", "yolo+unet")
 CSV_NAME = "segments.csv"
 MASKS_DIR = "masks"
 
@@ -126,31 +126,44 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
 
 # --- building the segmenter ------------------------------------------------------------------------
 
-def default_segmenter_name() -> str:
-    """The manifest entry with ``"kind": "segmenter", "default": true``; WeightsError when there is none."""
+def default_segmenter_name(arch: str | None = None) -> str:
+    """The manifest's segmenter: the one with ``"default": true``, or with ``arch`` (``unet`` | ``yolo``)
+    the default among those of that architecture, else the first of it. WeightsError when there is none."""
     from pipeline.weights import MANIFEST, WeightsError, load_manifest
 
-    shipped = [n for n, e in load_manifest().items() if e.get("kind") == "segmenter" and e.get("default")]
-    if not shipped:
-        raise WeightsError(f"no default segmenter: {MANIFEST} has no entry with \"kind\": \"segmenter\", "
-                           f"\"default\": true. Train one (`seg-data`, `train-seg`, then export it with "
-                           f"pipeline.segment.load.export_yolo_seg) and list it there, or pass --weights PATH.pt")
-    return shipped[0]
+    shipped = [(n, e) for n, e in load_manifest().items() if e.get("kind") == "segmenter"]
+    if arch:
+        shipped = [(n, e) for n, e in shipped if e.get("arch", "yolo") == arch]
+    shipped.sort(key=lambda ne: not ne[1].get("default"))
+    if not shipped or (not arch and not shipped[0][1].get("default")):
+        what = f"{arch} segmenter" if arch else "default segmenter"
+        raise WeightsError(f"no {what}: {MANIFEST} has no entry with \"kind\": \"segmenter\""
+                           + (f", \"arch\": \"{arch}\"" if arch else ", \"default\": true")
+                           + ". Train one (`make seg-train`) and list it there, or pass --weights PATH.pt")
+    return shipped[0][0]
 
 
-def build_segmenter(model: str = "yolo", weights: str | None = None, device: str = "cpu", imgsz: int | None = None,
-                    conf: float | None = None, sam_model: str | None = None, sam_checkpoint: str | None = None):
-    """``yolo`` | ``yolo+sam`` | ``yolo+unet`` -> an object with ``predict(list of (H, W) uint8) -> [SegResult]``."""
+def build_segmenter(model: str | None = None, weights: str | None = None, device: str = "cpu",
+                    imgsz: int | None = None, conf: float | None = None, sam_model: str | None = None,
+                    sam_checkpoint: str | None = None, unet_weights: str | None = None):
+    """An object with ``predict(list of (H, W) uint8) -> [SegResult]``.
+
+    ``model``: ``unet`` (U-Net cascade) | ``yolo`` | ``yolo+sam`` (SAM redraws the boxes of ``weights``)
+    | ``yolo+unet`` (the cascade's fine U-Net redraws YOLO's boxes) | None (whatever ``weights`` holds).
+    ``weights`` defaults to the manifest's segmenter of the needed architecture.
+    """
     from pipeline.config import ConfigError
+    from pipeline.segment.load import load_segmenter, segmenter_arch
 
-    if model not in MODELS:
+    if model is not None and model not in MODELS:
         raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
-    if model == "yolo+unet":
-        raise ConfigError("--model yolo+unet is not available yet; use --model yolo or yolo+sam")
-    from pipeline.segment.load import load_segmenter
-
+    box_arch = {"unet": "unet", "yolo": "yolo", "yolo+unet": "yolo"}.get(model)
+    weights = weights or default_segmenter_name(box_arch)
+    if model in ("unet", "yolo", "yolo+unet") and segmenter_arch(weights) != box_arch:
+        raise ConfigError(f"--model {model} needs a {box_arch} checkpoint; {weights} holds a "
+                          f"{segmenter_arch(weights)} segmenter")
     sam = None
-    if model == "yolo+sam":  # SAM first: its missing checkpoint is the likelier problem, and it loads no YOLO
+    if model == "yolo+sam":  # SAM first: its missing checkpoint is the likelier problem
         try:
             from pipeline.segment.sam import SamRefiner, YoloSamSegmenter, build_sam
         except ModuleNotFoundError as exc:
@@ -159,8 +172,16 @@ def build_segmenter(model: str = "yolo", weights: str | None = None, device: str
             raise ConfigError("--model yolo+sam: pipeline/segment/sam.py is not in this checkout") from exc
         kw = {"checkpoint": sam_checkpoint} if sam_checkpoint else {}
         sam = build_sam(sam_model or "vit_b", device=device, **kw)
-    yolo = load_segmenter(weights or default_segmenter_name(), device=device, imgsz=imgsz, conf=conf)
-    return yolo if sam is None else YoloSamSegmenter(yolo, SamRefiner(sam))
+    boxes = load_segmenter(weights, device=device, imgsz=imgsz, conf=conf)
+    if sam is not None:
+        return YoloSamSegmenter(boxes, SamRefiner(sam))
+    if model == "yolo+unet":
+        cascade = load_segmenter(unet_weights or default_segmenter_name("unet"), device=device)
+        if segmenter_arch(unet_weights or default_segmenter_name("unet")) != "unet":
+            raise ConfigError(f"--unet-weights {unet_weights}: not a U-Net cascade checkpoint")
+        cascade.coarse, cascade.boxes_from = None, boxes
+        return cascade
+    return boxes
 
 
 # --- CLI -------------------------------------------------------------------------------------------
@@ -168,16 +189,20 @@ def build_segmenter(model: str = "yolo", weights: str | None = None, device: str
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", required=True, help="folder of scans (walked recursively; any format)")
     p.add_argument("--out", required=True, help="output folder: segments.csv and masks/ (resumable)")
-    p.add_argument("--model", choices=MODELS, default="yolo",
-                   help="yolo | yolo+sam (YOLO boxes refined by SAM) | yolo+unet (not available yet)")
-    p.add_argument("--weights", help="YOLO-seg checkpoint: a manifest name or a weights-only .pt "
-                                     "(default: the manifest's default segmenter)")
+    p.add_argument("--model", choices=MODELS,
+                   help="unet (coarse U-Net finds, fine U-Net draws) | yolo | yolo+sam (SAM redraws the boxes) "
+                        "| yolo+unet (the fine U-Net redraws YOLO's boxes); default: what --weights holds")
+    p.add_argument("--weights", help="segmenter checkpoint: a manifest name or a weights-only .pt "
+                                     "(default: the manifest's default segmenter for --model)")
+    p.add_argument("--unet-weights", help="--model yolo+unet: the U-Net cascade whose fine net is used "
+                                          "(default: the manifest's unet segmenter)")
     p.add_argument("--sam-model", choices=["vit_b", "vit_l", "vit_h"], default="vit_b",
                    help="SAM variant for --model yolo+sam")
     p.add_argument("--sam-checkpoint", help="SAM weights: a manifest name or a path (default: the manifest "
                                             "entry of --sam-model, e.g. sam_vit_b)")
     p.add_argument("--imgsz", type=int, help="network input size (default: the checkpoint's)")
-    p.add_argument("--conf", type=float, help="detection threshold (default: the checkpoint's)")
+    p.add_argument("--conf", type=float, help="detection threshold: YOLO confidence or the U-Net's coarse "
+                                              "probability (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="reader threads")
     p.add_argument("--nifti-slices", type=parse_nifti_slices, default="nonempty",
@@ -188,11 +213,12 @@ def run(args) -> int:
     segmenter = build_segmenter(args.model, getattr(args, "weights", None), device=getattr(args, "device", "cpu"),
                                 imgsz=getattr(args, "imgsz", None), conf=getattr(args, "conf", None),
                                 sam_model=getattr(args, "sam_model", None),
-                                sam_checkpoint=getattr(args, "sam_checkpoint", None))
+                                sam_checkpoint=getattr(args, "sam_checkpoint", None),
+                                unet_weights=getattr(args, "unet_weights", None))
     slices = args.nifti_slices
     if isinstance(slices, str) and slices not in ("all", "middle", "nonempty"):  # from a config file
         slices = parse_nifti_slices(slices)
     counts = run_segment(args.input, args.out, segmenter, batch_size=args.batch_size or 16,
-                         workers=args.workers or 2, nifti_slices=slices, model_name=args.model)
+                         workers=args.workers or 2, nifti_slices=slices, model_name=args.model or getattr(segmenter, "name", "segmenter"))
     print(json.dumps(counts))
     return 0

@@ -108,6 +108,8 @@ class YoloSamSegmenter:
     ``yolo``: anything with ``.predict(images) -> list[SegResult]``. Boxes and scores are YOLO's.
     """
 
+    name = "yolo+sam"
+
     def __init__(self, yolo, refiner: SamRefiner):
         self.yolo, self.refiner = yolo, refiner
 

@@ -95,6 +95,8 @@ class YoloSegmenter:
     are merged into one tumor mask per slice.
     """
 
+    name = "yolo"
+
     def __init__(self, weights: str | os.PathLike, imgsz: int = 256, conf: float = 0.25, iou: float = 0.5,
                  device: str = "cpu", max_det: int = 3, half: bool = False):
         offline_ultralytics()

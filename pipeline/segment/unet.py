@@ -1,0 +1,481 @@
+"""A MONAI U-Net cascade for stage 1: a coarse U-Net finds the tumor on the whole slice, a fine
+U-Net redraws its boundary on a crop around it at (near) full resolution.
+
+Why a cascade: on 2 CPU cores a network must see small inputs to train in well under an hour,
+and at 160 px a 512 px slice loses the boundary detail Dice rewards. The coarse net localises
+at low resolution (cheap); the fine net sees a crop of the original pixels around the lesion,
+so the lesion fills its input whatever its size. The fine net also refines YOLO boxes
+(``--model yolo+unet``).
+
+Checkpoint (weights-only): ``{"coarse": state_dict, "fine": state_dict, "meta": {...}}`` with
+``meta.task == "segment"`` and ``meta.arch == "monai-unet-cascade"``; the networks are rebuilt
+from the plain hyper-parameters in ``meta`` (channels, strides, residual units, sizes).
+
+Data: the ``seg-data`` folder (``split.csv`` + ``images/<split>/`` + ``masks/<split>/``) is decoded
+once into ``cache.npz``: every slice resized to ``CACHE_SIZE`` x ``CACHE_SIZE`` uint8, masks too.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.segment.yolo import SegResult
+
+CACHE_SIZE = 512
+ARCH = "monai-unet-cascade"
+DEFAULT_NET = {"channels": [16, 32, 64, 128, 256], "strides": [2, 2, 2, 2], "num_res_units": 1}
+
+
+# --- networks --------------------------------------------------------------------------------------
+
+def build_unet(channels: Sequence[int] = DEFAULT_NET["channels"], strides: Sequence[int] = DEFAULT_NET["strides"],
+               num_res_units: int = DEFAULT_NET["num_res_units"]) -> torch.nn.Module:
+    """MONAI 2D U-Net, 1 input channel (a z-scored slice), 1 output channel (tumor logit)."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=1, out_channels=1, channels=tuple(int(c) for c in channels),
+                strides=tuple(int(s) for s in strides), num_res_units=int(num_res_units))
+
+
+def zscore(x: torch.Tensor) -> torch.Tensor:
+    """Per-image standardisation of (B, 1, H, W) float: MRI intensities have no absolute scale."""
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    std = x.std(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) / (std + 1e-3)
+
+
+def square_box(box: Sequence[float], margin: float, h: int, w: int, min_side: float = 32.0) -> tuple[int, int, int, int]:
+    """A square (x0, y0, x1, y1) around ``box`` enlarged by ``margin`` of its longer side on each side.
+
+    It may extend past the image (crops pad with zeros), so the lesion stays centred at any position.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(x1 - x0, y1 - y0, 1.0) * (1 + 2 * margin)
+    side = max(side, min_side)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    a, b = int(round(cx - side / 2)), int(round(cy - side / 2))
+    s = int(round(side))
+    return a, b, a + s, b + s
+
+
+def crop_square(image: np.ndarray, box: tuple[int, int, int, int], size: int,
+                interpolation: int = cv2.INTER_AREA) -> np.ndarray:
+    """Crop ``box`` (may leave the image: zero padding) from (H, W) and resize to (size, size)."""
+    h, w = image.shape[:2]
+    x0, y0, x1, y1 = box
+    pad = max(0, -x0, -y0, x1 - w, y1 - h)
+    if pad:
+        image = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+        x0, y0, x1, y1 = x0 + pad, y0 + pad, x1 + pad, y1 + pad
+    patch = image[y0:y1, x0:x1]
+    interp = interpolation if patch.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(patch, (size, size), interpolation=interp)
+
+
+def paste_square(prob: np.ndarray, box: tuple[int, int, int, int], h: int, w: int) -> np.ndarray:
+    """Inverse of :func:`crop_square` for a (size, size) float map -> (h, w), zero outside ``box``."""
+    x0, y0, x1, y1 = box
+    side = x1 - x0
+    big = cv2.resize(prob.astype(np.float32), (side, side), interpolation=cv2.INTER_LINEAR)
+    out = np.zeros((h, w), np.float32)
+    ax0, ay0, ax1, ay1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if ax1 > ax0 and ay1 > ay0:
+        out[ay0:ay1, ax0:ax1] = big[ay0 - y0:ay1 - y0, ax0 - x0:ax1 - x0]
+    return out
+
+
+def components(binary: np.ndarray, prob: np.ndarray, min_area: int) -> tuple[list[dict], np.ndarray]:
+    """Connected regions of ``binary`` with at least ``min_area`` pixels (largest first), and the label image."""
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=8)
+    regions = []
+    for i in range(1, n):
+        x, y, bw, bh, area = stats[i]
+        if area < min_area:
+            continue
+        regions.append({"box": (int(x), int(y), int(x + bw), int(y + bh)), "area": int(area),
+                        "score": float(prob[labels == i].max()), "label": i})
+    return sorted(regions, key=lambda r: -r["area"]), labels
+
+
+# --- inference -------------------------------------------------------------------------------------
+
+class UNetCascadeSegmenter:
+    """``predict(list of (H, W) uint8) -> [SegResult]`` with masks at each input's size.
+
+    ``threshold``: probability above which a coarse pixel is tumor; ``min_area``: smallest region
+    kept, in coarse-input pixels (``size`` x ``size``); ``max_regions``: how many regions the fine
+    net redraws (largest first). With ``boxes_from`` set (a YOLO segmenter) its boxes replace the
+    coarse net's.
+    """
+
+    def __init__(self, coarse: torch.nn.Module | None, fine: torch.nn.Module, meta: dict, device: str = "cpu",
+                 threshold: float | None = None, min_area: int | None = None, max_regions: int = 2,
+                 boxes_from=None, batch_size: int = 32):
+        self.coarse = coarse.to(device).eval() if coarse is not None else None
+        self.fine = fine.to(device).eval()
+        self.meta, self.device = meta, device
+        self.size, self.fine_size = int(meta["size"]), int(meta["fine_size"])
+        self.margin = float(meta["margin"])
+        self.threshold = float(meta["threshold"] if threshold is None else threshold)
+        self.min_area = int(meta["min_area"] if min_area is None else min_area)
+        self.max_regions, self.boxes_from, self.batch_size = max_regions, boxes_from, batch_size
+
+    @property
+    def name(self) -> str:
+        return "unet" if self.boxes_from is None else "yolo+unet"
+
+    @torch.inference_mode()
+    def _probs(self, net: torch.nn.Module, patches: list[np.ndarray]) -> list[np.ndarray]:
+        out = []
+        for i in range(0, len(patches), self.batch_size):
+            x = torch.from_numpy(np.stack(patches[i:i + self.batch_size])).to(self.device).float().unsqueeze(1)
+            with torch.autocast("cuda", enabled=self.device.startswith("cuda")):
+                p = torch.sigmoid(net(zscore(x)).float())
+            out.extend(p[:, 0].cpu().numpy())
+        return out
+
+    def coarse_regions(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
+        """Per image, the regions the coarse net finds, boxes in input pixels, largest first."""
+        small = [cv2.resize(_gray(im), (self.size, self.size), interpolation=cv2.INTER_AREA) for im in images]
+        found = []
+        for im, p in zip(images, self._probs(self.coarse, small)):
+            h, w = im.shape[:2]
+            regions, _ = components(p > self.threshold, p, self.min_area)
+            sx, sy = w / self.size, h / self.size
+            for r in regions:
+                x0, y0, x1, y1 = r["box"]
+                r["box"] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+            found.append(regions[: self.max_regions])
+        return found
+
+    def predict(self, images: Sequence[np.ndarray]) -> list[SegResult]:
+        images = [_gray(im) for im in images]
+        if self.boxes_from is not None:
+            yolo = self.boxes_from.predict(images)
+            regions = [[{"box": tuple(b), "score": float(s)} for b, s in zip(r.boxes, r.scores)][: self.max_regions]
+                       for r in yolo]
+        else:
+            regions = self.coarse_regions(images)
+        jobs = [(i, r, square_box(r["box"], self.margin, *images[i].shape[:2]))
+                for i, rs in enumerate(regions) for r in rs]
+        patches = [crop_square(images[i], sq, self.fine_size) for i, _, sq in jobs]
+        fine = self._probs(self.fine, patches) if patches else []
+        prob = [np.zeros(im.shape[:2], np.float32) for im in images]
+        for (i, _, sq), p in zip(jobs, fine):
+            prob[i] = np.maximum(prob[i], paste_square(p, sq, *images[i].shape[:2]))
+        results = []
+        for i, im in enumerate(images):
+            mask = prob[i] > 0.5
+            boxes, scores = [], []
+            if mask.any():
+                kept, labels = components(mask, prob[i], 1)
+                for r in kept:
+                    boxes.append(r["box"])
+                    scores.append(max(r["score"], max((g.get("score", 0) for g in regions[i]), default=0)))
+            if not boxes:
+                mask[:] = False
+            results.append(SegResult(mask=np.where(mask, 255, 0).astype(np.uint8),
+                                     boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                                     scores=np.asarray(scores, np.float32)))
+        return results
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 3:
+        image = cv2.cvtColor(image[..., :3], cv2.COLOR_RGB2GRAY)
+    return image.astype(np.uint8, copy=False)
+
+
+def load_unet_cascade(ckpt: dict, device: str = "cpu", **kw) -> UNetCascadeSegmenter:
+    """Rebuild both networks from a weights-only cascade checkpoint."""
+    from pipeline.weights import WeightsError
+
+    meta = ckpt["meta"]
+    nets = {}
+    for part in ("coarse", "fine"):
+        net = build_unet(**meta["net"])
+        state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt[part].items()}
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise WeightsError(f"U-Net cascade checkpoint ({part}) does not fit its meta: missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}")
+        nets[part] = net
+    return UNetCascadeSegmenter(nets["coarse"], nets["fine"], meta, device=device, **kw)
+
+
+# --- training data ---------------------------------------------------------------------------------
+
+def build_cache(data_dir: str | os.PathLike, out: str | os.PathLike, size: int = CACHE_SIZE, workers: int = 2) -> Path:
+    """Decode the ``seg-data`` slices listed in ``split.csv`` once: ``out`` (.npz) with
+    ``images``/``masks`` (N, size, size) uint8, ``split`` and ``name`` (N,) strings."""
+    from pipeline.scans import read_scan
+
+    data_dir, out = Path(data_dir), Path(out)
+    with (data_dir / "split.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+
+    def one(row):
+        folder = data_dir / "images" / row["split"]
+        matches = sorted(folder.glob(row["name"] + ".*"))
+        if not matches:
+            raise FileNotFoundError(f"{folder}/{row['name']}.*: listed in split.csv but missing")
+        image = read_scan(matches[0]).image
+        mask_path = data_dir / "masks" / row["split"] / f"{row['name']}.png"
+        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) if mask_path.is_file() else None
+        if mask is None:
+            mask = np.zeros(image.shape[:2], np.uint8)
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        mask = cv2.resize(np.where(mask > 127, 255, 0).astype(np.uint8), (size, size),
+                          interpolation=cv2.INTER_NEAREST)
+        return image, mask
+
+    with ThreadPoolExecutor(workers) as pool:
+        pairs = list(tqdm(pool.map(one, rows), total=len(rows), desc="decode", disable=None))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp.npz")
+    np.savez(tmp, images=np.stack([p[0] for p in pairs]), masks=np.stack([p[1] for p in pairs]),
+             split=np.array([r["split"] for r in rows]), name=np.array([r["name"] for r in rows]))
+    os.replace(tmp, out)
+    return out
+
+
+def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: float = 15,
+                 scale: tuple[float, float] = (0.85, 1.15), translate: float = 0.08) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same random flip + affine for (B, 1, S, S) images and masks; intensity jitter on images only."""
+    b = x.shape[0]
+
+    def u(lo, hi):
+        return lo + (hi - lo) * torch.rand(b, generator=gen)
+
+    angle = torch.deg2rad(u(-rotate_deg, rotate_deg))
+    s = u(*scale)
+    flip = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / s, torch.sin(angle) / s
+    theta = torch.stack([torch.stack([cos * flip, -sin, u(-translate, translate) * 2], 1),
+                         torch.stack([sin * flip, cos, u(-translate, translate) * 2], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    gamma = torch.exp(u(-0.4, 0.4)).view(b, 1, 1, 1)
+    lo = x.amin(dim=(1, 2, 3), keepdim=True)
+    hi = x.amax(dim=(1, 2, 3), keepdim=True)
+    x = lo + (hi - lo) * ((x - lo) / (hi - lo + 1e-6)).clamp(0, 1) ** gamma
+    noise = torch.randn(x.shape, generator=gen) * u(0, 0.03).view(b, 1, 1, 1) * (hi - lo)
+    return x + noise, y
+
+
+def _fine_patches(images: np.ndarray, masks: np.ndarray, idx: np.ndarray, size: int, margin: float,
+                  rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    """Square crops around each mask's box: jittered margin and centre when ``rng`` is given
+    (so the fine net learns to work from imperfect coarse or YOLO boxes)."""
+    xs, ys = [], []
+    for i in idx:
+        mask = masks[i]
+        ys_, xs_ = np.nonzero(mask)
+        box = (xs_.min(), ys_.min(), xs_.max() + 1, ys_.max() + 1)
+        m = margin
+        if rng is not None:
+            bw, bh = box[2] - box[0], box[3] - box[1]
+            m = margin * rng.uniform(0.4, 2.0)
+            dx, dy = rng.normal(0, 0.12, 2) * (bw, bh)
+            box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
+        sq = square_box(box, m, *mask.shape)
+        xs.append(crop_square(images[i], sq, size))
+        ys.append(crop_square(mask, sq, size, interpolation=cv2.INTER_LINEAR))
+    return np.stack(xs), (np.stack(ys) > 127).astype(np.uint8)
+
+
+def _stage_arrays(cache: dict, split: str, stage: str, size: int, margin: float,
+                  rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.flatnonzero(cache["split"] == split)
+    if stage == "fine":
+        idx = idx[cache["masks"][idx].reshape(len(idx), -1).max(1) > 0]  # crops need a lesion
+        return _fine_patches(cache["images"], cache["masks"], idx, size, margin, rng)
+    images = np.stack([cv2.resize(cache["images"][i], (size, size), interpolation=cv2.INTER_AREA) for i in idx])
+    masks = np.stack([cv2.resize(cache["masks"][i], (size, size), interpolation=cv2.INTER_AREA) for i in idx])
+    return images, (masks > 127).astype(np.uint8)
+
+
+def dice_per_image(prob: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Dice of ``prob > 0.5`` vs ``truth`` per image; 1 when both are empty. (N, S, S) -> (N,)."""
+    p, t = prob > 0.5, truth > 0
+    inter = (p & t).reshape(len(p), -1).sum(1)
+    denom = p.reshape(len(p), -1).sum(1) + t.reshape(len(t), -1).sum(1)
+    return np.where(denom == 0, 1.0, 2 * inter / np.maximum(denom, 1))
+
+
+def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage: str = "coarse", size: int = 160,
+                epochs: int = 20, batch_size: int = 16, lr: float = 3e-3, margin: float = 0.25, seed: int = 0,
+                device: str = "cpu", net: dict | None = None, time_hours: float | None = None,
+                threads: int | None = None) -> dict:
+    """Train one stage; every epoch writes ``last.pt`` (resume) and ``curves.csv``; ``best.pt`` (weights only)
+    is the epoch with the best validation score: mean Dice on tumor slices, minus the false-mask rate on
+    no-tumor slices for the coarse stage."""
+    from monai.losses import DiceCELoss
+
+    from pipeline.config import seed_everything
+
+    if stage not in ("coarse", "fine"):
+        raise ValueError(f"stage must be coarse or fine, got {stage!r}")
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    net_cfg = {**DEFAULT_NET, **(net or {})}
+    cache = dict(np.load(cache_path))
+    rng = np.random.default_rng(seed)
+    val_x, val_y = _stage_arrays(cache, "val", stage, size, margin, None)
+    val_tumor = val_y.reshape(len(val_y), -1).max(1) > 0
+    model = build_unet(**net_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    n_train = int((cache["split"] == "train").sum()) if stage == "coarse" else int(
+        ((cache["split"] == "train") & (cache["masks"].reshape(len(cache["masks"]), -1).max(1) > 0)).sum())
+    steps = math.ceil(n_train / batch_size)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps,
+                                                    pct_start=0.1)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    meta = {"stage": stage, "size": size, "margin": margin, "net": net_cfg, "epochs": epochs, "lr": lr,
+            "batch_size": batch_size, "seed": seed, "cache": str(cache_path)}
+    start, best, history = 0, -1e9, []
+    last = out / "last.pt"
+    if last.is_file():
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        if state["meta"] != meta:
+            raise ValueError(f"{last}: written with other settings ({state['meta']}); use another --out")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start, best, history = state["epoch"] + 1, state["best"], state["history"]
+        rng = np.random.default_rng(seed + start)
+    gen = torch.Generator().manual_seed(seed + start)
+    t_start = time.time()
+    for epoch in range(start, epochs):
+        t0 = time.time()
+        train_x, train_y = _stage_arrays(cache, "train", stage, size, margin, rng)  # fresh jitter per epoch
+        model.train()
+        order = rng.permutation(len(train_x))
+        losses = []
+        for i in tqdm(range(0, len(order), batch_size), desc=f"{stage} {epoch + 1}/{epochs}", disable=None):
+            idx = order[i:i + batch_size]
+            x = torch.from_numpy(train_x[idx]).float().unsqueeze(1)
+            y = torch.from_numpy(train_y[idx]).float().unsqueeze(1)
+            x, y = augment_pair(x, y, gen)
+            x, y = zscore(x).to(device), y.to(device)
+            loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler.last_epoch < scheduler.total_steps - 1:
+                scheduler.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        with torch.inference_mode():
+            probs = np.concatenate([torch.sigmoid(model(zscore(torch.from_numpy(val_x[i:i + 64]).float()
+                                                                 .unsqueeze(1).to(device))))[:, 0].cpu().numpy()
+                                    for i in range(0, len(val_x), 64)])
+        dice = dice_per_image(probs, val_y)
+        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_dice": float(dice[val_tumor].mean()),
+               "val_detect": float((probs[val_tumor] > 0.5).reshape(int(val_tumor.sum()), -1).any(1).mean()),
+               "seconds": round(time.time() - t0, 1)}
+        if (~val_tumor).any():
+            row["val_false"] = float((probs[~val_tumor] > 0.5).reshape(int((~val_tumor).sum()), -1).any(1).mean())
+        score = row["val_dice"] - row.get("val_false", 0.0)
+        history.append(row)
+        print(json.dumps(row), flush=True)
+        if score > best:
+            best = score
+            torch.save({"state_dict": model.state_dict(), "meta": {**meta, "epoch": epoch + 1, **row}}, out / "best.pt")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
+                    "meta": meta}, out / "last.tmp")
+        os.replace(out / "last.tmp", last)
+        with (out / "curves.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in history for k in r)), restval="")
+            writer.writeheader()
+            writer.writerows(history)
+        if time_hours and time.time() - t_start > time_hours * 3600:
+            print(f"stopping after epoch {epoch + 1}: time cap of {time_hours} h reached", flush=True)
+            break
+    summary = {"stage": stage, "best": best, "history": history,
+               "best_epoch": torch.load(out / "best.pt", weights_only=True)["meta"]["epoch"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike, dest: str | os.PathLike,
+                   threshold: float = 0.5, min_area: int = 8, half: bool = True) -> dict:
+    """Pack two ``best.pt`` files from :func:`train_stage` into one weights-only cascade checkpoint."""
+    c = torch.load(coarse_best, map_location="cpu", weights_only=True)
+    f = torch.load(fine_best, map_location="cpu", weights_only=True)
+    if c["meta"]["net"] != f["meta"]["net"]:
+        raise ValueError("coarse and fine stages must share one architecture")
+
+    def pack(sd):
+        return {k: (v.half() if half and v.is_floating_point() else v) for k, v in sd.items()}
+
+    meta = {"task": "segment", "arch": ARCH, "net": c["meta"]["net"], "size": c["meta"]["size"],
+            "fine_size": f["meta"]["size"], "margin": f["meta"]["margin"], "threshold": float(threshold),
+            "min_area": int(min_area), "coarse_epoch": c["meta"]["epoch"], "fine_epoch": f["meta"]["epoch"]}
+    torch.save({"coarse": pack(c["state_dict"]), "fine": pack(f["state_dict"]), "meta": meta}, dest)
+    return meta
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+
+def add_train_arguments(p) -> None:
+    p.add_argument("--data", required=True, help="folder from `seg-data` (split.csv, images/, masks/)")
+    p.add_argument("--out", required=True, help="run folder: last.pt (resume), best.pt, curves.csv, summary.json")
+    p.add_argument("--stage", choices=["coarse", "fine"], required=True,
+                   help="coarse: whole slices (finds the tumor); fine: crops around it (draws the boundary)")
+    p.add_argument("--size", type=int, default=160, help="network input size in pixels")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--margin", type=float, default=0.25, help="fine stage: crop margin around the lesion box")
+    p.add_argument("--time-hours", type=float, help="stop after the epoch that passes this wall time")
+    p.add_argument("--cache", help="decoded slices (.npz; default: DATA/unet_cache_512.npz, built when missing)")
+
+
+def run_train(args) -> int:
+    from pipeline.config import resolve_device
+
+    cache = Path(args.cache or Path(args.data) / f"unet_cache_{CACHE_SIZE}.npz")
+    if not cache.is_file():
+        build_cache(args.data, cache)
+    summary = train_stage(cache, args.out, stage=args.stage, size=args.size, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, margin=args.margin, seed=args.seed or 0,
+                          device=resolve_device(args.device or "auto"), time_hours=args.time_hours)
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
+    return 0
+
+
+def add_export_arguments(p) -> None:
+    p.add_argument("--coarse", required=True, help="best.pt of the coarse stage")
+    p.add_argument("--fine", required=True, help="best.pt of the fine stage")
+    p.add_argument("--out", required=True, help="weights-only cascade checkpoint to write")
+    p.add_argument("--threshold", type=float, default=0.5, help="coarse probability threshold")
+    p.add_argument("--min-area", type=int, default=8, help="smallest coarse region kept, in coarse pixels")
+    p.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 halves the file)")
+
+
+def run_export(args) -> int:
+    from pipeline.weights import sha256_file
+
+    meta = export_cascade(args.coarse, args.fine, args.out, args.threshold, args.min_area, half=not args.fp32)
+    print(json.dumps(meta))
+    print(f"sha256 {sha256_file(args.out)}  {args.out}")
+    return 0

@@ -1,0 +1,198 @@
+"""The U-Net cascade: crop geometry, training plumbing, the weights-only checkpoint, and dispatch."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.segment import unet
+from pipeline.segment.yolo import SegResult
+
+TINY = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0}
+
+
+def disc(h, w, cx, cy, r):
+    yy, xx = np.mgrid[:h, :w]
+    return (((xx - cx) ** 2 + (yy - cy) ** 2) <= r * r).astype(np.uint8) * 255
+
+
+@pytest.mark.parametrize("center", [(100, 80), (5, 6), (190, 150)])  # inside, and boxes leaving the image
+def test_crop_then_paste_gives_back_the_mask(center):
+    h, w = 160, 200
+    mask = disc(h, w, *center, 12)
+    ys, xs = np.nonzero(mask)
+    box = unet.square_box((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1), 0.25, h, w)
+    assert box[2] - box[0] == box[3] - box[1]  # square
+    patch = unet.crop_square(mask, box, 64, interpolation=cv2.INTER_LINEAR)
+    assert patch.shape == (64, 64)
+    back = unet.paste_square(patch.astype(np.float32) / 255, box, h, w) > 0.5
+    truth = mask > 0
+    dice = 2 * (back & truth).sum() / (back.sum() + truth.sum())
+    assert dice > 0.95
+    assert not back[:, : max(box[0], 0)].any()  # nothing pasted outside the box
+
+
+def test_square_box_margin_and_minimum():
+    assert unet.square_box((10, 10, 30, 20), 0.5, 100, 100) == (0, -5, 40, 35)  # side 20 * 2 = 40, centred
+    x0, y0, x1, y1 = unet.square_box((50, 50, 51, 51), 0.25, 100, 100, min_side=32)
+    assert x1 - x0 == 32
+
+
+def test_augment_moves_image_and_mask_together():
+    mask = np.zeros((4, 1, 48, 48), np.float32)
+    mask[:, :, 10:30, 15:25] = 1
+    x, y = torch.from_numpy(mask * 255), torch.from_numpy(mask)
+    ax, ay = unet.augment_pair(x, y, torch.Generator().manual_seed(0))
+    assert ax.shape == x.shape and set(np.unique(ay.numpy())) <= {0.0, 1.0}
+    agree = ((ax > 127.5) == (ay > 0.5)).float().mean()
+    assert agree > 0.98
+    assert not torch.equal(ay, y)  # it did move
+
+
+def test_dice_per_image():
+    truth = np.zeros((3, 8, 8), np.uint8)
+    truth[0, :4] = 1          # half the image
+    truth[1, :2] = 1
+    prob = np.zeros((3, 8, 8), np.float32)
+    prob[0, :2] = 0.9         # 16 of 32 pixels: dice 2*16/(16+32)
+    np.testing.assert_allclose(unet.dice_per_image(prob, truth), [2 * 16 / 48, 0.0, 1.0])
+
+
+def synthetic_cache(path, n=24, size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    images, masks, split = [], [], []
+    for i in range(n):
+        img = rng.integers(20, 60, (size, size)).astype(np.uint8)
+        m = np.zeros((size, size), np.uint8)
+        if i % 4:  # one in four is a no-tumor slice
+            m = disc(size, size, *rng.integers(16, size - 16, 2), int(rng.integers(5, 10)))
+            img[m > 0] = 220
+        images.append(img)
+        masks.append(m)
+        split.append("val" if i >= n - 8 else "train")
+    np.savez(path, images=np.stack(images), masks=np.stack(masks), split=np.array(split),
+             name=np.array([f"s{i}" for i in range(n)]))
+    return path
+
+
+def test_train_both_stages_export_and_segment(tmp_path):
+    from pipeline.segment.load import load_segmenter, segmenter_arch
+
+    cache = synthetic_cache(tmp_path / "cache.npz")
+    runs = {}
+    for stage, size in (("coarse", 32), ("fine", 32)):
+        summary = unet.train_stage(cache, tmp_path / stage, stage=stage, size=size, epochs=2, batch_size=8,
+                                   net=TINY, threads=1)
+        assert [r["epoch"] for r in summary["history"]] == [1, 2]
+        rows = (tmp_path / stage / "curves.csv").read_text().splitlines()
+        assert rows[0].startswith("epoch,train_loss,val_dice") and len(rows) == 3
+        runs[stage] = tmp_path / stage / "best.pt"
+    # a finished run resumes as finished; other settings in the same folder are refused
+    again = unet.train_stage(cache, tmp_path / "coarse", stage="coarse", size=32, epochs=2, batch_size=8, net=TINY)
+    assert len(again["history"]) == 2
+    with pytest.raises(ValueError, match="other settings"):
+        unet.train_stage(cache, tmp_path / "coarse", stage="coarse", size=32, epochs=3, batch_size=8, net=TINY)
+
+    dest = tmp_path / "cascade.pt"
+    meta = unet.export_cascade(runs["coarse"], runs["fine"], dest, threshold=0.4, min_area=2)
+    assert meta["size"] == 32 and meta["fine_size"] == 32 and meta["net"] == TINY
+    ckpt = torch.load(dest, weights_only=True)
+    assert ckpt["coarse"]["model.0.conv.weight"].dtype == torch.float16
+    assert segmenter_arch(dest) == "unet"
+
+    seg = load_segmenter(dest)
+    assert isinstance(seg, unet.UNetCascadeSegmenter) and seg.threshold == 0.4 and seg.name == "unet"
+    images = [np.zeros((70, 90), np.uint8), np.full((50, 50, 3), 30, np.uint8)]
+    images[0][20:40, 30:50] = 200
+    results = seg.predict(images)
+    assert [r.mask.shape for r in results] == [(70, 90), (50, 50)]
+    for r in results:
+        assert set(np.unique(r.mask)) <= {0, 255} and r.boxes.shape[1] == 4 and len(r.boxes) == len(r.scores)
+
+
+class FixedBoxes:
+    """A stand-in box source: the same box on every image."""
+
+    def __init__(self, box):
+        self.box = box
+
+    def predict(self, images):
+        return [SegResult(np.zeros(im.shape[:2], np.uint8), np.array([self.box], np.float32),
+                          np.array([0.9], np.float32)) for im in images]
+
+
+class AllTumor(torch.nn.Module):
+    def forward(self, x):
+        return torch.full_like(x, 5.0)
+
+
+def test_fine_net_draws_only_inside_the_box_it_is_given():
+    meta = {"size": 32, "fine_size": 32, "margin": 0.25, "threshold": 0.5, "min_area": 1}
+    seg = unet.UNetCascadeSegmenter(None, AllTumor(), meta, boxes_from=FixedBoxes((40, 20, 60, 40)))
+    assert seg.name == "yolo+unet"
+    (res,) = seg.predict([np.zeros((100, 120), np.uint8)])
+    ys, xs = np.nonzero(res.mask)
+    # the fine net says "tumor" everywhere it looks: the mask is exactly the square crop, margin included
+    assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == unet.square_box((40, 20, 60, 40), 0.25, 100, 120)
+    assert res.found and res.scores[0] >= 0.9
+
+
+def test_no_region_means_an_empty_mask_and_no_box():
+    class Nothing(torch.nn.Module):
+        def forward(self, x):
+            return torch.full_like(x, -5.0)
+
+    meta = {"size": 32, "fine_size": 32, "margin": 0.25, "threshold": 0.5, "min_area": 1}
+    seg = unet.UNetCascadeSegmenter(Nothing(), AllTumor(), meta)
+    (res,) = seg.predict([np.full((64, 64), 100, np.uint8)])
+    assert not res.found and not res.mask.any() and res.boxes.shape == (0, 4)
+
+
+def test_build_segmenter_refuses_a_checkpoint_of_the_other_kind(tmp_path, monkeypatch):
+    from pipeline.config import ConfigError
+    from pipeline.segment import run as seg_run
+
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    for stage in ("coarse", "fine"):
+        unet.train_stage(cache, tmp_path / stage, stage=stage, size=32, epochs=1, batch_size=8, net=TINY)
+    dest = tmp_path / "cascade.pt"
+    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", dest)
+    with pytest.raises(ConfigError, match="--model yolo needs a yolo checkpoint"):
+        seg_run.build_segmenter("yolo", weights=str(dest))
+    assert seg_run.build_segmenter("unet", weights=str(dest)).name == "unet"
+    assert seg_run.build_segmenter(None, weights=str(dest)).name == "unet"
+
+
+def test_default_segmenter_by_architecture(monkeypatch):
+    from pipeline.segment.run import default_segmenter_name
+    from pipeline.weights import WeightsError
+
+    manifest = {"y": {"kind": "segmenter", "arch": "yolo"}, "u": {"kind": "segmenter", "arch": "unet", "default": True},
+                "c": {"kind": "classifier", "default": True}}
+    monkeypatch.setattr("pipeline.weights.load_manifest", lambda *a, **k: manifest)
+    assert default_segmenter_name() == "u"
+    assert default_segmenter_name("yolo") == "y" and default_segmenter_name("unet") == "u"
+    manifest["u"]["default"] = False
+    with pytest.raises(WeightsError, match="no default segmenter"):
+        default_segmenter_name()
+    del manifest["y"]
+    with pytest.raises(WeightsError, match="no yolo segmenter"):
+        default_segmenter_name("yolo")
+
+
+def test_cli_train_and_export(tmp_path, capsys):
+    from pipeline.cli import main
+
+    data = tmp_path / "data"
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    for stage in ("coarse", "fine"):
+        assert main(["train-unet", "--data", str(data), "--cache", str(cache), "--out", str(tmp_path / stage),
+                     "--stage", stage, "--size", "32", "--epochs", "1", "--batch-size", "8", "--device", "cpu"]) == 0
+    # the CLI trains the default (larger) network; export packs it with a sha256 line
+    assert main(["export-unet", "--coarse", str(tmp_path / "coarse" / "best.pt"), "--fine",
+                 str(tmp_path / "fine" / "best.pt"), "--out", str(tmp_path / "c.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "sha256 " in out and json.loads(out.splitlines()[-2])["net"] == unet.DEFAULT_NET
