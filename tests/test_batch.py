@@ -148,3 +148,16 @@ def test_results_csv_refuses_a_foreign_file(tmp_path):
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="columns"):
         ResultsCSV(path, COLUMNS)
+
+
+def test_gradcam_maps_are_written_for_readable_inputs_only(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    expected = make_mixed_folder(src)
+    out = tmp_path / "out"
+    run_predict(src, out, Classifier(tiny_classifier), None, gradcam=True, progress=False)
+    written = sorted(p.relative_to(out / "gradcam").as_posix() for p in (out / "gradcam").rglob("*.png"))
+    want = sorted(k.replace("#z=", "_z") + ".png" for k, status in expected.items() if status == "ok")
+    assert written == want
+    panel = cv2.imread(str(out / "gradcam" / "study1" / "glioma.png.png"))
+    assert panel.shape[0] >= 256 and panel.shape[2] == 3
+    assert panel.std() > 5  # not a blank image: the input with the heat map over it

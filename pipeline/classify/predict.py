@@ -17,7 +17,8 @@ class Classifier:
     ``meta`` carries ``model``, ``mode`` (full | crop | masked), ``size`` and ``classes``.
     """
 
-    def __init__(self, weights: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    def __init__(self, weights: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 backend: str = "torch"):
         ckpt = load_checkpoint(weights, map_location="cpu")
         if "state_dict" not in ckpt or "meta" not in ckpt:
             raise WeightsError(f"{weights}: not a classifier checkpoint (expected keys state_dict and meta)")
@@ -31,6 +32,16 @@ class Classifier:
         model = create_model(self.meta["model"], pretrained=False, in_chans=1, num_classes=len(CLASSES))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})
         self.model = model.eval().to(device).to(memory_format=torch.channels_last)
+        self.torch_model = self.model  # Grad-CAM needs gradients, whatever runs the forward pass
+        self.backend = backend
+        if backend != "torch":
+            from pipeline.backends import as_backend
+            from pipeline.weights import resolve, sha256_file
+
+            if str(device) != "cpu":
+                raise WeightsError(f"--backend {backend} runs on the CPU; use --device cpu or --backend torch")
+            key = f"cls-{sha256_file(resolve(weights, verify=False))[:16]}"
+            self.model = as_backend(model, torch.zeros(1, 1, self.size, self.size), backend, key=key, threads=threads)
 
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:

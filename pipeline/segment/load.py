@@ -84,7 +84,8 @@ def build_yolo_seg(ckpt: dict, device: str = "cpu"):
     return yolo
 
 
-def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | None = None, conf: float | None = None):
+def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | None = None, conf: float | None = None,
+                   backend: str = "torch"):
     """Build a segmenter from a manifest name or a weights-only checkpoint path.
 
     The checkpoint says what it is: ``meta.arch == "monai-unet-cascade"`` gives the U-Net cascade
@@ -102,7 +103,15 @@ def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | No
     if meta.get("arch") == UNET_ARCH:
         from pipeline.segment.unet import load_unet_cascade
 
-        return load_unet_cascade(ckpt, device=device, threshold=conf)
+        if backend != "torch" and str(device) != "cpu":
+            raise WeightsError(f"--backend {backend} runs on the CPU; use --device cpu or --backend torch")
+        from pipeline.weights import resolve, sha256_file
+
+        key = f"unet-{sha256_file(resolve(name, verify=False))[:16]}" if backend != "torch" else None
+        return load_unet_cascade(ckpt, device=device, threshold=conf, backend=backend, key=key)
+    if backend != "torch":
+        raise WeightsError(f"--backend {backend}: available for the U-Net segmenter and the classifiers; "
+                           f"run YOLO segmenters with --backend torch")
     seg = YoloSegmenter.__new__(YoloSegmenter)
     seg.model = build_yolo_seg(ckpt, device)
     seg.imgsz, seg.conf = int(imgsz or meta["imgsz"]), float(conf if conf is not None else meta["conf"])

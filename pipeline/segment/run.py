@@ -145,12 +145,13 @@ def default_segmenter_name(arch: str | None = None) -> str:
 
 def build_segmenter(model: str | None = None, weights: str | None = None, device: str = "cpu",
                     imgsz: int | None = None, conf: float | None = None, sam_model: str | None = None,
-                    sam_checkpoint: str | None = None, unet_weights: str | None = None):
+                    sam_checkpoint: str | None = None, unet_weights: str | None = None, backend: str = "torch"):
     """An object with ``predict(list of (H, W) uint8) -> [SegResult]``.
 
     ``model``: ``unet`` (U-Net cascade) | ``yolo`` | ``yolo+sam`` (SAM redraws the boxes of ``weights``)
     | ``yolo+unet`` (the cascade's fine U-Net redraws YOLO's boxes) | None (whatever ``weights`` holds).
-    ``weights`` defaults to the manifest's segmenter of the needed architecture.
+    ``weights`` defaults to the manifest's segmenter of the needed architecture. ``backend``: ``torch`` |
+    ``onnx`` (ONNX Runtime on the CPU, U-Net networks only).
     """
     from pipeline.config import ConfigError
     from pipeline.segment.load import load_segmenter, segmenter_arch
@@ -172,11 +173,12 @@ def build_segmenter(model: str | None = None, weights: str | None = None, device
             raise ConfigError("--model yolo+sam: pipeline/segment/sam.py is not in this checkout") from exc
         kw = {"checkpoint": sam_checkpoint} if sam_checkpoint else {}
         sam = build_sam(sam_model or "vit_b", device=device, **kw)
-    boxes = load_segmenter(weights, device=device, imgsz=imgsz, conf=conf)
+    boxes = load_segmenter(weights, device=device, imgsz=imgsz, conf=conf,
+                           backend=backend if model in (None, "unet") else "torch")
     if sam is not None:
         return YoloSamSegmenter(boxes, SamRefiner(sam))
     if model == "yolo+unet":
-        cascade = load_segmenter(unet_weights or default_segmenter_name("unet"), device=device)
+        cascade = load_segmenter(unet_weights or default_segmenter_name("unet"), device=device, backend=backend)
         if segmenter_arch(unet_weights or default_segmenter_name("unet")) != "unet":
             raise ConfigError(f"--unet-weights {unet_weights}: not a U-Net cascade checkpoint")
         cascade.coarse, cascade.boxes_from = None, boxes
@@ -203,6 +205,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--imgsz", type=int, help="network input size (default: the checkpoint's)")
     p.add_argument("--conf", type=float, help="detection threshold: YOLO confidence or the U-Net's coarse "
                                               "probability (default: the checkpoint's)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="onnx: run the U-Net networks with ONNX Runtime (CPU)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="reader threads")
     p.add_argument("--nifti-slices", type=parse_nifti_slices, default="nonempty",
@@ -214,7 +218,8 @@ def run(args) -> int:
                                 imgsz=getattr(args, "imgsz", None), conf=getattr(args, "conf", None),
                                 sam_model=getattr(args, "sam_model", None),
                                 sam_checkpoint=getattr(args, "sam_checkpoint", None),
-                                unet_weights=getattr(args, "unet_weights", None))
+                                unet_weights=getattr(args, "unet_weights", None),
+                                backend=getattr(args, "backend", None) or "torch")
     slices = args.nifti_slices
     if isinstance(slices, str) and slices not in ("all", "middle", "nonempty"):  # from a config file
         slices = parse_nifti_slices(slices)

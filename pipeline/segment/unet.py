@@ -199,8 +199,10 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return image.astype(np.uint8, copy=False)
 
 
-def load_unet_cascade(ckpt: dict, device: str = "cpu", **kw) -> UNetCascadeSegmenter:
-    """Rebuild both networks from a weights-only cascade checkpoint."""
+def load_unet_cascade(ckpt: dict, device: str = "cpu", backend: str = "torch", key: str | None = None,
+                      **kw) -> UNetCascadeSegmenter:
+    """Rebuild both networks from a weights-only cascade checkpoint; ``backend="onnx"`` runs them with
+    ONNX Runtime (exports cached under ``key``, e.g. the checkpoint's sha256)."""
     from pipeline.weights import WeightsError
 
     meta = ckpt["meta"]
@@ -212,6 +214,11 @@ def load_unet_cascade(ckpt: dict, device: str = "cpu", **kw) -> UNetCascadeSegme
         if missing or unexpected:
             raise WeightsError(f"U-Net cascade checkpoint ({part}) does not fit its meta: missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]}")
+        if backend != "torch":
+            from pipeline.backends import as_backend
+
+            size = int(meta["size"] if part == "coarse" else meta["fine_size"])
+            net = as_backend(net, torch.zeros(1, 1, size, size), backend, key=key and f"{key}-{part}")
         nets[part] = net
     return UNetCascadeSegmenter(nets["coarse"], nets["fine"], meta, device=device, **kw)
 

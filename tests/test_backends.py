@@ -1,0 +1,66 @@
+"""ONNX Runtime backends agree with the PyTorch reference: same labels, probabilities within 1e-4."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from pipeline.backends import OnnxModule, as_backend, cache_dir  # noqa: E402
+from pipeline.phantoms import make_phantom  # noqa: E402
+from pipeline.roi import make_input  # noqa: E402
+
+PROB_TOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BRAIN_MRI_CACHE", str(tmp_path / "cache"))
+
+
+def test_onnx_module_matches_torch_and_is_cached(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.InstanceNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(5, 1, 24, 24)
+    fast = as_backend(net, torch.zeros(1, 1, 24, 24), "onnx", key="tiny")
+    assert isinstance(fast, OnnxModule)
+    np.testing.assert_allclose(fast(x).numpy(), net(x).detach().numpy(), atol=1e-5)
+    assert [p.name for p in cache_dir().iterdir()] == ["tiny-1x24x24.onnx"]
+    assert fast(x[:1]).shape == (1, 3)  # dynamic batch
+    assert as_backend(net, x, "torch") is net
+    with pytest.raises(ValueError, match="backend must be one of"):
+        as_backend(net, x, "tensorrt")
+
+
+def test_shipped_classifier_onnx_agrees_with_torch():
+    from pipeline.classify.predict import Classifier
+
+    ref = Classifier("cls-lite0-full")
+    fast = Classifier("cls-lite0-full", backend="onnx")
+    inputs = np.stack([make_input(make_phantom(c, 160, seed)[0], ref.mode, ref.size)[0]
+                       for c in ("glioma", "meningioma", "notumor", "pituitary") for seed in (0, 1)])
+    p_ref, p_fast = ref.predict_proba(inputs), fast.predict_proba(inputs)
+    assert (p_ref.argmax(1) == p_fast.argmax(1)).all()
+    assert np.abs(p_ref - p_fast).max() < PROB_TOL
+
+
+def test_unet_cascade_onnx_agrees_with_torch(tmp_path):
+    from pipeline.segment.load import load_segmenter
+    from pipeline.segment.unet import build_unet
+
+    torch.manual_seed(0)
+    net = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
+    meta = {"task": "segment", "arch": "monai-unet-cascade", "net": net, "size": 64, "fine_size": 48,
+            "margin": 0.25, "threshold": 0.5, "min_area": 1}
+    dest = tmp_path / "c.pt"
+    torch.save({"coarse": build_unet(**net).state_dict(), "fine": build_unet(**net).state_dict(), "meta": meta}, dest)
+    images = [make_phantom(c, 128, 3)[0] for c in ("glioma", "pituitary", "notumor")]
+    ref = load_segmenter(dest).predict(images)
+    fast = load_segmenter(dest, backend="onnx").predict(images)
+    for a, b in zip(ref, fast):
+        assert a.mask.shape == b.mask.shape
+        assert (a.mask == b.mask).mean() > 0.999  # a pixel sitting exactly on the threshold may flip
+    with pytest.raises(Exception, match="runs on the CPU"):
+        load_segmenter(dest, device="cuda", backend="onnx")
