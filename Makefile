@@ -165,6 +165,9 @@ $(OUT)/seg/eval/metrics.json: $(SEG_CKPT) $(OUT)/seg/data/data.yaml $(OUT)/segme
 segment: $(OUT)/segment/Training/.done $(OUT)/segment/Testing/.done ## masks for Training and Testing
 
 $(OUT)/segment/%/.done: $(SEG_CKPT) $(DATA_READY)
+	@# a finished folder older than the checkpoint was made by another segmenter: redo it (an
+	@# unfinished one, no .done, resumes)
+	@if [ -f $@ ]; then echo "rm -rf $(OUT)/segment/$*  (made by an older segmenter)"; rm -rf $(OUT)/segment/$*; fi
 	$(PY) -m pipeline segment --input $(DATA)/$* --out $(OUT)/segment/$* --weights $(SEG_CKPT) --device $(DEVICE)
 	touch $@
 
@@ -220,6 +223,7 @@ $(OUT)/report/report.md: $(EVALS) $(BASELINES)
 predict: $(PREDICT_OUT)/.done ## the main job: classify every scan under INPUT with the shipped models
 
 $(PREDICT_OUT)/.done: $(STAMP) $(DATA_READY) weights/manifest.json $(filter %.pt,$(CLS_WEIGHTS) $(SEG_WEIGHTS))
+	@if [ -f $@ ]; then rm -f $(PREDICT_OUT)/predictions.csv $(PREDICT_OUT)/predictions.csv.settings.json; fi
 	$(PY) -m pipeline predict --input $(INPUT) --out $(PREDICT_OUT) --cls $(CLS_WEIGHTS) --seg $(SEG_WEIGHTS) \
 	  --device $(DEVICE)
 	@$(PY) -c "import csv,collections,sys; r=list(csv.DictReader(open(sys.argv[1]))); \

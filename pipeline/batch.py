@@ -42,7 +42,9 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     mode = mode or classifier.mode
     if mode != "full" and segmenter is None:
         raise ValueError(f"mode {mode!r} needs a segmenter (--seg)")
-    run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS)
+    settings = {"mode": mode, "margin": margin, "classifier": getattr(classifier, "fingerprint", None),
+                "segmenter": getattr(segmenter, "fingerprint", None) if segmenter is not None else "none"}
+    run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0}
 

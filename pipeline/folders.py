@@ -192,8 +192,31 @@ class FolderRun:
     todo: list[Path]
 
 
-def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str]) -> FolderRun:
-    """Check the folders, open (or resume) ``out_dir/csv_name`` and list the files still to process."""
+def check_settings(out: Path, csv_name: str, settings: dict) -> None:
+    """Resume only what the same models made: ``OUT/<csv>.settings.json`` records them on the first run;
+    a later run with other settings (another checkpoint, threshold, mode) is refused, not mixed in."""
+    import json
+
+    path = out / f"{csv_name}.settings.json"
+    plain = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != plain:
+            diff = {k: (old.get(k), plain.get(k)) for k in sorted(set(old) | set(plain)) if old.get(k) != plain.get(k)}
+            raise ValueError(f"{out}: holds results made with other settings ({diff}, as (then, now)); "
+                             f"use another --out, or delete that folder to redo it")
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(plain, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str],
+                     settings: dict | None = None) -> FolderRun:
+    """Check the folders, open (or resume) ``out_dir/csv_name`` and list the files still to process.
+
+    ``settings`` (what the models and options were) must match those of the run being resumed.
+    """
     root = Path(input_dir).resolve()
     out = Path(out_dir).resolve()
     if not root.is_dir():
@@ -201,6 +224,8 @@ def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str]) 
     if out == root:
         raise ValueError(f"--out {out_dir} is the input folder; choose another folder so no input is overwritten")
     out.mkdir(parents=True, exist_ok=True)
+    if settings:
+        check_settings(out, csv_name, settings)
     results = ResultsCSV(out / csv_name, columns)
     files = list(iter_input_files(root, exclude=out if root in out.parents else None))
     return FolderRun(root, out, results, files, results.pending(files, root))

@@ -161,3 +161,17 @@ def test_gradcam_maps_are_written_for_readable_inputs_only(tmp_path, tiny_classi
     panel = cv2.imread(str(out / "gradcam" / "study1" / "glioma.png.png"))
     assert panel.shape[0] >= 256 and panel.shape[2] == 3
     assert panel.std() > 5  # not a blank image: the input with the heat map over it
+
+
+def test_resuming_with_another_model_is_refused(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    src.mkdir()
+    write_png(src / "a.png", make_phantom("glioma", 64, 0)[0])
+    out = tmp_path / "out"
+    clf = Classifier(tiny_classifier)
+    run_predict(src, out, clf, None, progress=False)
+    run_predict(src, out, clf, None, progress=False)  # same settings: resumes (nothing to do)
+    clf.fingerprint = {"weights_sha256": "another checkpoint"}
+    with pytest.raises(ValueError, match="other settings.*another --out"):
+        run_predict(src, out, clf, None, progress=False)
+    assert len(read_rows(out / "predictions.csv")) == 1

@@ -26,6 +26,9 @@ class Classifier:
         if tuple(self.meta.get("classes", CLASSES)) != CLASSES:
             raise WeightsError(f"{weights}: classes {self.meta.get('classes')} differ from {CLASSES}")
         self.mode, self.size = self.meta["mode"], int(self.meta["size"])
+        from pipeline.weights import resolve, sha256_file
+
+        self.fingerprint = {"weights_sha256": sha256_file(resolve(weights, verify=False))}
         self.device = device
         if threads:
             torch.set_num_threads(threads)
@@ -36,11 +39,10 @@ class Classifier:
         self.backend = backend
         if backend != "torch":
             from pipeline.backends import as_backend
-            from pipeline.weights import resolve, sha256_file
 
             if str(device) != "cpu":
                 raise WeightsError(f"--backend {backend} runs on the CPU; use --device cpu or --backend torch")
-            key = f"cls-{sha256_file(resolve(weights, verify=False))[:16]}"
+            key = f"cls-{self.fingerprint['weights_sha256'][:16]}"
             self.model = as_backend(model, torch.zeros(1, 1, self.size, self.size), backend, key=key, threads=threads)
 
     @torch.inference_mode()

@@ -100,15 +100,18 @@ def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | No
     if "meta" not in ckpt or ckpt["meta"].get("task") != "segment":
         raise WeightsError(f"{name}: not a segmenter checkpoint (expected meta.task == 'segment')")
     meta = ckpt["meta"]
+    from pipeline.weights import resolve, sha256_file
+
+    sha = sha256_file(resolve(name, verify=False))
     if meta.get("arch") == UNET_ARCH:
         from pipeline.segment.unet import load_unet_cascade
 
         if backend != "torch" and str(device) != "cpu":
             raise WeightsError(f"--backend {backend} runs on the CPU; use --device cpu or --backend torch")
-        from pipeline.weights import resolve, sha256_file
-
-        key = f"unet-{sha256_file(resolve(name, verify=False))[:16]}" if backend != "torch" else None
-        return load_unet_cascade(ckpt, device=device, threshold=conf, backend=backend, key=key)
+        seg = load_unet_cascade(ckpt, device=device, threshold=conf, backend=backend,
+                                key=f"unet-{sha[:16]}" if backend != "torch" else None)
+        seg.fingerprint = {"weights_sha256": sha, "threshold": seg.threshold, "min_area": seg.min_area}
+        return seg
     if backend != "torch":
         raise WeightsError(f"--backend {backend}: available for the U-Net segmenter and the classifiers; "
                            f"run YOLO segmenters with --backend torch")
@@ -116,6 +119,7 @@ def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | No
     seg.model = build_yolo_seg(ckpt, device)
     seg.imgsz, seg.conf = int(imgsz or meta["imgsz"]), float(conf if conf is not None else meta["conf"])
     seg.iou, seg.device, seg.max_det, seg.half = 0.5, device, 3, False
+    seg.fingerprint = {"weights_sha256": sha, "imgsz": seg.imgsz, "conf": seg.conf}
     return seg
 
 

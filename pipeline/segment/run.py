@@ -78,7 +78,8 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
                 progress: bool | None = None) -> dict:
     """Segment every file under ``input_dir``; returns counts. See the module docstring for the outputs."""
     batch_size = max(1, int(batch_size))
-    run = start_folder_run(input_dir, out_dir, CSV_NAME, SEG_COLUMNS)
+    settings = {"model": model_name, "segmenter": getattr(segmenter, "fingerprint", None)}
+    run = start_folder_run(input_dir, out_dir, CSV_NAME, SEG_COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     masks_root = out / MASKS_DIR
     names = mask_names([p.relative_to(root).as_posix() for p in files])
@@ -176,12 +177,16 @@ def build_segmenter(model: str | None = None, weights: str | None = None, device
     boxes = load_segmenter(weights, device=device, imgsz=imgsz, conf=conf,
                            backend=backend if model in (None, "unet") else "torch")
     if sam is not None:
-        return YoloSamSegmenter(boxes, SamRefiner(sam))
+        combined = YoloSamSegmenter(boxes, SamRefiner(sam))
+        combined.fingerprint = {"boxes": getattr(boxes, "fingerprint", None),
+                                "sam": [sam_model or "vit_b", sam_checkpoint]}
+        return combined
     if model == "yolo+unet":
         cascade = load_segmenter(unet_weights or default_segmenter_name("unet"), device=device, backend=backend)
         if segmenter_arch(unet_weights or default_segmenter_name("unet")) != "unet":
             raise ConfigError(f"--unet-weights {unet_weights}: not a U-Net cascade checkpoint")
         cascade.coarse, cascade.boxes_from = None, boxes
+        cascade.fingerprint = {"boxes": getattr(boxes, "fingerprint", None), "fine": cascade.fingerprint}
         return cascade
     return boxes
 

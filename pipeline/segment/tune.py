@@ -32,8 +32,11 @@ def choose_conf(table: list[dict], max_false_rate: float) -> dict:
 
 def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
               confs: Sequence[float] = (0.1, 0.25, 0.4, 0.55), max_false_rate: float = 0.03,
-              device: str = "cpu", batch: int = 16) -> dict:
-    """Score each threshold on ``data_dir/images/val`` (from ``seg-data``) and write ``tune.json``."""
+              device: str = "cpu", batch: int = 16, min_areas: Sequence[int] = (None,)) -> dict:
+    """Score each threshold on ``data_dir/images/val`` (from ``seg-data``) and write ``tune.json``.
+
+    ``min_areas`` (U-Net cascade only): smallest coarse region kept, swept with each threshold.
+    """
     from pipeline.segment.load import load_segmenter
 
     data_dir, out = Path(data_dir), Path(out_dir)
@@ -44,18 +47,23 @@ def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: 
     mask_paths = [data_dir / "masks" / "val" / f"{p.stem}.png" for p in images]  # background slices have none
     truths = [cv2.imread(str(m), cv2.IMREAD_GRAYSCALE) if m.is_file() else None for m in mask_paths]
     table = []
-    for conf in confs:
+    for conf, min_area in [(c, a) for c in confs for a in min_areas]:
         seg = load_segmenter(weights, device=device, conf=conf)
+        if min_area is not None:
+            if not hasattr(seg, "min_area"):
+                raise ValueError(f"{weights}: --min-areas applies to the U-Net cascade only")
+            seg.min_area = int(min_area)
         preds = [r.mask for i in range(0, len(scans), batch) for r in seg.predict(scans[i:i + batch])]
         tumor = [(p, t) for p, t in zip(preds, truths) if t is not None and (t > 127).any()]
         healthy = [p for p, t in zip(preds, truths) if t is None or not (t > 127).any()]
-        table.append({"conf": conf, "n_tumor": len(tumor), "n_no_tumor": len(healthy),
+        table.append({"conf": conf, **({"min_area": int(min_area)} if min_area is not None else {}),
+                      "n_tumor": len(tumor), "n_no_tumor": len(healthy),
                       "mean_dice": float(np.mean([_dice(p, t) for p, t in tumor])) if tumor else None,
                       "detection_rate": float(np.mean([p.any() for p, _ in tumor])) if tumor else None,
                       "false_mask_rate": float(np.mean([p.any() for p in healthy])) if healthy else None})
     best = choose_conf(table, max_false_rate)
     result = {"weights": str(weights), "split": "val", "max_false_rate": max_false_rate, "table": table,
-              "chosen_conf": best["conf"], "rule": "highest mean Dice with false-mask rate <= max_false_rate"}
+              "chosen_conf": best["conf"], "chosen_min_area": best.get("min_area"), "rule": "highest mean Dice with false-mask rate <= max_false_rate"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.json").write_text(json.dumps(result, indent=2))
     return result
@@ -67,11 +75,15 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="folder for tune.json")
     p.add_argument("--confs", type=float, nargs="+", default=[0.1, 0.25, 0.4, 0.55])
     p.add_argument("--max-false-rate", type=float, default=0.03)
+    p.add_argument("--min-areas", type=int, nargs="+", help="U-Net cascade: also sweep the smallest coarse "
+                                                             "region kept (coarse pixels)")
 
 
 def run(args) -> int:
-    result = tune_conf(args.weights, args.data, args.out, args.confs, args.max_false_rate, args.device)
+    result = tune_conf(args.weights, args.data, args.out, args.confs, args.max_false_rate, args.device,
+                       min_areas=args.min_areas or (None,))
     for row in result["table"]:
         print(json.dumps(row))
-    print(f"chosen conf: {result['chosen_conf']}")
+    print(f"chosen conf: {result['chosen_conf']}" + (f", min_area: {result['chosen_min_area']}"
+                                                     if result.get("chosen_min_area") is not None else ""))
     return 0
