@@ -19,9 +19,11 @@ PYTEST_ARGS  ?=
 # Stage 1
 SEG_FIGSHARE ?= datasets/figshare-cheng2017
 SEG_BRISC    ?= datasets/brisc2025-seg
-SEG_SIZE     ?= 160
+SEG_SIZE     ?= 128
 SEG_FINE_SIZE ?= 128
-SEG_EPOCHS   ?= 16
+SEG_EPOCHS   ?= 14
+SEG_FINE_EPOCHS ?= 16
+SEG_IMAGE_LOSS ?= 0.5
 SEG_CKPT     ?= weights/seg_unet_cascade.pt
 # the YOLOv8n-seg alternative (seg-train-yolo)
 SEG_IMGSZ    ?= 256
@@ -60,7 +62,8 @@ help: ## this list
 	@echo "  OUT          folder for every stage's outputs (default: $(OUT))"
 	@echo "  DEVICE       auto | cpu | cuda | cuda:N (default: $(DEVICE))"
 	@echo "  SEED         random seed (default: $(SEED))"
-	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS   U-Net cascade training (default: $(SEG_SIZE) px coarse, $(SEG_FINE_SIZE) px fine, $(SEG_EPOCHS) epochs each)"
+	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS, SEG_FINE_EPOCHS, SEG_IMAGE_LOSS   U-Net cascade training (default:"
+	@echo "               coarse $(SEG_SIZE) px $(SEG_EPOCHS) epochs slice-loss weight $(SEG_IMAGE_LOSS); fine $(SEG_FINE_SIZE) px $(SEG_FINE_EPOCHS) epochs)"
 	@echo "  SEG_IMGSZ, SEG_YOLO_EPOCHS, SEG_TIME   YOLOv8n-seg training, seg-train-yolo (default: $(SEG_IMGSZ) px, $(SEG_YOLO_EPOCHS) epochs, $(SEG_TIME) h cap)"
 	@echo "  SEG_CKPT     segmenter used by segment (default: $(SEG_CKPT))"
 	@echo "  MODES        classifier inputs to build/train/compare: full crop masked (default: $(MODES))"
@@ -129,11 +132,11 @@ seg-train: $(OUT)/seg/unet_cascade.pt ## train the U-Net cascade (coarse finds, 
 
 $(OUT)/seg/unet_coarse_$(SEG_SIZE)/summary.json: $(OUT)/seg/data/data.yaml
 	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(OUT)/seg/unet_coarse_$(SEG_SIZE) --stage coarse \
-	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --device $(DEVICE) --seed $(SEED)
+	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --image-loss $(SEG_IMAGE_LOSS) --device $(DEVICE) --seed $(SEED)
 
 $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json: $(OUT)/seg/data/data.yaml
 	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE) --stage fine \
-	  --size $(SEG_FINE_SIZE) --epochs $(SEG_EPOCHS) --device $(DEVICE) --seed $(SEED)
+	  --size $(SEG_FINE_SIZE) --epochs $(SEG_FINE_EPOCHS) --device $(DEVICE) --seed $(SEED)
 
 $(OUT)/seg/unet_cascade.pt: $(OUT)/seg/unet_coarse_$(SEG_SIZE)/summary.json $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json
 	$(PY) -m pipeline export-unet --coarse $(OUT)/seg/unet_coarse_$(SEG_SIZE)/best.pt \
@@ -236,7 +239,7 @@ all: compare predict ## the whole chain on the real data (trains what is missing
 demo: ## the whole chain on synthetic phantoms: no data, no network, a few minutes
 	$(MAKE) all OUT=$(DEMO) DATA=$(DEMO)/phantoms DATA_READY=$(DEMO)/phantoms/.ready \
 	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/unet_cascade.pt SEG_SIZE=64 \
-	  SEG_FINE_SIZE=64 SEG_EPOCHS=8 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
+	  SEG_FINE_SIZE=64 SEG_EPOCHS=8 SEG_FINE_EPOCHS=8 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
 	  CLS_PRETRAINED=false CLS_EPOCHS=15 CLS_BATCH=16 CLS_WEIGHTS=$(DEMO)/cls/smallcnn_crop_64/best.pt \
 	  SEG_WEIGHTS=$(DEMO)/seg/unet_cascade.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict \
 	  BASELINE_EPOCHS=3

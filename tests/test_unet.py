@@ -157,7 +157,9 @@ def test_build_segmenter_refuses_a_checkpoint_of_the_other_kind(tmp_path, monkey
 
     cache = synthetic_cache(tmp_path / "cache.npz", n=12)
     for stage in ("coarse", "fine"):
-        unet.train_stage(cache, tmp_path / stage, stage=stage, size=32, epochs=1, batch_size=8, net=TINY)
+        unet.train_stage(cache, tmp_path / stage, stage=stage, size=32, epochs=1, batch_size=8, net=TINY,
+                         image_loss=0.5 if stage == "coarse" else 0.0)
+    assert torch.load(tmp_path / "coarse" / "best.pt", weights_only=True)["meta"]["image_loss"] == 0.5
     dest = tmp_path / "cascade.pt"
     unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", dest)
     with pytest.raises(ConfigError, match="--model yolo needs a yolo checkpoint"):
