@@ -161,9 +161,9 @@ def build_segmenter(model: str | None = None, weights: str | None = None, device
         raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     box_arch = {"unet": "unet", "yolo": "yolo", "yolo+unet": "yolo"}.get(model)
     weights = weights or default_segmenter_name(box_arch)
-    if model in ("unet", "yolo", "yolo+unet") and segmenter_arch(weights) != box_arch:
-        raise ConfigError(f"--model {model} needs a {box_arch} checkpoint; {weights} holds a "
-                          f"{segmenter_arch(weights)} segmenter")
+    held = segmenter_arch(weights) if model in ("unet", "yolo", "yolo+unet") else box_arch
+    if held != box_arch:
+        raise ConfigError(f"--model {model} needs a {box_arch} checkpoint; {weights} holds a {held} segmenter")
     sam = None
     if model == "yolo+sam":  # SAM first: its missing checkpoint is the likelier problem
         try:
@@ -182,9 +182,10 @@ def build_segmenter(model: str | None = None, weights: str | None = None, device
                                 "sam": [sam_model or "vit_b", sam_checkpoint]}
         return combined
     if model == "yolo+unet":
-        cascade = load_segmenter(unet_weights or default_segmenter_name("unet"), device=device, backend=backend)
-        if segmenter_arch(unet_weights or default_segmenter_name("unet")) != "unet":
+        unet_weights = unet_weights or default_segmenter_name("unet")
+        if segmenter_arch(unet_weights) != "unet":
             raise ConfigError(f"--unet-weights {unet_weights}: not a U-Net cascade checkpoint")
+        cascade = load_segmenter(unet_weights, device=device, backend=backend)
         cascade.coarse, cascade.boxes_from = None, boxes
         cascade.fingerprint = {"boxes": getattr(boxes, "fingerprint", None), "fine": cascade.fingerprint}
         return cascade
