@@ -19,24 +19,35 @@ PYTEST_ARGS  ?=
 # Stage 1
 SEG_FIGSHARE ?= datasets/figshare-cheng2017
 SEG_BRISC    ?= datasets/brisc2025-seg
-SEG_SIZE     ?= 128
+SEG_SIZE     ?= 160
 SEG_FINE_SIZE ?= 128
-SEG_EPOCHS   ?= 12
+SEG_EPOCHS   ?= 16
 SEG_FINE_EPOCHS ?= 16
-SEG_IMAGE_LOSS ?= 0.5
+SEG_IMAGE_LOSS ?= 0
+SEG_THRESHOLD ?= 0.7
+SEG_MIN_AREA ?= 64
 SEG_CKPT     ?= weights/seg_unet_cascade.pt
 # the YOLOv8n-seg alternative (seg-train-yolo)
 SEG_IMGSZ    ?= 256
 SEG_YOLO_EPOCHS ?= 40
 SEG_TIME     ?= 0.8
 # Stage 2
-MODES        ?= full
+MODES        ?= full crop masked
 SIZE         ?= 128
 CLS_MODEL    ?= timm:tf_efficientnet_lite0
 CLS_TAG      ?= lite0
 CLS_PRETRAINED ?= true
 CLS_EPOCHS   ?= 8
 CLS_BATCH    ?= 64
+# References: a from-scratch CNN (REF_MODES empty skips it) and the leave-one-source-out proxy:
+# the same CNN trained without one tumor source (LOSO_DROP) and scored on that source's Testing
+# slices (LOSO_MODES empty skips it). The sources come from `sources` (needs SEG_FIGSHARE).
+REF_MODEL    ?= smallcnn
+REF_TAG      ?= smallcnn
+REF_MODES    ?= full
+REF_EPOCHS   ?= 12
+LOSO_MODES   ?= full crop
+LOSO_DROP    ?= sartaj
 # The main job
 CLS_WEIGHTS  ?= cls-lite0-full
 SEG_WEIGHTS  ?= none
@@ -47,8 +58,11 @@ CACHE   = $(OUT)/cache
 CLEAN   = $(OUT)/audit/clean_test.txt
 
 .PHONY: help setup data audit split weights seg-data seg-train seg-train-yolo seg-tune seg-eval segment crop cls-train \
-        baseline evaluate compare report bench \
+        baseline sources reference loso evaluate compare report bench \
         predict all demo test phantoms clean-venv
+
+# Trained runs are chained through pattern rules: keep every one of them (no intermediate deletes).
+.SECONDARY:
 
 # Long stages write their outputs as they go (resumable), so each ends by touching a .done stamp:
 # a run killed part-way is redone (and resumes) rather than taken as finished.
@@ -69,6 +83,8 @@ help: ## this list
 	@echo "  MODES        classifier inputs to build/train/compare: full crop masked (default: $(MODES))"
 	@echo "  SIZE         classifier input size (default: $(SIZE))"
 	@echo "  CLS_MODEL, CLS_TAG, CLS_EPOCHS, CLS_PRETRAINED   the CNN cls-train trains (default: $(CLS_MODEL))"
+	@echo "  REF_MODEL, REF_MODES, REF_EPOCHS   from-scratch reference (default: $(REF_MODEL) on $(REF_MODES))"
+	@echo "  LOSO_DROP, LOSO_MODES   leave-one-source-out: train without LOSO_DROP tumors, score on them (default: $(LOSO_DROP) on $(LOSO_MODES))"
 	@echo "  CLS_WEIGHTS, SEG_WEIGHTS   checkpoints predict uses (default: $(CLS_WEIGHTS), $(SEG_WEIGHTS))"
 	@echo "  BENCH_OUT, BENCH_ARGS   where bench writes bench.json/bench.md (default: $(BENCH_OUT)); extra bench/bench.py flags"
 
@@ -140,7 +156,7 @@ $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json: $(OUT)/seg/data/data.yaml
 
 $(OUT)/seg/unet_cascade.pt: $(OUT)/seg/unet_coarse_$(SEG_SIZE)/summary.json $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json
 	$(PY) -m pipeline export-unet --coarse $(OUT)/seg/unet_coarse_$(SEG_SIZE)/best.pt \
-	  --fine $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/best.pt --out $@
+	  --fine $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/best.pt --out $@ --threshold $(SEG_THRESHOLD) --min-area $(SEG_MIN_AREA)
 
 seg-train-yolo: $(OUT)/seg/yolov8n_seg.pt ## train YOLOv8n-seg and export it weights-only (about 50 min on 2 CPU cores)
 
@@ -206,6 +222,37 @@ $(OUT)/cls/yolov8n_cls_%_$(SIZE)/testing_predictions.csv: $(CACHE)/%_$(SIZE)/tes
 	$(PY) -m pipeline train-yolo-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/cls/yolov8n_cls_$*_$(SIZE) \
 	  --epochs $(BASELINE_EPOCHS) --device $(DEVICE) --seed $(SEED)
 
+sources: $(OUT)/sources/sources.csv ## tag each Kaggle slice with its source (figshare, sartaj, br35h)
+
+$(OUT)/sources/sources.csv: $(STAMP) $(DATA_READY)
+	$(PY) -m pipeline sources --root $(DATA) --figshare $(SEG_FIGSHARE) --out $(OUT)/sources
+
+REF_EVALS = $(foreach m,$(REF_MODES),$(OUT)/ref/eval/$(REF_TAG)-$(m)/metrics.json)
+reference: $(REF_EVALS) ## REF_MODEL trained from scratch (no pretraining) on each of REF_MODES, evaluated
+
+$(OUT)/ref/cls/$(REF_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz
+	$(PY) -m pipeline train-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/ref/cls/$(REF_TAG)_$*_$(SIZE) \
+	  --model $(REF_MODEL) --pretrained false --epochs $(REF_EPOCHS) --batch-size $(CLS_BATCH) \
+	  --device $(DEVICE) --seed $(SEED)
+
+$(OUT)/ref/eval/$(REF_TAG)-%/metrics.json: $(OUT)/ref/cls/$(REF_TAG)_%_$(SIZE)/summary.json $(CLEAN)
+	$(PY) -m pipeline evaluate-cls --cls $(OUT)/ref/cls/$(REF_TAG)_$*_$(SIZE)/best.pt \
+	  --data $(CACHE)/$*_$(SIZE)/testing.npz --clean $(CLEAN) --out $(OUT)/ref/eval/$(REF_TAG)-$* --device $(DEVICE)
+
+LOSO_LIST  = $(OUT)/sources/training_$(LOSO_DROP).txt
+LOSO_EVALS = $(foreach m,$(LOSO_MODES),$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(m)/metrics.json)
+loso: $(LOSO_EVALS) ## CLS_MODEL trained without the LOSO_DROP tumor source, scored on it (each of LOSO_MODES)
+
+$(OUT)/loso/cls/$(CLS_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz $(OUT)/sources/sources.csv
+	$(PY) -m pipeline train-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/loso/cls/$(CLS_TAG)_$*_$(SIZE) \
+	  --drop $(LOSO_LIST) --model $(CLS_MODEL) --pretrained $(CLS_PRETRAINED) --epochs $(CLS_EPOCHS) \
+	  --batch-size $(CLS_BATCH) --device $(DEVICE) --seed $(SEED)
+
+$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-%/metrics.json: $(OUT)/loso/cls/$(CLS_TAG)_%_$(SIZE)/summary.json $(CLEAN)
+	$(PY) -m pipeline evaluate-cls --cls $(OUT)/loso/cls/$(CLS_TAG)_$*_$(SIZE)/best.pt \
+	  --data $(CACHE)/$*_$(SIZE)/testing.npz --clean $(CLEAN) --out $(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$* \
+	  --subset $(LOSO_DROP)=$(OUT)/sources/testing_$(LOSO_DROP).txt --device $(DEVICE)
+
 EVALS = $(foreach m,$(MODES),$(OUT)/eval/$(CLS_TAG)-$(m)/metrics.json)
 evaluate: $(EVALS) ## each trained classifier on all of Testing and on its clean subset
 
@@ -216,9 +263,12 @@ $(OUT)/eval/$(CLS_TAG)-%/metrics.json: $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.j
 compare: $(OUT)/report/report.md ## report.md/html: every trained model x mode, all vs clean Testing, McNemar
 report: compare ## same as compare
 
-$(OUT)/report/report.md: $(EVALS) $(BASELINES)
+$(OUT)/report/report.md: $(EVALS) $(BASELINES) $(REF_EVALS) $(LOSO_EVALS)
 	$(PY) -m pipeline compare --runs $(foreach m,$(MODES),$(CLS_TAG)-$(m)=$(OUT)/eval/$(CLS_TAG)-$(m)) \
 	  $(foreach m,$(BASELINE_MODES),yolov8n_cls-$(m)=$(OUT)/cls/yolov8n_cls_$(m)_$(SIZE)/testing_predictions.csv) \
+	  $(foreach m,$(REF_MODES),$(REF_TAG)-$(m)=$(OUT)/ref/eval/$(REF_TAG)-$(m)) \
+	  $(foreach m,$(LOSO_MODES),$(CLS_TAG)-no$(LOSO_DROP)-$(m)=$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(m)) \
+	  $(if $(LOSO_MODES),--subset $(LOSO_DROP)=$(OUT)/sources/testing_$(LOSO_DROP).txt) \
 	  --clean $(CLEAN) --out $(OUT)/report \
 	  --gradcam-cls $(OUT)/cls/$(CLS_TAG)_$(firstword $(MODES))_$(SIZE)/best.pt \
 	  --gradcam-data $(CACHE)/$(firstword $(MODES))_$(SIZE)/testing.npz
@@ -242,7 +292,7 @@ demo: ## the whole chain on synthetic phantoms: no data, no network, a few minut
 	  SEG_FINE_SIZE=64 SEG_EPOCHS=8 SEG_FINE_EPOCHS=8 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
 	  CLS_PRETRAINED=false CLS_EPOCHS=15 CLS_BATCH=16 CLS_WEIGHTS=$(DEMO)/cls/smallcnn_crop_64/best.pt \
 	  SEG_WEIGHTS=$(DEMO)/seg/unet_cascade.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict \
-	  BASELINE_EPOCHS=3
+	  BASELINE_EPOCHS=3 REF_MODES= LOSO_MODES=
 
 BENCH_OUT  ?= bench/results
 BENCH_ARGS ?=

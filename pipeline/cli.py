@@ -92,6 +92,9 @@ def _args_train_cls(p):
     p.add_argument("--lr", type=float)
     p.add_argument("--patience", type=int)
     p.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
+    p.add_argument("--drop", help="path list (e.g. training_sartaj.txt from `sources`) left out of train and "
+                                  "validation: leave-one-source-out runs")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's own)")
 
 
 # --- command bodies ------------------------------------------------------------------------------
@@ -162,7 +165,8 @@ def cmd_train_cls(a):
     data = Path(a.data)
     summary = train(str(data / "train.npz"), str(data / "val.npz"), a.out, model_name=a.model,
                     pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                    patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume)
+                    patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume,
+                    drop=a.drop, threads=a.threads)
     print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "train_seconds", "best_sha256")}, indent=2))
 
 
@@ -284,6 +288,20 @@ def cmd_train_yolo_cls(a):
         print(predict_yolo_cls(best, data / "testing.npz", out / "testing_predictions.csv", device=a.device))
 
 
+def _args_sources(p):
+    p.add_argument("--root", required=True, help="Kaggle-layout root holding Training/ and Testing/")
+    p.add_argument("--figshare", required=True, help="figshare-cheng2017 folder (images/*.jpg)")
+    p.add_argument("--out", required=True, help="output folder: sources.csv, sources.json, <split>_<source>.txt")
+    p.add_argument("--workers", type=_positive_int, default=2, help="decoding threads")
+
+
+@command("sources", "tag each Kaggle slice with its public source (figshare, sartaj, br35h)")
+def cmd_sources(a):
+    from pipeline.sources import tag_sources, write_sources
+
+    print(json.dumps(write_sources(tag_sources(a.root, a.figshare, workers=a.workers), a.out), indent=2))
+
+
 @command("predict", "run the whole chain on a folder of scans -> predictions.csv (resumable)")
 def cmd_predict(a):
     from pipeline.batch import run_predict
@@ -325,7 +343,8 @@ MODULE_COMMANDS = {
 ARGS = {"audit": _args_audit, "split": _args_split, "phantoms": _args_phantoms, "read": _args_read,
         "crop": _args_crop, "train-cls": _args_train_cls,
         "predict": _args_predict, "export": _args_export,
-        "train-yolo-cls": _args_train_yolo_cls, "seg-data": _args_seg_data, "train-seg": _args_train_seg}
+        "train-yolo-cls": _args_train_yolo_cls, "seg-data": _args_seg_data, "train-seg": _args_train_seg,
+        "sources": _args_sources}
 
 
 def build_parser(config: dict) -> argparse.ArgumentParser:

@@ -39,7 +39,27 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes
         "per_class": {c: {"recall": float(recall[i]), "precision": float(precision[i]), "f1": float(f1[i]),
                           "support": int(support[i])} for i, c in enumerate(classes)},
         "confusion": cm.tolist(),
+        "tumor_vs_none": tumor_vs_none(cm, classes),
     }
+
+
+def tumor_vs_none(cm: np.ndarray, classes: Sequence[str] = CLASSES) -> dict:
+    """Is-there-a-tumor view of a (C, C) confusion matrix (rows true, columns predicted).
+
+    ``tumor_found``: share of tumor slices called any tumor class (a wrong tumor type still
+    counts as found); ``notumor_correct``: share of no-tumor slices called no tumor. NaN
+    when the matrix holds no slice of that kind, or when ``classes`` has no ``notumor``.
+    """
+    cm = np.asarray(cm)
+    if "notumor" not in classes:
+        return {"tumor_found": math.nan, "notumor_correct": math.nan, "n_tumor": 0, "n_notumor": 0}
+    k = list(classes).index("notumor")
+    tumor = [i for i in range(len(classes)) if i != k]
+    n_tumor, n_none = int(cm[tumor].sum()), int(cm[k].sum())
+    found = int(cm[np.ix_(tumor, tumor)].sum())
+    return {"tumor_found": found / n_tumor if n_tumor else math.nan,
+            "notumor_correct": int(cm[k, k]) / n_none if n_none else math.nan,
+            "n_tumor": n_tumor, "n_notumor": n_none}
 
 
 # --- bootstrap intervals and paired tests -------------------------------------------------------

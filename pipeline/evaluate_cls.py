@@ -167,14 +167,36 @@ def metrics_with_ci(y_true: Sequence[int], y_pred: Sequence[int], n_boot: int = 
 
 
 def evaluate_predictions(pred: dict, clean: set[str] | None = None, n_boot: int = 1000, seed: int = 0,
-                         alpha: float = 0.05) -> dict:
-    """``{"all": metrics, "clean": metrics or absent}`` for a :func:`read_predictions` result."""
+                         alpha: float = 0.05, subsets: dict[str, set[str]] | None = None) -> dict:
+    """``{"all": metrics, "clean": metrics or absent, "subsets": {name: metrics} or absent}``
+    for a :func:`read_predictions` result. ``subsets`` are named path sets (resolved, as
+    :func:`pipeline.audit.load_clean_list` gives), e.g. the Testing slices of one source."""
     out = {"bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha},
            "all": metrics_with_ci(pred["y_true"], pred["y_pred"], n_boot, seed, alpha)}
     if clean is not None:
         mask, how = clean_mask(pred["paths"], clean)
         out["clean"] = metrics_with_ci(pred["y_true"][mask], pred["y_pred"][mask], n_boot, seed, alpha)
         out["clean"].update({"clean_list_size": len(clean), "matched_by": how})
+    for name, paths in (subsets or {}).items():
+        mask, how = clean_mask(pred["paths"], paths)
+        out.setdefault("subsets", {})[name] = {
+            **metrics_with_ci(pred["y_true"][mask], pred["y_pred"][mask], n_boot, seed, alpha),
+            "list_size": len(paths), "matched_by": how}
+    return out
+
+
+def parse_subsets(specs: Sequence[str] | None) -> dict[str, set[str]]:
+    """``["name=list.txt", ...]`` -> ``{name: resolved paths}``; a bad spec or missing file raises."""
+    from pipeline.audit import load_clean_list
+
+    out = {}
+    for spec in specs or ():
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--subset {spec!r}: expected NAME=PATH_LIST.txt")
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: path list for --subset {name} not found (run `sources` first?)")
+        out[name] = load_clean_list(path, base=Path.cwd())
     return out
 
 
@@ -198,6 +220,9 @@ def add_arguments(p) -> None:
     p.add_argument("--predictions", help="instead of --cls/--data: a predictions CSV from another model "
                                          f"(columns {','.join(PRED_COLUMNS)}; path,true,pred required)")
     p.add_argument("--clean", help="clean_test.txt from `audit`: also report metrics on that subset")
+    p.add_argument("--subset", action="append", metavar="NAME=LIST",
+                   help="also report metrics on the paths listed in LIST (one per line), e.g. the Testing "
+                        "slices of one source from `sources`; repeatable")
     p.add_argument("--out", required=True, help="output folder: predictions.csv, metrics.json")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
@@ -212,6 +237,7 @@ def run(args) -> int:
     seed = getattr(args, "seed", None) or 0
     n_boot, alpha = getattr(args, "n_boot", 1000), getattr(args, "alpha", 0.05)
     clean = load_clean(getattr(args, "clean", None))
+    subsets = parse_subsets(getattr(args, "subset", None))
     if getattr(args, "predictions", None):
         if args.cls or args.data:
             raise ValueError("give either --predictions or --cls with --data, not both")
@@ -236,10 +262,11 @@ def run(args) -> int:
         pred = read_predictions(out / "predictions.csv")
         source = {"cls": str(args.cls), "data": str(args.data),
                   **{k: classifier.meta.get(k) for k in ("model", "mode", "size")}}
-    result = {"source": source, **evaluate_predictions(pred, clean, n_boot, seed, alpha)}
+    result = {"source": source, **evaluate_predictions(pred, clean, n_boot, seed, alpha, subsets)}
     (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
     summary = {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4), "macro_f1": round(v["macro_f1"], 4)}
-               for k, v in result.items() if k in ("all", "clean") and v["n"]}
+               for k, v in [*result.items(), *result.get("subsets", {}).items()]
+               if k not in ("source", "bootstrap", "subsets") and v["n"]}
     print(json.dumps({"out": str(out), **summary}))
     return 0
 

@@ -20,13 +20,16 @@ import numpy as np
 
 from pipeline import CLASSES
 from pipeline.evaluate import mcnemar
-from pipeline.evaluate_cls import _jsonable, clean_mask, load_clean, metrics_with_ci, read_predictions
+from pipeline.evaluate_cls import _jsonable, clean_mask, load_clean, metrics_with_ci, parse_subsets, read_predictions
 
 MODES = ("full", "crop", "masked")
 #: A class whose clean count is below this, or below SMALL_FRACTION of its full count, is flagged.
 SMALL_N, SMALL_FRACTION = 30, 0.25
 #: The Grad-CAM panel draws its right and wrong examples from this many randomly chosen images.
 GRADCAM_POOL = 512
+TUMOR_NOTE = ("Tumor found: share of tumor slices called any tumor class (wrong type included); no tumor correct: "
+              "share of no-tumor slices called no tumor. Subset columns (`--subset`) cover only the listed slices, "
+              "e.g. the Testing slices of a source that a leave-one-source-out run never saw.")
 
 
 # --- pairing ------------------------------------------------------------------------------------
@@ -257,6 +260,36 @@ def summary_table(results: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def _pct(v) -> str:
+    return "–" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.1f}%"
+
+
+def tumor_table(results: dict[str, dict]) -> list[list[str]]:
+    """Rows [run, tumor found / no-tumor correct on ALL, CLEAN and each subset]: is there a tumor,
+    whatever its type. A subset is a path list such as the Testing slices of one source."""
+    first = next(iter(results.values()))
+    keys = [("ALL", "all"), ("CLEAN", "clean")] if first.get("clean") else [("ALL", "all")]
+    names = list(first.get("subsets", {}))
+    header = ["run"]
+    for label, _ in keys:
+        header += [f"tumor found {label}", f"no tumor correct {label}"]
+    for sname in names:
+        header += [f"n {sname}", f"accuracy {sname}", f"tumor found {sname}", f"no tumor correct {sname}"]
+    rows = [header]
+    for name, r in results.items():
+        row = [name]
+        for _, key in keys:
+            t = r[key]["tumor_vs_none"]
+            row += [_pct(t["tumor_found"]), _pct(t["notumor_correct"])]
+        for sname in names:
+            m = r["subsets"][sname]
+            t = m["tumor_vs_none"]
+            row += [str(m["n"]), _pct(m["accuracy"] if m["n"] else None), _pct(t["tumor_found"]),
+                    _pct(t["notumor_correct"])]
+        rows.append(row)
+    return rows
+
+
 def _md_table(rows: list[list[str]]) -> str:
     out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -303,8 +336,13 @@ def header_notes(results: dict[str, dict], clean_size: int | None) -> list[str]:
 def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None = None,
                  pairs: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
                  gradcam_cls: str | None = None, gradcam_data: str | None = None, gradcam_n: int = 8,
-                 device: str = "cpu", title: str = "Full slice vs tumor region: classifier comparison") -> dict:
-    """Compute everything and write the report; returns the ``compare.json`` content."""
+                 device: str = "cpu", title: str = "Full slice vs tumor region: classifier comparison",
+                 subsets: dict[str, set[str]] | None = None) -> dict:
+    """Compute everything and write the report; returns the ``compare.json`` content.
+
+    ``subsets``: named sets of resolved paths (:func:`pipeline.evaluate_cls.parse_subsets`), each
+    reported for every run, e.g. the Testing slices of a source a leave-one-source-out run never saw.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not runs:
@@ -319,6 +357,10 @@ def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None 
             masks[name] = mask
             r["clean"] = metrics_with_ci(p["y_true"][mask], p["y_pred"][mask], n_boot, seed, alpha)
             r["clean"]["matched_by"] = how
+        for sname, paths in (subsets or {}).items():
+            mask, how = clean_mask(p["paths"], paths)
+            r.setdefault("subsets", {})[sname] = {
+                **metrics_with_ci(p["y_true"][mask], p["y_pred"][mask], n_boot, seed, alpha), "matched_by": how}
         results[name] = r
     pair_list = parse_pairs(pairs, list(preds))
     tests = []
@@ -388,7 +430,8 @@ def _pair_section(tests: list[dict], alpha: float, n_pairs: int) -> list[str]:
 
 
 def _markdown(title, notes, results, tests, figures, alpha, n_pairs) -> str:
-    parts = [f"# {title}", "", *[f"- {n}" for n in notes], "", "## Summary", "", _md_table(summary_table(results)), ""]
+    parts = [f"# {title}", "", *[f"- {n}" for n in notes], "", "## Summary", "", _md_table(summary_table(results)), "",
+             "## Is there a tumor?", "", TUMOR_NOTE, "", _md_table(tumor_table(results)), ""]
     for name, r in results.items():
         parts += [f"## {name}", "", f"Predictions: `{r['source']}`", "", _md_table(run_table(r["all"], r.get("clean"))), ""]
     parts += ["## Paired runs (McNemar)", ""]
@@ -411,7 +454,8 @@ def _html(title, notes, results, tests, figures, alpha, n_pairs, out: Path) -> s
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{esc(title)}</h1><div class='note'><ul>"]
     parts += [f"<li>{esc(n)}</li>" for n in notes]
-    parts += ["</ul></div><h2>Summary</h2>", _html_table(summary_table(results))]
+    parts += ["</ul></div><h2>Summary</h2>", _html_table(summary_table(results)),
+              f"<h2>Is there a tumor?</h2><p>{esc(TUMOR_NOTE)}</p>", _html_table(tumor_table(results))]
     for name, r in results.items():
         parts += [f"<h2>{esc(name)}</h2><p>Predictions: <code>{esc(r['source'])}</code></p>",
                   _html_table(run_table(r["all"], r.get("clean")))]
@@ -452,6 +496,9 @@ def add_arguments(p) -> None:
     p.add_argument("--gradcam-cls", help="classifier whose Grad-CAM panel to add (manifest name or .pt)")
     p.add_argument("--gradcam-data", help="cache .npz matching --gradcam-cls (mode and size)")
     p.add_argument("--gradcam-n", type=int, default=8, help="images in the Grad-CAM panel (half right, half wrong)")
+    p.add_argument("--subset", action="append", metavar="NAME=LIST",
+                   help="also report every run on the paths listed in LIST (e.g. testing_sartaj.txt from "
+                        "`sources`); repeatable")
     p.add_argument("--title", default="Full slice vs tumor region: classifier comparison")
 
 
@@ -462,7 +509,8 @@ def run(args) -> int:
                            gradcam_cls=getattr(args, "gradcam_cls", None),
                            gradcam_data=getattr(args, "gradcam_data", None),
                            gradcam_n=getattr(args, "gradcam_n", 8), device=getattr(args, "device", "cpu") or "cpu",
-                           title=getattr(args, "title", None) or "Full slice vs tumor region: classifier comparison")
+                           title=getattr(args, "title", None) or "Full slice vs tumor region: classifier comparison",
+                           subsets=parse_subsets(getattr(args, "subset", None)))
     print(f"wrote {Path(args.out) / 'report.md'} and report.html")
     for t in summary["pairs"]:
         for key in ("all", "clean"):

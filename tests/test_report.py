@@ -211,3 +211,24 @@ def test_evaluate_then_compare_with_explicit_pair_and_gradcam(tmp_path):
     assert "**cnnA vs cnnB**" in md and "McNemar ALL" in md and "McNemar CLEAN" not in md
     assert "No clean list was given" in md and "gradcam.png" in md and (out / "gradcam.png").is_file()
     assert md.count("data:image") == 0 and (out / "report.html").read_text().count("data:image/png;base64,") == 4
+
+
+def test_compare_reports_tumor_found_on_a_subset(tmp_path):
+    from pipeline.report import build_report
+    from pipeline.evaluate_cls import parse_subsets
+
+    y, full, masked, runs = _runs(tmp_path)
+    paths = [str(tmp_path / "Testing" / CLASSES[k] / f"Te-{i:04d}.jpg") for i, k in enumerate(y)]
+    held = [i for i in range(len(y)) if i < 40]
+    (tmp_path / "held.txt").write_text("".join(paths[i] + "\n" for i in held))
+    summary = build_report({k: Path(v) for k, v in runs.items()}, tmp_path / "report", n_boot=50,
+                           subsets=parse_subsets([f"heldout={tmp_path / 'held.txt'}"]))
+    k = CLASSES.index("notumor")
+    sub = summary["results"]["lite0-full"]["subsets"]["heldout"]
+    tumor = [i for i in held if y[i] != k]
+    found = sum(full[i] != k for i in tumor)
+    assert sub["n"] == 40
+    assert sub["tumor_vs_none"]["tumor_found"] == pytest.approx(found / len(tumor))
+    assert sub["accuracy"] == pytest.approx(np.mean(full[:40] == y[:40]))
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "tumor found heldout" in md and f"{100 * found / len(tumor):.1f}%" in md

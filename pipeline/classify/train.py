@@ -52,17 +52,41 @@ def predict_logits(model: nn.Module, images: np.ndarray, device: str, batch_size
     return torch.cat(out).numpy()
 
 
+def _without(cache: dict, path_list: str) -> dict:
+    """``cache`` minus the samples whose path is listed in ``path_list`` (paths compared resolved)."""
+    from pipeline.audit import load_clean_list
+
+    listed = load_clean_list(path_list, base=Path.cwd())
+    keep = np.array([str(Path(p).resolve()) not in listed for p in cache["paths"]], bool)
+    return {k: (v[keep] if isinstance(v, np.ndarray) and v.ndim and len(v) == len(keep) else v)
+            for k, v in cache.items()}
+
+
 def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "timm:tf_efficientnet_lite0",
           pretrained: bool = True, epochs: int = 8, batch_size: int = 64, lr: float = 2e-3,
           weight_decay: float = 1e-4, label_smoothing: float = 0.05, patience: int = 4, seed: int = 0,
-          device: str = "cpu", resume: bool = True, augment: dict | None = None, threads: int | None = None) -> dict:
-    """Train and return a summary dict (also written to ``out_dir/summary.json``)."""
+          device: str = "cpu", resume: bool = True, augment: dict | None = None, threads: int | None = None,
+          drop: str | None = None) -> dict:
+    """Train and return a summary dict (also written to ``out_dir/summary.json``).
+
+    ``drop``: a path list (one per line, e.g. ``training_sartaj.txt`` from ``sources``) whose
+    slices are left out of both the train and the validation cache: leave-one-source-out runs.
+    """
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tr, va = load_cache(train_cache), load_cache(val_cache)
+    n_dropped = 0
+    if drop:
+        n_before = len(tr["labels"]) + len(va["labels"])
+        tr, va = _without(tr, drop), _without(va, drop)
+        n_dropped = n_before - len(tr["labels"]) - len(va["labels"])
+        if n_dropped == 0:
+            raise ValueError(f"{drop}: none of its paths is in {train_cache} or {val_cache}; check the list "
+                             f"was made from the same dataset root")
+        print(f"left out {n_dropped} slices listed in {drop}")
     mode, size = str(tr["mode"]), int(tr["size"])
     model = create_model(model_name, pretrained=pretrained, in_chans=1, num_classes=len(CLASSES)).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -80,6 +104,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
             "input_std": INPUT_STD, "train_cache": str(train_cache), "val_cache": str(val_cache),
             "margin": float(tr["margin"]) if "margin" in tr else 0.25, "n_train": int(len(tr["labels"])),
             "n_val": int(len(va["labels"]))}
+    if drop:
+        meta.update({"drop": str(drop), "n_dropped": n_dropped})
 
     start_epoch, best, history, elapsed = 0, None, [], 0.0
     last_path = out / "last.pt"
