@@ -12,8 +12,8 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def _args(mode, seg="seg-unet-cascade"):
-    return Namespace(cls="c.pt", seg=seg, cls_mode=mode, quick=False, predict_backend="onnx")
+def _args(mode, seg="seg-unet-cascade", devices="cpu"):
+    return Namespace(cls="c.pt", seg=seg, cls_mode=mode, quick=False, predict_backend="onnx", devices=devices)
 
 
 def _predict_jobs(mode, seg="seg-unet-cascade"):
@@ -43,3 +43,26 @@ def test_ratios_pick_the_fastest_cpu_rows_against_the_peer():
     r = bench.ratios(rows)
     assert r["predict_vs_peer"] == pytest.approx(12.0) and r["predict_setting"]["backend"] == "onnx"
     assert r["classify_vs_peer"] == pytest.approx(40.0)
+
+
+def test_cuda_plan_needs_a_gpu_and_measures_end_to_end_on_big_folders(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        bench.plan(_args("crop", devices="cuda"), ["a.jpg"], Path("s"), Path("a"), Path("x"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    jobs = bench.plan(_args("crop", devices="cuda"), ["a.jpg"], Path("s"), Path("a"), Path("x"))
+    assert {j["device"] for j in jobs} == {"cuda"}
+    e2e = [j for j in jobs if j["stage"] == "predict"]
+    assert {j.get("scale") for j in e2e} == {None, "all", "10x"} and all(j["seg"] for j in e2e)
+
+
+def test_cuda_summary_takes_the_largest_folder():
+    rows = [{"stage": "predict", "device": "cuda", "images": 400, "images_per_s": 900.0, "accuracy": 0.98},
+            {"stage": "predict", "device": "cuda", "images": 13110, "images_per_s": 1500.0, "accuracy": 0.97,
+             "scale": "10x"},
+            {"stage": "classify", "device": "cuda", "images": 400, "images_per_s": 9000.0}]
+    r = bench.ratios(rows)
+    assert r["cuda_predict_images"] == 13110 and r["cuda_predict_images_per_s"] == 1500.0
+    assert r["predict_images_per_s"] is None  # CUDA rows never count as the CPU figure
