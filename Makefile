@@ -19,14 +19,18 @@ PYTEST_ARGS  ?=
 # Stage 1
 SEG_FIGSHARE ?= datasets/figshare-cheng2017
 SEG_BRISC    ?= datasets/brisc2025-seg
-SEG_SIZE     ?= 160
+SEG_ARCH     ?= lite0-unet
+SEG_SIZE     ?= 128
+SEG_LR       ?= 1e-3
 SEG_FINE_SIZE ?= 128
-SEG_EPOCHS   ?= 16
+SEG_EPOCHS   ?= 10
 SEG_FINE_EPOCHS ?= 16
 SEG_IMAGE_LOSS ?= 0
-SEG_THRESHOLD ?= 0.7
-SEG_MIN_AREA ?= 64
-SEG_CKPT     ?= weights/seg_unet_cascade.pt
+SEG_THRESHOLD ?= 0.3
+SEG_MIN_AREA ?= 8
+# the fine stage: reused from this cascade checkpoint (empty: train one, SEG_FINE_EPOCHS)
+SEG_FINE     ?= weights/seg_unet_cascade.pt
+SEG_CKPT     ?= weights/seg_lite0_cascade.pt
 # the YOLOv8n-seg alternative (seg-train-yolo)
 SEG_IMGSZ    ?= 256
 SEG_YOLO_EPOCHS ?= 40
@@ -76,6 +80,7 @@ help: ## this list
 	@echo "  OUT          folder for every stage's outputs (default: $(OUT))"
 	@echo "  DEVICE       auto | cpu | cuda | cuda:N (default: $(DEVICE))"
 	@echo "  SEED         random seed (default: $(SEED))"
+	@echo "  SEG_ARCH, SEG_LR   coarse network: monai-unet (from scratch) or lite0-unet (ImageNet encoder); its peak lr"
 	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS, SEG_FINE_EPOCHS, SEG_IMAGE_LOSS   U-Net cascade training (default:"
 	@echo "               coarse $(SEG_SIZE) px $(SEG_EPOCHS) epochs slice-loss weight $(SEG_IMAGE_LOSS); fine $(SEG_FINE_SIZE) px $(SEG_FINE_EPOCHS) epochs)"
 	@echo "  SEG_IMGSZ, SEG_YOLO_EPOCHS, SEG_TIME   YOLOv8n-seg training, seg-train-yolo (default: $(SEG_IMGSZ) px, $(SEG_YOLO_EPOCHS) epochs, $(SEG_TIME) h cap)"
@@ -146,17 +151,23 @@ $(OUT)/seg/data/data.yaml: $(OUT)/split.csv
 
 seg-train: $(OUT)/seg/unet_cascade.pt ## train the U-Net cascade (coarse finds, fine draws) and pack it weights-only
 
-$(OUT)/seg/unet_coarse_$(SEG_SIZE)/summary.json: $(OUT)/seg/data/data.yaml
-	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(OUT)/seg/unet_coarse_$(SEG_SIZE) --stage coarse \
-	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --image-loss $(SEG_IMAGE_LOSS) --device $(DEVICE) --seed $(SEED)
+SEG_COARSE = $(OUT)/seg/$(if $(filter lite0-unet,$(SEG_ARCH)),lite0unet,unet)_coarse_$(SEG_SIZE)
+
+$(SEG_COARSE)/summary.json: $(OUT)/seg/data/data.yaml
+	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(SEG_COARSE) --stage coarse --arch $(SEG_ARCH) \
+	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --lr $(SEG_LR) --image-loss $(SEG_IMAGE_LOSS) --device $(DEVICE) --seed $(SEED)
 
 $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json: $(OUT)/seg/data/data.yaml
 	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE) --stage fine \
 	  --size $(SEG_FINE_SIZE) --epochs $(SEG_FINE_EPOCHS) --device $(DEVICE) --seed $(SEED)
 
-$(OUT)/seg/unet_cascade.pt: $(OUT)/seg/unet_coarse_$(SEG_SIZE)/summary.json $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json
-	$(PY) -m pipeline export-unet --coarse $(OUT)/seg/unet_coarse_$(SEG_SIZE)/best.pt \
-	  --fine $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/best.pt --out $@ --threshold $(SEG_THRESHOLD) --min-area $(SEG_MIN_AREA)
+SEG_FINE_BEST = $(if $(SEG_FINE),$(SEG_FINE),$(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/best.pt)
+
+$(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/best.pt: $(OUT)/seg/unet_fine_$(SEG_FINE_SIZE)/summary.json
+
+$(OUT)/seg/unet_cascade.pt: $(SEG_COARSE)/summary.json $(SEG_FINE_BEST)
+	$(PY) -m pipeline export-unet --coarse $(SEG_COARSE)/best.pt \
+	  --fine $(SEG_FINE_BEST) --out $@ --threshold $(SEG_THRESHOLD) --min-area $(SEG_MIN_AREA)
 
 seg-train-yolo: $(OUT)/seg/yolov8n_seg.pt ## train YOLOv8n-seg and export it weights-only (about 50 min on 2 CPU cores)
 
@@ -171,7 +182,8 @@ $(OUT)/seg/yolov8n_seg.pt: $(OUT)/seg/yolov8n_seg/.done
 seg-tune: $(OUT)/seg/tune/tune.json ## choose the segmenter's threshold on the validation split
 
 $(OUT)/seg/tune/tune.json: $(OUT)/seg/unet_cascade.pt
-	$(PY) -m pipeline tune-seg --weights $< --data $(OUT)/seg/data --out $(OUT)/seg/tune --device $(DEVICE)
+	$(PY) -m pipeline tune-seg --weights $< --data $(OUT)/seg/data --out $(OUT)/seg/tune --device $(DEVICE) \
+	  --confs 0.3 0.5 0.7 0.9 --min-areas 4 8 24 64
 
 seg-eval: $(OUT)/seg/eval/metrics.json ## Dice/IoU/HD95 on held-out figshare slices, false masks on no-tumor Testing
 

@@ -284,7 +284,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=400, help="sample size (stratified by class)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cls", help="classifier (manifest name or .pt; default: predict's, configs/default.yaml)")
-    p.add_argument("--seg", default="seg-unet-cascade", help="segmenter (manifest name or .pt; '' for none)")
+    p.add_argument("--seg", default="seg-lite0-cascade", help="segmenter (manifest name or .pt; '' for none)")
     p.add_argument("--predict-backend", default="torch", help="backend for the all / 10x predict runs")
     p.add_argument("--peer-python", help="python of an environment with detect-tumor installed")
     p.add_argument("--quick", action="store_true", help="one setting per stage, no all/10x runs")

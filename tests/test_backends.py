@@ -46,16 +46,20 @@ def test_shipped_classifier_onnx_agrees_with_torch():
     assert np.abs(p_ref - p_fast).max() < PROB_TOL
 
 
-def test_unet_cascade_onnx_agrees_with_torch(tmp_path):
+@pytest.mark.parametrize("coarse_net", [None, {"arch": "lite0-unet", "decoder": [16, 8]}])
+def test_unet_cascade_onnx_agrees_with_torch(tmp_path, coarse_net):
     from pipeline.segment.load import load_segmenter
-    from pipeline.segment.unet import build_unet
+    from pipeline.segment.unet import build_net, build_unet
 
     torch.manual_seed(0)
     net = {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 1}
     meta = {"task": "segment", "arch": "monai-unet-cascade", "net": net, "size": 64, "fine_size": 48,
             "margin": 0.25, "threshold": 0.5, "min_area": 1}
+    if coarse_net:
+        meta["coarse_net"] = coarse_net
+    coarse = build_net(coarse_net or net).eval()
     dest = tmp_path / "c.pt"
-    torch.save({"coarse": build_unet(**net).state_dict(), "fine": build_unet(**net).state_dict(), "meta": meta}, dest)
+    torch.save({"coarse": coarse.state_dict(), "fine": build_unet(**net).state_dict(), "meta": meta}, dest)
     images = [make_phantom(c, 128, 3)[0] for c in ("glioma", "pituitary", "notumor")]
     ref = load_segmenter(dest).predict(images)
     fast = load_segmenter(dest, backend="onnx").predict(images)

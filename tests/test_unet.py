@@ -198,3 +198,46 @@ def test_cli_train_and_export(tmp_path, capsys):
                  str(tmp_path / "fine" / "best.pt"), "--out", str(tmp_path / "c.pt")]) == 0
     out = capsys.readouterr().out
     assert "sha256 " in out and json.loads(out.splitlines()[-2])["net"] == unet.DEFAULT_NET
+
+
+def test_lite0_encoder_gets_imagenet_weights_and_keeps_the_input_size():
+    from pipeline.classify.models import create_model
+
+    net = unet.build_net(unet.net_config("lite0-unet"), pretrained=True).eval()
+    imagenet = create_model("timm:tf_efficientnet_lite0", pretrained=True, in_chans=1).state_dict()
+    for key, value in net.encoder.state_dict().items():
+        assert torch.equal(value, imagenet[key]), key
+    scratch = unet.build_net(unet.net_config("lite0-unet"), pretrained=False)
+    assert not torch.equal(scratch.encoder.conv_stem.weight, net.encoder.conv_stem.weight)
+    with torch.inference_mode():
+        assert net(torch.zeros(2, 1, 64, 96)).shape == (2, 1, 64, 96)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        unet.train_stage("unused.npz", "unused", stage="coarse", size=48, net={"arch": "lite0-unet"})
+    with pytest.raises(ValueError, match="fine stage is a MONAI U-Net"):
+        unet.train_stage("unused.npz", "unused", stage="fine", size=64, net={"arch": "lite0-unet"})
+
+
+def test_lite0_coarse_stage_under_the_fine_stage_of_an_existing_cascade(tmp_path):
+    from pipeline.segment.load import load_segmenter
+
+    cache = synthetic_cache(tmp_path / "cache.npz")
+    unet.train_stage(cache, tmp_path / "coarse", stage="coarse", size=32, epochs=1, batch_size=8,
+                     net={"arch": "lite0-unet", "decoder": [8]}, threads=1, pretrained=False)
+    unet.train_stage(cache, tmp_path / "fine", stage="fine", size=32, epochs=1, batch_size=8, net=TINY, threads=1)
+    first = tmp_path / "first.pt"
+    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", first)
+    with pytest.raises(ValueError, match="must be a coarse stage"):  # a fine net is no localiser
+        unet.export_cascade(tmp_path / "fine" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "x.pt")
+
+    mixed = tmp_path / "mixed.pt"
+    meta = unet.export_cascade(tmp_path / "coarse" / "best.pt", first, mixed, threshold=0.3, min_area=1)
+    assert meta["coarse_net"] == {"arch": "lite0-unet", "decoder": [8]} and meta["net"] == TINY
+    ckpt = torch.load(mixed, weights_only=True)
+    fine_before = torch.load(tmp_path / "fine" / "best.pt", weights_only=True)["state_dict"]
+    for key, value in fine_before.items():  # the reused fine stage is carried over unchanged (float16)
+        assert torch.equal(ckpt["fine"][key], value.half()), key
+
+    seg = load_segmenter(mixed)
+    assert isinstance(seg.coarse, unet.Lite0UNet)
+    results = seg.predict([np.full((50, 70), 40, np.uint8)])
+    assert results[0].mask.shape == (50, 70)
