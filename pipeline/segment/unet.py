@@ -112,13 +112,10 @@ def net_config(arch: str = "monai-unet", **overrides) -> dict:
 
 def build_net(cfg: dict, pretrained: bool = False) -> torch.nn.Module:
     """A stage network from its ``meta`` hyper-parameters (no ``arch`` key: the MONAI U-Net)."""
-    cfg = dict(cfg)
-    arch = cfg.pop("arch", "monai-unet")
-    if arch == "lite0-unet":
-        return Lite0UNet(decoder=cfg.get("decoder", LITE0_NET["decoder"]), pretrained=pretrained)
-    if arch == "monai-unet":
-        return build_unet(**cfg)
-    raise ValueError(f"unknown segmentation network {arch!r}; choose from {', '.join(NET_ARCHS)}")
+    cfg = net_config(**cfg)  # checks the arch and fills its defaults
+    if cfg.pop("arch", None) == "lite0-unet":
+        return Lite0UNet(decoder=cfg["decoder"], pretrained=pretrained)
+    return build_unet(**cfg)
 
 
 def zscore(x: torch.Tensor) -> torch.Tensor:
