@@ -37,6 +37,7 @@ SEG_YOLO_EPOCHS ?= 40
 SEG_TIME     ?= 0.8
 # Stage 2
 MODES        ?= full crop masked
+ENSEMBLES    ?= full+crop
 SIZE         ?= 128
 CLS_MODEL    ?= timm:tf_efficientnet_lite0
 CLS_TAG      ?= lite0
@@ -53,11 +54,18 @@ REF_EPOCHS   ?= 12
 LOSO_MODES   ?= full crop
 LOSO_DROP    ?= sartaj
 # The main job
-CLS_WEIGHTS  ?= cls-lite0-full
-SEG_WEIGHTS  ?= none
+CLS_WEIGHTS  ?= cls-lite0-full+crop
+SEG_WEIGHTS  ?= auto
 DEMO         ?= runs/demo
 
 STAMP  := $(VENV)/.installed
+# Ensembles (ENSEMBLES, e.g. full+crop): the mean of the runs of those modes, each on its own input,
+# evaluated and compared like one more run; only those whose modes are all in MODES (LOSO_MODES).
+ENS_ON      = $(foreach e,$(ENSEMBLES),$(if $(filter-out $(MODES),$(subst +, ,$(e))),,$(e)))
+LOSO_ENS_ON = $(foreach e,$(ENSEMBLES),$(if $(filter-out $(LOSO_MODES),$(subst +, ,$(e))),,$(e)))
+comma := ,
+empty :=
+space := $(empty) $(empty)
 CACHE   = $(OUT)/cache
 CLEAN   = $(OUT)/audit/clean_test.txt
 
@@ -86,6 +94,7 @@ help: ## this list
 	@echo "  SEG_IMGSZ, SEG_YOLO_EPOCHS, SEG_TIME   YOLOv8n-seg training, seg-train-yolo (default: $(SEG_IMGSZ) px, $(SEG_YOLO_EPOCHS) epochs, $(SEG_TIME) h cap)"
 	@echo "  SEG_CKPT     segmenter used by segment (default: $(SEG_CKPT))"
 	@echo "  MODES        classifier inputs to build/train/compare: full crop masked (default: $(MODES))"
+	@echo "  ENSEMBLES    mode combinations averaged and compared as one more run (default: $(ENSEMBLES); empty: none)"
 	@echo "  SIZE         classifier input size (default: $(SIZE))"
 	@echo "  CLS_MODEL, CLS_TAG, CLS_EPOCHS, CLS_PRETRAINED   the CNN cls-train trains (default: $(CLS_MODEL))"
 	@echo "  REF_MODEL, REF_MODES, REF_EPOCHS   from-scratch reference (default: $(REF_MODEL) on $(REF_MODES))"
@@ -252,7 +261,7 @@ $(OUT)/ref/eval/$(REF_TAG)-%/metrics.json: $(OUT)/ref/cls/$(REF_TAG)_%_$(SIZE)/s
 	  --data $(CACHE)/$*_$(SIZE)/testing.npz --clean $(CLEAN) --out $(OUT)/ref/eval/$(REF_TAG)-$* --device $(DEVICE)
 
 LOSO_LIST  = $(OUT)/sources/training_$(LOSO_DROP).txt
-LOSO_EVALS = $(foreach m,$(LOSO_MODES),$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(m)/metrics.json)
+LOSO_EVALS = $(foreach m,$(LOSO_MODES) $(LOSO_ENS_ON),$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(m)/metrics.json)
 loso: $(LOSO_EVALS) ## CLS_MODEL trained without the LOSO_DROP tumor source, scored on it (each of LOSO_MODES)
 
 $(OUT)/loso/cls/$(CLS_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz $(OUT)/sources/sources.csv
@@ -265,21 +274,40 @@ $(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-%/metrics.json: $(OUT)/loso/cls/$(CLS
 	  --data $(CACHE)/$*_$(SIZE)/testing.npz --clean $(CLEAN) --out $(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$* \
 	  --subset $(LOSO_DROP)=$(OUT)/sources/testing_$(LOSO_DROP).txt --device $(DEVICE)
 
-EVALS = $(foreach m,$(MODES),$(OUT)/eval/$(CLS_TAG)-$(m)/metrics.json)
-evaluate: $(EVALS) ## each trained classifier on all of Testing and on its clean subset
+EVALS = $(foreach m,$(MODES) $(ENS_ON),$(OUT)/eval/$(CLS_TAG)-$(m)/metrics.json)
+evaluate: $(EVALS) ## each trained classifier (and ENSEMBLES) on all of Testing and on its clean subset
 
 $(OUT)/eval/$(CLS_TAG)-%/metrics.json: $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.json $(CLEAN)
 	$(PY) -m pipeline evaluate-cls --cls $(OUT)/cls/$(CLS_TAG)_$*_$(SIZE)/best.pt --data $(CACHE)/$*_$(SIZE)/testing.npz --clean $(CLEAN) \
 	  --out $(OUT)/eval/$(CLS_TAG)-$* --device $(DEVICE)
 
+define ENSEMBLE_EVAL
+$(OUT)/eval/$(CLS_TAG)-$(1)/metrics.json: $(foreach m,$(subst +, ,$(1)),$(OUT)/cls/$(CLS_TAG)_$(m)_$(SIZE)/summary.json) $(CLEAN)
+	$(PY) -m pipeline evaluate-cls \
+	  --cls $(subst $(space),$(comma),$(foreach m,$(subst +, ,$(1)),$(OUT)/cls/$(CLS_TAG)_$(m)_$(SIZE)/best.pt)) \
+	  --data $(foreach m,$(subst +, ,$(1)),$(CACHE)/$(m)_$(SIZE)/testing.npz) --clean $(CLEAN) \
+	  --out $(OUT)/eval/$(CLS_TAG)-$(1) --device $(DEVICE)
+endef
+$(foreach e,$(ENS_ON),$(eval $(call ENSEMBLE_EVAL,$(e))))
+
+define LOSO_ENSEMBLE_EVAL
+$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(1)/metrics.json: $(foreach m,$(subst +, ,$(1)),$(OUT)/loso/cls/$(CLS_TAG)_$(m)_$(SIZE)/summary.json) $(CLEAN)
+	$(PY) -m pipeline evaluate-cls \
+	  --cls $(subst $(space),$(comma),$(foreach m,$(subst +, ,$(1)),$(OUT)/loso/cls/$(CLS_TAG)_$(m)_$(SIZE)/best.pt)) \
+	  --data $(foreach m,$(subst +, ,$(1)),$(CACHE)/$(m)_$(SIZE)/testing.npz) --clean $(CLEAN) \
+	  --out $(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(1) \
+	  --subset $(LOSO_DROP)=$(OUT)/sources/testing_$(LOSO_DROP).txt --device $(DEVICE)
+endef
+$(foreach e,$(LOSO_ENS_ON),$(eval $(call LOSO_ENSEMBLE_EVAL,$(e))))
+
 compare: $(OUT)/report/report.md ## report.md/html: every trained model x mode, all vs clean Testing, McNemar
 report: compare ## same as compare
 
 $(OUT)/report/report.md: $(EVALS) $(BASELINES) $(REF_EVALS) $(LOSO_EVALS)
-	$(PY) -m pipeline compare --runs $(foreach m,$(MODES),$(CLS_TAG)-$(m)=$(OUT)/eval/$(CLS_TAG)-$(m)) \
+	$(PY) -m pipeline compare --runs $(foreach m,$(MODES) $(ENS_ON),$(CLS_TAG)-$(m)=$(OUT)/eval/$(CLS_TAG)-$(m)) \
 	  $(foreach m,$(BASELINE_MODES),yolov8n_cls-$(m)=$(OUT)/cls/yolov8n_cls_$(m)_$(SIZE)/testing_predictions.csv) \
 	  $(foreach m,$(REF_MODES),$(REF_TAG)-$(m)=$(OUT)/ref/eval/$(REF_TAG)-$(m)) \
-	  $(foreach m,$(LOSO_MODES),$(CLS_TAG)-no$(LOSO_DROP)-$(m)=$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(m)) \
+	  $(foreach m,$(LOSO_MODES) $(LOSO_ENS_ON),$(CLS_TAG)-no$(LOSO_DROP)-$(m)=$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(m)) \
 	  $(if $(LOSO_MODES),--subset $(LOSO_DROP)=$(OUT)/sources/testing_$(LOSO_DROP).txt) \
 	  --clean $(CLEAN) --out $(OUT)/report \
 	  --gradcam-cls $(OUT)/cls/$(CLS_TAG)_$(firstword $(MODES))_$(SIZE)/best.pt \
@@ -287,7 +315,7 @@ $(OUT)/report/report.md: $(EVALS) $(BASELINES) $(REF_EVALS) $(LOSO_EVALS)
 
 predict: $(PREDICT_OUT)/.done ## the main job: classify every scan under INPUT with the shipped models
 
-$(PREDICT_OUT)/.done: $(STAMP) $(DATA_READY) weights/manifest.json $(filter %.pt,$(CLS_WEIGHTS) $(SEG_WEIGHTS))
+$(PREDICT_OUT)/.done: $(STAMP) $(DATA_READY) weights/manifest.json $(filter %.pt %.json,$(subst $(comma), ,$(CLS_WEIGHTS)) $(SEG_WEIGHTS))
 	@if [ -f $@ ]; then rm -f $(PREDICT_OUT)/predictions.csv $(PREDICT_OUT)/predictions.csv.settings.json; fi
 	$(PY) -m pipeline predict --input $(INPUT) --out $(PREDICT_OUT) --cls $(CLS_WEIGHTS) --seg $(SEG_WEIGHTS) \
 	  --device $(DEVICE)

@@ -95,18 +95,20 @@ def measure(job: dict) -> dict:
             make_input(im, "crop", 128, m)
         return {"images": len(images), "seconds": time.perf_counter() - t}
     if stage == "classify":
-        from pipeline.classify.predict import Classifier
+        from pipeline.classify.predict import load_classifier
         from pipeline.roi import make_input
 
-        clf = Classifier(job["cls"], device=device, backend=backend, compile=job.get("compile", False))
-        inputs = np.stack([make_input(im, clf.mode, clf.size, None if masks is None else masks[i],
-                                      margin=float(clf.meta.get("margin", 0.25)))[0]
-                           for i, im in enumerate(images)])
-        clf.predict_proba(inputs[:batch])
+        clf = load_classifier(job["cls"], device=device, backend=backend, compile=job.get("compile", False))
+        inputs = {(mode, size): np.stack([make_input(im, mode, size, None if masks is None else masks[i],
+                                                     margin=float(clf.meta.get("margin", 0.25)))[0]
+                                          for i, im in enumerate(images)])
+                  for mode, size in clf.views}
+        clf.predict_views({v: x[:batch] for v, x in inputs.items()})
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t = time.perf_counter()
-        probs = np.concatenate([clf.predict_proba(inputs[i:i + batch]) for i in range(0, len(inputs), batch)])
+        probs = np.concatenate([clf.predict_views({v: x[i:i + batch] for v, x in inputs.items()})
+                                for i in range(0, len(images), batch)])
         seconds = time.perf_counter() - t
         truth = np.array([CLASSES.index(_label_of(f)) for f in files])
         return {"images": len(images), "seconds": seconds, "accuracy": float((probs.argmax(1) == truth).mean())}
@@ -117,12 +119,12 @@ def _measure_predict(job: dict) -> dict:
     import csv
 
     from pipeline.batch import run_predict
-    from pipeline.classify.predict import Classifier
+    from pipeline.classify.predict import load_classifier
     from pipeline.segment.run import build_segmenter
 
     device, backend = job.get("device", "cpu"), job.get("backend", "torch")
     t_load = time.perf_counter()
-    clf = Classifier(job["cls"], device=device, backend=backend)
+    clf = load_classifier(job["cls"], device=device, backend=backend)
     seg = build_segmenter(None, weights=job["seg"], device=device, backend=backend) if job.get("seg") else None
     load_seconds = time.perf_counter() - t_load
     with tempfile.TemporaryDirectory() as tmp:
@@ -299,9 +301,9 @@ def main(argv=None) -> int:
         from pipeline.config import load_config
 
         args.cls = load_config()["predict"]["cls"]
-    from pipeline.weights import load_checkpoint
+    from pipeline.classify.predict import load_classifier
 
-    args.cls_mode = load_checkpoint(args.cls)["meta"]["mode"]
+    args.cls_mode = load_classifier(args.cls).mode
     if args.cls_mode != "full" and not args.seg:
         p.error(f"{args.cls} classifies {args.cls_mode} inputs: it needs --seg")
     data = Path(args.data)

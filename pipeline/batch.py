@@ -40,7 +40,13 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
                 margin: float = 0.25, gradcam: bool = False) -> dict:
     """Process every file under ``input_dir``; returns counts. See the module docstring for guarantees."""
     mode = mode or classifier.mode
-    if mode != "full" and segmenter is None:
+    if mode == classifier.mode:
+        views = tuple(getattr(classifier, "views", ((mode, classifier.size),)))
+    elif len(getattr(classifier, "members", [classifier])) > 1:
+        raise ValueError(f"mode {mode!r}: an ensemble reads its members' own inputs ({classifier.mode})")
+    else:
+        views = ((mode, classifier.size),)
+    if any(m != "full" for m, _ in views) and segmenter is None:
         raise ValueError(f"mode {mode!r} needs a segmenter (--seg)")
     settings = {"mode": mode, "margin": margin, "classifier": getattr(classifier, "fingerprint", None),
                 "segmenter": getattr(segmenter, "fingerprint", None) if segmenter is not None else "none"}
@@ -57,9 +63,11 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
         if ok:
             images = [it.scan.image for it in ok]
             segs = segmenter.predict(images) if segmenter is not None else [None] * len(ok)
-            inputs = np.stack([make_input(im, mode, classifier.size, seg.mask if seg is not None else None,
-                                          margin=margin)[0] for im, seg in zip(images, segs)])
-            probs = classifier.predict_proba(inputs)
+            inputs = {(m, size): np.stack([make_input(im, m, size, seg.mask if seg is not None else None,
+                                                      margin=margin)[0] for im, seg in zip(images, segs)])
+                      for m, size in views}
+            probs = (classifier.predict_views(inputs) if len(views) > 1
+                     else classifier.predict_proba(inputs[views[0]]))
             for it, seg, p in zip(ok, segs, probs):
                 row = {"path": it.key, "label": CLASSES[int(p.argmax())], "confidence": _fmt(p.max()),
                        **{f"p_{c}": _fmt(v) for c, v in zip(CLASSES, p)}, "mode": mode, "status": "ok", "error": ""}
@@ -73,9 +81,16 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
                     _write_overlay(out / "overlays" / (it.key.replace("#z=", "_z") + ".png"), it.scan.image,
                                    seg.mask if seg is not None else None, row["label"], float(p.max()))
             if gradcam:
-                for it, x, p in zip(ok, inputs, probs):
-                    _write_gradcam(out / "gradcam" / (it.key.replace("#z=", "_z") + ".png"), classifier, x,
-                                   int(p.argmax()))
+                # one map per member (an ensemble has no single network to explain), of the joint label
+                members = getattr(classifier, "members", [classifier])
+                subs = [m.mode for m in members]
+                subs = subs if len(set(subs)) == len(subs) else [f"{i}_{m}" for i, m in enumerate(subs)]
+                for member, sub in zip(members, subs):
+                    x_all = inputs[(member.mode, member.size)] if len(members) > 1 else inputs[views[0]]
+                    sub = Path("gradcam", sub) if len(members) > 1 else Path("gradcam")
+                    for it, x, p in zip(ok, x_all, probs):
+                        _write_gradcam(out / sub / (it.key.replace("#z=", "_z") + ".png"), member, x,
+                                       int(p.argmax()))
         ordered = [rows[it.key] for it in items]
         results.write(ordered)
         counts["rows_written"] += len(ordered)

@@ -173,8 +173,10 @@ def cmd_train_cls(a):
 def _args_predict(p):
     p.add_argument("--input", required=True, help="folder of scans (walked recursively; any format)")
     p.add_argument("--out", required=True, help="output folder: predictions.csv (+ overlays/)")
-    p.add_argument("--mode", choices=["full", "crop", "masked"], help="classifier input (default: the classifier's own)")
-    p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json or a .pt path")
+    p.add_argument("--mode", help="classifier input: full, crop, masked, or an ensemble's full+crop "
+                                  "(default and only choice: the classifier's own)")
+    p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json (an ensemble too), a .pt "
+                                 "path, or A.pt,B.pt: the mean of several")
     p.add_argument("--seg", help="segmenter: a manifest name, a .pt path, auto (shipped one if any) or none")
     p.add_argument("--backend", choices=["torch", "onnx"],
                    help="torch, or onnx (ONNX Runtime on the CPU; the networks are exported once and cached)")
@@ -307,19 +309,23 @@ def cmd_sources(a):
 @command("predict", "run the whole chain on a folder of scans -> predictions.csv (resumable)")
 def cmd_predict(a):
     from pipeline.batch import run_predict
-    from pipeline.classify.predict import Classifier
+    from pipeline.classify.predict import load_classifier
 
     backend = a.backend or "torch"
     if a.compile and backend != "torch":
         raise ConfigError("--compile applies to --backend torch only")
-    classifier = Classifier(a.cls, device=a.device, backend=backend, compile=a.compile)
+    classifier = load_classifier(a.cls, device=a.device, backend=backend, compile=a.compile)
     mode = a.mode or classifier.mode
     if mode != classifier.mode:
         raise ConfigError(f"--mode {mode}: the classifier {a.cls} was trained on {classifier.mode} inputs; "
                           f"pass a classifier trained on {mode} (--cls)")
-    segmenter = load_segmenter(a.seg, a.device, backend)
+    seg = a.seg
+    if seg == "auto" and getattr(classifier, "segmenter", None):  # the one its crop member was trained on
+        seg = classifier.segmenter
+    segmenter = load_segmenter(seg, a.device, backend)
     if mode != "full" and segmenter is None:
-        raise ConfigError(f"--mode {mode} needs a segmenter: pass --seg NAME (see weights/manifest.json)")
+        raise ConfigError(f"--mode {mode} (classifier {a.cls}) needs a segmenter: pass --seg auto or --seg NAME "
+                          f"(see weights/manifest.json)")
     counts = run_predict(a.input, a.out, classifier, segmenter, mode=mode, batch_size=a.batch_size,
                          workers=a.workers, overlays=a.overlays, gradcam=a.gradcam, nifti_slices=a.nifti_slices,
                          margin=float(classifier.meta.get("margin", 0.25)))

@@ -21,7 +21,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -202,21 +202,35 @@ def parse_subsets(specs: Sequence[str] | None) -> dict[str, set[str]]:
 
 # --- running a classifier on a cache -----------------------------------------------------------
 
-def predict_cache(classifier, cache: dict, batch_size: int = 64) -> np.ndarray:
-    """(N, 4) probabilities of the classifier on ``cache["images"]``, after checking mode and size."""
-    mode, size = str(cache.get("mode", "?")), int(cache.get("size", -1))
-    if mode != classifier.mode or size != classifier.size:
-        raise ValueError(f"cache is mode={mode} size={size} but the classifier ({classifier.meta.get('model')}) "
-                         f"was trained on mode={classifier.mode} size={classifier.size}; build a matching "
-                         f"cache with `crop --mode {classifier.mode} --size {classifier.size}`")
-    images = cache["images"]
-    out = [classifier.predict_proba(images[s:s + batch_size]) for s in range(0, len(images), batch_size)]
+def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64) -> np.ndarray:
+    """(N, 4) probabilities of the classifier on ``cache["images"]``, after checking mode and size.
+
+    An ensemble whose members read different inputs takes one cache per (mode, size), listing the
+    same slices in the same order.
+    """
+    caches = [cache] if isinstance(cache, Mapping) else list(cache)
+    have = {(str(c.get("mode", "?")), int(c.get("size", -1))): c for c in caches}
+    views = tuple(getattr(classifier, "views", ((classifier.mode, classifier.size),)))
+    for mode, size in views:
+        if (mode, size) not in have:
+            got = ", ".join(f"mode={m} size={z}" for m, z in have) or "none"
+            raise ValueError(f"cache is {got} but the classifier ({classifier.meta.get('model')}) "
+                             f"was trained on mode={mode} size={size}; build a matching "
+                             f"cache with `crop --mode {mode} --size {size}`")
+    used = [have[v] for v in views]
+    for c in used[1:]:
+        if "paths" in c and "paths" in used[0] and not np.array_equal(c["paths"], used[0]["paths"]):
+            raise ValueError("the caches list different slices (or in another order); build them from one split")
+    n = len(used[0]["images"])
+    out = [classifier.predict_views({v: have[v]["images"][s:s + batch_size] for v in views})
+           for s in range(0, n, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 
 def add_arguments(p) -> None:
     p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json or a .pt path")
-    p.add_argument("--data", help="test cache .npz from `crop` (same mode and size as the classifier)")
+    p.add_argument("--data", nargs="+", help="test cache .npz from `crop` (same mode and size as the classifier); "
+                                             "an ensemble of full and crop models takes both caches")
     p.add_argument("--predictions", help="instead of --cls/--data: a predictions CSV from another model "
                                          f"(columns {','.join(PRED_COLUMNS)}; path,true,pred required)")
     p.add_argument("--clean", help="clean_test.txt from `audit`: also report metrics on that subset")
@@ -252,15 +266,18 @@ def run(args) -> int:
     else:
         if not (args.cls and args.data):
             raise ValueError("evaluate-cls needs --cls WEIGHTS and --data CACHE.npz, or --predictions CSV")
-        from pipeline.classify.predict import Classifier
+        from pipeline.classify.predict import load_classifier
 
-        classifier = Classifier(args.cls, device=getattr(args, "device", "cpu") or "cpu")
-        cache = load_cache(args.data)
-        probs = predict_cache(classifier, cache, getattr(args, "batch_size", 64) or 64)
+        classifier = load_classifier(args.cls, device=getattr(args, "device", "cpu") or "cpu")
+        data = [str(d) for d in ([args.data] if isinstance(args.data, (str, os.PathLike)) else args.data)]
+        caches = [load_cache(d) for d in data]
+        probs = predict_cache(classifier, caches, getattr(args, "batch_size", 64) or 64)
+        used = [c for c in caches if (str(c.get("mode")), int(c.get("size", -1))) in classifier.views]
+        cache = next((c for c in used if str(c.get("mode")) != "full"), used[0])  # its `found` is stage 1's
         paths = [str(p) for p in cache["paths"]]
         write_predictions(out / "predictions.csv", paths, cache["labels"], probs, cache.get("found"))
         pred = read_predictions(out / "predictions.csv")
-        source = {"cls": str(args.cls), "data": str(args.data),
+        source = {"cls": str(args.cls), "data": data[0] if len(data) == 1 else data,
                   **{k: classifier.meta.get(k) for k in ("model", "mode", "size")}}
     result = {"source": source, **evaluate_predictions(pred, clean, n_boot, seed, alpha, subsets)}
     (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))

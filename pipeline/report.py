@@ -34,19 +34,27 @@ TUMOR_NOTE = ("Tumor found: share of tumor slices called any tumor class (wrong 
 
 # --- pairing ------------------------------------------------------------------------------------
 
+def _is_mode(token: str) -> bool:
+    """``full``, ``crop``, ``masked``, or an ensemble of them such as ``full+crop``."""
+    parts = token.lower().split("+")
+    return all(p in MODES for p in parts) and len(set(parts)) == len(parts)
+
+
 def _split_mode(name: str) -> tuple[str, str | None]:
-    """``"lite0-masked"`` -> ``("lite0", "masked")``; a name without a mode token -> ``(name, None)``."""
+    """``"lite0-masked"`` -> ``("lite0", "masked")``, ``"lite0-full+crop"`` -> ``("lite0", "full+crop")``;
+    a name without a mode token -> ``(name, None)``."""
     tokens = re.split(r"[-_.\s]+", name)
-    modes = [t for t in tokens if t.lower() in MODES]
+    modes = [t for t in tokens if _is_mode(t)]
     if len(modes) != 1:
         return name, None
-    rest = [t for t in tokens if t.lower() not in MODES]
+    rest = [t for t in tokens if not _is_mode(t)]
     return "-".join(rest), modes[0].lower()
 
 
 def auto_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
     """Runs of one model in different modes: every crop/masked run against the full one, and
-    masked against crop. The model is the run name without its mode token."""
+    masked against crop; an ensemble run (``full+crop``) against each of its members. The model
+    is the run name without its mode token."""
     groups: dict[str, dict[str, str]] = {}
     for n in names:
         model, mode = _split_mode(n)
@@ -57,6 +65,8 @@ def auto_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
         for a, b in (("masked", "full"), ("crop", "full"), ("masked", "crop")):
             if a in modes and b in modes:
                 pairs.append((modes[a], modes[b]))
+        for ens in (m for m in modes if "+" in m):
+            pairs += [(modes[ens], modes[part]) for part in ens.split("+") if part in modes]
     return pairs
 
 

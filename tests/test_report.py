@@ -176,6 +176,9 @@ def test_compare_explicit_pairs_and_errors(tmp_path):
     assert auto_pairs(["lite0-full", "lite0-masked", "lite0-crop", "cnn_full", "cnn_masked", "yolo"]) == [
         ("lite0-masked", "lite0-full"), ("lite0-crop", "lite0-full"), ("lite0-masked", "lite0-crop"),
         ("cnn_masked", "cnn_full")]
+    assert auto_pairs(["lite0-full", "lite0-crop", "lite0-full+crop", "lite0-full+masked", "x-full+full"]) == [
+        ("lite0-crop", "lite0-full"), ("lite0-full+crop", "lite0-full"), ("lite0-full+crop", "lite0-crop"),
+        ("lite0-full+masked", "lite0-full")]
     assert parse_pairs(["yolo:lite0-full"], ["yolo", "lite0-full"]) == [("yolo", "lite0-full")]
     with pytest.raises(ValueError, match="unknown run"):
         parse_pairs(["a:b"], ["a"])

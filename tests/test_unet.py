@@ -241,3 +241,31 @@ def test_lite0_coarse_stage_under_the_fine_stage_of_an_existing_cascade(tmp_path
     assert isinstance(seg.coarse, unet.Lite0UNet)
     results = seg.predict([np.full((50, 70), 40, np.uint8)])
     assert results[0].mask.shape == (50, 70)
+
+
+def test_init_starts_from_another_run_and_refuses_the_wrong_stage(tmp_path):
+    from pipeline.weights import WeightsError
+
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    for stage in ("coarse", "fine"):
+        unet.train_stage(cache, tmp_path / stage, stage=stage, size=32, epochs=1, batch_size=8, net=TINY, threads=1)
+    best = tmp_path / "coarse" / "best.pt"
+    trained = torch.load(best, weights_only=True)["state_dict"]
+    net = unet.build_net(unet.net_config(**TINY))
+    assert not all(torch.equal(v, trained[k]) for k, v in net.state_dict().items())
+    unet._load_init(net, best, "coarse", unet.net_config(**TINY))
+    assert all(torch.equal(v, trained[k]) for k, v in net.state_dict().items())
+    cascade = tmp_path / "cascade.pt"  # a cascade's coarse part works too (float16 -> float32)
+    unet.export_cascade(best, tmp_path / "fine" / "best.pt", cascade)
+    unet._load_init(net, cascade, "coarse", unet.net_config(**TINY))
+    assert all(torch.equal(v, trained[k].half().float()) for k, v in net.state_dict().items()
+               if v.is_floating_point())
+    with pytest.raises(WeightsError, match="not the coarse stage"):
+        unet._load_init(net, tmp_path / "fine" / "best.pt", "coarse", unet.net_config(**TINY))
+    with pytest.raises(WeightsError, match="not the coarse stage"):
+        unet._load_init(net, best, "coarse", unet.net_config(channels=[4, 8], strides=[2]))
+    # fine-tuning at a larger size records where it started
+    unet.train_stage(cache, tmp_path / "ft", stage="coarse", size=64, epochs=1, batch_size=8, net=TINY, threads=1,
+                     init=best)
+    meta = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)["meta"]
+    assert meta["size"] == 64 and meta["init"]["path"] == str(best) and len(meta["init"]["sha256"]) == 64

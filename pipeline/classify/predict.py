@@ -1,7 +1,14 @@
-"""Load a trained classifier checkpoint (weights-only, sha256-checked) and classify batches."""
+"""Load a trained classifier checkpoint (weights-only, sha256-checked) and classify batches.
+
+:func:`load_classifier` is the entry point: a checkpoint gives a :class:`Classifier`, a
+``classifier-ensemble`` manifest entry or a comma-separated list of checkpoints gives a
+:class:`ClassifierEnsemble` whose members may each see a different input (whole slice, tumor crop).
+"""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,6 +56,19 @@ class Classifier:
             # folder does not trigger a recompile
             self.model = torch.compile(self.model, dynamic=True)
 
+    @property
+    def views(self) -> tuple[tuple[str, int], ...]:
+        """The inputs it reads, as (mode, size) pairs for :func:`pipeline.roi.make_input`."""
+        return ((self.mode, self.size),)
+
+    @property
+    def members(self) -> list["Classifier"]:
+        return [self]
+
+    def predict_views(self, views: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
+        """``{(mode, size): (B, size, size) uint8}`` holding at least :attr:`views` -> (B, 4) probabilities."""
+        return self.predict_proba(views[(self.mode, self.size)])
+
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         """(B, S, S) uint8 inputs made by :func:`pipeline.roi.make_input` -> (B, 4) probabilities."""
@@ -59,6 +79,97 @@ class Classifier:
         with torch.autocast("cuda", enabled=str(self.device).startswith("cuda")):
             logits = self.model(x)
         return logits.float().softmax(1).cpu().numpy()
+
+
+class ClassifierEnsemble:
+    """The mean of its members' probabilities, each member reading its own input.
+
+    Why: a whole-slice model and a tumor-crop model err on different slices (the crop loses the
+    anatomy around the lesion, the whole slice dilutes a small lesion), so their mean beats either
+    alone; see ``weights/cls_lite0_full_crop.md``. ``mode`` is the members' modes joined by ``+``.
+    """
+
+    def __init__(self, members: Sequence[Classifier], name: str = ""):
+        self.members = list(members)
+        if len(self.members) < 2:
+            raise WeightsError(f"ensemble {name!r}: needs at least two members, got {len(self.members)}")
+        margins = {float(m.meta.get("margin", 0.25)) for m in self.members}
+        if len(margins) > 1:
+            raise WeightsError(f"ensemble {name!r}: members were trained with different ROI margins {sorted(margins)}")
+        self.name = name
+        self.views = tuple(dict.fromkeys(v for m in self.members for v in m.views))
+        self.mode = "+".join(dict.fromkeys(m.mode for m in self.members))
+        self.size = self.members[0].size
+        self.device = self.members[0].device
+        self.meta = {"model": "ensemble", "mode": self.mode, "margin": margins.pop(), "classes": list(CLASSES),
+                     "members": [m.meta for m in self.members]}
+        # what was run, not how it was named: the same members resume a folder however they are spelt
+        self.fingerprint = {"ensemble": "mean", "members": sorted(m.fingerprint["weights_sha256"] for m in self.members)}
+        #: the segmenter whose masks the crop/masked members were trained on (``--seg auto`` picks it)
+        self.segmenter: str | None = None
+        #: run the members side by side (ONNX Runtime sessions only; torch shares one thread pool)
+        self.parallel = all(m.backend == "onnx" for m in self.members)
+
+    def predict_views(self, views: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
+        """``{(mode, size): (B, size, size) uint8}`` holding every member's view -> (B, 4) mean probabilities."""
+        missing = [v for v in self.views if v not in views]
+        if missing:
+            raise ValueError(f"ensemble {self.name!r}: no input for {missing}")
+        if self.parallel:
+            # ONNX Runtime releases the GIL, and one small network scales poorly past one core:
+            # side by side, each on its own thread(s), beats one after the other on all cores
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(self.members)) as pool:
+                probs = list(pool.map(lambda m: m.predict_views(views), self.members))
+        else:
+            probs = [m.predict_views(views) for m in self.members]
+        return np.mean(probs, axis=0)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        if len(self.views) > 1:
+            raise ValueError(f"ensemble {self.name!r} reads {len(self.views)} inputs {list(self.views)}; "
+                             f"use predict_views")
+        return self.predict_views({self.views[0]: images})
+
+
+def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                    backend: str = "torch", compile: bool = False) -> Classifier | ClassifierEnsemble:
+    """A checkpoint (manifest name or .pt path) -> :class:`Classifier`; an ensemble file (manifest
+    name of kind ``classifier-ensemble``, or a .json path) or ``"a.pt,b.pt"`` -> :class:`ClassifierEnsemble`.
+
+    An ensemble file is JSON: ``{"members": [...], "segmenter": NAME}``, each member a manifest name
+    or a path relative to the file; ``segmenter`` (optional) is the one whose masks its members were
+    trained on. Manifest entries are sha256-checked like checkpoints.
+    """
+    import json
+
+    from pipeline.weights import load_manifest, resolve
+
+    name = str(weights)
+    manifest = load_manifest()
+    spec: dict = {}
+    if manifest.get(name, {}).get("kind") == "classifier-ensemble" or name.endswith(".json"):
+        path = resolve(name)
+        try:
+            spec = json.loads(path.read_text())
+            members = spec["members"]
+            if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise WeightsError(f"{path}: not an ensemble file (expected JSON with \"members\": a list of "
+                               f"manifest names or paths)") from None
+        members = [m if m in manifest else str(path.parent / m) for m in members]
+    elif "," in name and not Path(name).exists():
+        members = [m.strip() for m in name.split(",") if m.strip()]
+    else:
+        return Classifier(weights, device=device, threads=threads, backend=backend, compile=compile)
+    if backend == "onnx" and members:  # the sessions run side by side: share the cores between them
+        threads = max(1, (threads or torch.get_num_threads()) // len(members))
+    ensemble = ClassifierEnsemble([Classifier(m, device=device, threads=threads, backend=backend, compile=compile)
+                                   for m in members], name=name)
+    ensemble.segmenter = spec.get("segmenter")
+    return ensemble
 
 
 def export_checkpoint(run_best: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> str:

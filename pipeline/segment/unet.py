@@ -396,7 +396,8 @@ def dice_per_image(prob: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage: str = "coarse", size: int = 160,
                 epochs: int = 20, batch_size: int = 16, lr: float = 3e-3, margin: float = 0.25, seed: int = 0,
                 device: str = "cpu", net: dict | None = None, time_hours: float | None = None,
-                threads: int | None = None, image_loss: float = 0.0, pretrained: bool = True) -> dict:
+                threads: int | None = None, image_loss: float = 0.0, pretrained: bool = True,
+                init: str | os.PathLike | None = None) -> dict:
     """Train one stage; every epoch writes ``last.pt`` (resume) and ``curves.csv``; ``best.pt`` (weights only)
     is the epoch with the best validation score: mean Dice on tumor slices, minus the false-mask rate on
     no-tumor slices for the coarse stage.
@@ -406,6 +407,10 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     pixels on a healthy slice; this term is all about them, which is what the false-mask rate counts.
     (Applied to tumor slices too, with target "tumor", it was satisfied by a spurious blob anywhere
     on the slice and pixel Dice stalled near 0: measured, epochs 1-4.)
+
+    ``init``: start from the weights of another run's ``best.pt`` (same stage and network), or of a
+    cascade checkpoint's part for ``stage``: for example a coarse net trained at a smaller size,
+    fine-tuned at a larger one (the networks are fully convolutional).
     """
     from monai.losses import DiceCELoss
 
@@ -427,7 +432,9 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     rng = np.random.default_rng(seed)
     val_x, val_y = _stage_arrays(cache, "val", stage, size, margin, None)
     val_tumor = val_y.reshape(len(val_y), -1).max(1) > 0
-    model = build_net(net_cfg, pretrained=pretrained).to(device)
+    model = build_net(net_cfg, pretrained=pretrained and not init).to(device)
+    if init:
+        init_sha = _load_init(model, init, stage, net_cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n_train = int((cache["split"] == "train").sum()) if stage == "coarse" else int(
         ((cache["split"] == "train") & (cache["masks"].reshape(len(cache["masks"]), -1).max(1) > 0)).sum())
@@ -441,6 +448,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
         meta["image_loss"] = image_loss
     if net_cfg.get("arch") == "lite0-unet":
         meta["pretrained"] = bool(pretrained)
+    if init:
+        meta["init"] = {"path": str(init), "sha256": init_sha}
     start, best, history = 0, -1e9, []
     last = out / "last.pt"
     if last.is_file():
@@ -513,6 +522,27 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     return summary
 
 
+def _load_init(model: torch.nn.Module, path: str | os.PathLike, stage: str, net_cfg: dict) -> str:
+    """Load ``path`` (a ``best.pt`` or a cascade checkpoint) into ``model``; returns its sha256."""
+    from pipeline.weights import WeightsError, resolve, sha256_file
+
+    path = resolve(path)  # a manifest name too, sha256-checked
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in ckpt:
+        meta = ckpt.get("meta", {})
+        state, cfg, their_stage = ckpt["state_dict"], net_config(**meta.get("net", {})), meta.get("stage")
+    elif stage in ckpt and "meta" in ckpt:
+        meta = ckpt["meta"]
+        state, their_stage = ckpt[stage], stage
+        cfg = net_config(**(meta.get("coarse_net", meta["net"]) if stage == "coarse" else meta["net"]))
+    else:
+        raise WeightsError(f"{path}: neither a train-unet best.pt nor a U-Net cascade checkpoint")
+    if their_stage != stage or cfg != net_cfg:
+        raise WeightsError(f"{path}: holds a {their_stage} stage {cfg}, not the {stage} stage {net_cfg} asked for")
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return sha256_file(path)
+
+
 def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike, dest: str | os.PathLike,
                    threshold: float = 0.5, min_area: int = 8, half: bool = True) -> dict:
     """Pack two ``best.pt`` files from :func:`train_stage` into one weights-only cascade checkpoint.
@@ -561,6 +591,8 @@ def add_train_arguments(p) -> None:
     p.add_argument("--image-loss", type=float, default=0.0,
                    help="weight of the slice-level tumor/no-tumor loss (coarse stage; 0: off)")
     p.add_argument("--cache", help="decoded slices (.npz; default: DATA/unet_cache_512.npz, built when missing)")
+    p.add_argument("--init", help="start from these weights: a best.pt of the same stage and network, or a "
+                                  "cascade checkpoint (e.g. fine-tune a 128 px coarse net at 160 px)")
 
 
 def run_train(args) -> int:
@@ -573,7 +605,7 @@ def run_train(args) -> int:
                           batch_size=args.batch_size, lr=args.lr, margin=args.margin, seed=args.seed or 0,
                           device=resolve_device(args.device or "auto"), time_hours=args.time_hours,
                           image_loss=args.image_loss or 0.0, net={"arch": args.arch},
-                          pretrained=args.pretrained == "true")
+                          pretrained=args.pretrained == "true", init=args.init)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
 

@@ -1,0 +1,199 @@
+"""Ensembles of classifiers that read different inputs (whole slice + stage-1 crop)."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import CLASSES
+from pipeline.batch import run_predict
+from pipeline.classify.models import create_model
+from pipeline.classify.predict import Classifier, ClassifierEnsemble, load_classifier
+from pipeline.evaluate_cls import predict_cache
+from pipeline.phantoms import make_phantom
+from pipeline.roi import make_input
+from pipeline.weights import WeightsError
+from tests.fakes import BrightBlobSegmenter
+from tests.scan_fixtures import write_png
+
+
+def _tiny(path, mode, size, seed, margin=None):
+    torch.manual_seed(seed)
+    meta = {"model": "smallcnn", "mode": mode, "size": size, "classes": list(CLASSES)}
+    if margin is not None:
+        meta["margin"] = margin
+    torch.save({"state_dict": create_model("smallcnn").state_dict(), "meta": meta}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ens")
+    return _tiny(d / "full.pt", "full", 32, 1), _tiny(d / "crop.pt", "crop", 48, 2)
+
+
+def _scans(n=6):
+    return [make_phantom(label, size=96, rng=i)[0] for i, label in zip(range(n), ["glioma", "notumor"] * n)]
+
+
+def test_ensemble_is_the_mean_of_members_each_on_its_own_view(members):
+    full, crop = Classifier(members[0]), Classifier(members[1])
+    ens = load_classifier(f"{members[0]},{members[1]}")
+    assert isinstance(ens, ClassifierEnsemble)
+    assert ens.mode == "full+crop" and ens.views == (("full", 32), ("crop", 48))
+    images = _scans()
+    masks = BrightBlobSegmenter().predict(images)
+    views = {(m, s): np.stack([make_input(im, m, s, r.mask)[0] for im, r in zip(images, masks)])
+             for m, s in ens.views}
+    got = ens.predict_views(views)
+    want = (full.predict_proba(views[("full", 32)]) + crop.predict_proba(views[("crop", 48)])) / 2
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(got, full.predict_proba(views[("full", 32)]))  # the crop member counts
+    with pytest.raises(ValueError, match="no input for"):
+        ens.predict_views({("full", 32): views[("full", 32)]})
+    with pytest.raises(ValueError, match="predict_views"):
+        ens.predict_proba(views[("full", 32)])
+
+
+def test_ensemble_refuses_one_member_and_mixed_margins(tmp_path, members):
+    with pytest.raises(WeightsError, match="at least two"):
+        ClassifierEnsemble([Classifier(members[0])])
+    other = _tiny(tmp_path / "wide.pt", "crop", 48, 3, margin=0.5)
+    with pytest.raises(WeightsError, match="margins"):
+        load_classifier(f"{members[0]},{other}")
+
+
+def test_ensemble_file_from_the_manifest_or_a_path(tmp_path, monkeypatch, members):
+    import shutil
+
+    import pipeline.weights as W
+    from pipeline.weights import sha256_file
+
+    for p in members:
+        shutil.copy(p, tmp_path / p.name)
+    spec = tmp_path / "both.json"
+    # a manifest name and a path relative to the file
+    spec.write_text(json.dumps({"members": ["m-full", "crop.pt"], "segmenter": "seg-x"}))
+    entries = [{"name": "m-full", "file": "full.pt", "sha256": sha256_file(members[0]), "kind": "classifier"},
+               {"name": "both", "file": "both.json", "sha256": sha256_file(spec), "kind": "classifier-ensemble"}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"weights": entries}))
+    monkeypatch.setattr(W, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(W, "MANIFEST", tmp_path / "manifest.json")
+    ens = load_classifier("both")
+    assert ens.mode == "full+crop" and [m.mode for m in ens.members] == ["full", "crop"]
+    assert ens.segmenter == "seg-x"
+    assert load_classifier(str(spec)).views == ens.views  # the file by path
+    (tmp_path / "full.pt").write_bytes(b"tampered")  # a member is sha256-checked
+    with pytest.raises(WeightsError, match="sha256"):
+        load_classifier("both")
+    spec.write_text(json.dumps({"members": ["crop.pt", "crop.pt"], "note": "edited"}))  # so is the file
+    with pytest.raises(WeightsError, match="sha256"):
+        load_classifier("both")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"members": "crop.pt"}))
+    with pytest.raises(WeightsError, match="not an ensemble file"):
+        load_classifier(str(bad))
+
+
+def test_predict_cache_takes_one_cache_per_view(members):
+    ens = load_classifier(f"{members[0]},{members[1]}")
+    images = _scans(4)
+    masks = BrightBlobSegmenter().predict(images)
+    paths = np.array([f"s{i}.png" for i in range(4)])
+    caches = [{"images": np.stack([make_input(im, m, s, r.mask)[0] for im, r in zip(images, masks)]),
+               "mode": np.array(m), "size": np.array(s), "paths": paths} for m, s in ens.views]
+    got = predict_cache(ens, caches, batch_size=3)  # batches cut across both caches alike
+    want = ens.predict_views({v: c["images"] for v, c in zip(ens.views, caches)})
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="mode=crop size=48"):
+        predict_cache(ens, caches[:1])
+    shuffled = {**caches[1], "paths": paths[::-1]}
+    with pytest.raises(ValueError, match="different slices"):
+        predict_cache(ens, [caches[0], shuffled])
+
+
+def test_run_predict_with_an_ensemble(tmp_path, members):
+    src = tmp_path / "scans"
+    src.mkdir()
+    images = _scans(4)
+    for i, im in enumerate(images):
+        write_png(src / f"s{i}.png", im)
+    ens = load_classifier(f"{members[0]},{members[1]}")
+    with pytest.raises(ValueError, match="needs a segmenter"):
+        run_predict(src, tmp_path / "none", ens, None, progress=False)
+    with pytest.raises(ValueError, match="ensemble"):
+        run_predict(src, tmp_path / "other", ens, BrightBlobSegmenter(), mode="crop", progress=False)
+    run_predict(src, tmp_path / "out", ens, BrightBlobSegmenter(), batch_size=3, gradcam=True, progress=False)
+    with open(tmp_path / "out" / "predictions.csv", newline="") as fh:
+        rows = {r["path"]: r for r in csv.DictReader(fh)}
+    masks = BrightBlobSegmenter().predict(images)
+    for i, (im, r) in enumerate(zip(images, masks)):
+        want = ens.predict_views({(m, s): make_input(im, m, s, r.mask)[0][None] for m, s in ens.views})[0]
+        row = rows[f"s{i}.png"]
+        assert row["mode"] == "full+crop" and row["status"] == "ok"
+        np.testing.assert_allclose([float(row[f"p_{c}"]) for c in CLASSES], want, atol=2e-6)
+        for member in ("full", "crop"):  # one Grad-CAM map per member
+            assert (tmp_path / "out" / "gradcam" / member / f"s{i}.png.png").is_file()
+
+
+def test_default_predict_is_the_shipped_ensemble_with_its_segmenter(tmp_path, kaggle_root):
+    """The main job's defaults (configs/default.yaml) on 12 real Testing scans, 3 per class."""
+    from pipeline.cli import main
+
+    src = tmp_path / "scans"
+    for c in CLASSES:
+        (src / c).mkdir(parents=True)
+        for f in sorted((kaggle_root / "Testing" / c).iterdir())[:3]:
+            (src / c / f.name).symlink_to(f)
+    assert main(["predict", "--input", str(src), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    with open(tmp_path / "out" / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    settings = json.loads((tmp_path / "out" / "predictions.csv.settings.json").read_text())
+    assert settings["mode"] == "full+crop" and settings["classifier"]["ensemble"] == "mean"
+    assert len(settings["classifier"]["members"]) == 2 and settings["segmenter"] != "none"
+    assert len(rows) == 12 and all(r["status"] == "ok" and r["mode"] == "full+crop" for r in rows)
+    right = sum(r["label"] == r["path"].split("/")[0] for r in rows)
+    assert right >= 11, [(r["path"], r["label"]) for r in rows]
+    tumors = [r for r in rows if not r["path"].startswith("notumor")]
+    assert sum(r["found"] == "true" for r in tumors) >= 7  # stage 1 ran and found most lesions
+
+
+def test_evaluate_cls_scores_an_ensemble_from_one_cache_per_view(tmp_path, members):
+    from pipeline.cli import main
+
+    ens = load_classifier(f"{members[0]},{members[1]}")
+    images = _scans(6)
+    masks = BrightBlobSegmenter().predict(images)
+    labels = np.array([0, 2] * 3)
+    paths = np.array([f"Testing/s{i}.png" for i in range(6)])
+    files = []
+    for mode, size in ens.views:
+        f = tmp_path / f"{mode}.npz"
+        np.savez(f, images=np.stack([make_input(im, mode, size, r.mask)[0] for im, r in zip(images, masks)]),
+                 labels=labels, paths=paths, found=np.array([mode != "full" and r.found for r in masks]),
+                 mode=np.array(mode), size=np.array(size), margin=np.array(0.25))
+        files.append(str(f))
+    assert main(["evaluate-cls", "--cls", f"{members[0]},{members[1]}", "--data", *files[::-1],
+                 "--out", str(tmp_path / "eval"), "--n-boot", "20"]) == 0
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    want = ens.predict_views({v: np.load(f)["images"] for v, f in zip(ens.views, files)})
+    np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows], want, atol=2e-6)
+    assert [r["found"] for r in rows] == [str(bool(r.found)).lower() for r in masks]  # stage 1's, from the crop cache
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["source"]["data"] == files[::-1] and metrics["all"]["n"] == 6
+
+
+def test_onnx_ensemble_runs_members_side_by_side_with_the_same_result(members, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("BRAIN_MRI_CACHE", str(tmp_path))  # exports go to a fresh cache
+    ref = load_classifier(f"{members[0]},{members[1]}")
+    fast = load_classifier(f"{members[0]},{members[1]}", backend="onnx", threads=2)
+    assert fast.parallel and not ref.parallel
+    assert all(m.model.session.get_session_options().intra_op_num_threads == 1 for m in fast.members)
+    images = _scans(5)
+    masks = BrightBlobSegmenter().predict(images)
+    views = {(m, s): np.stack([make_input(im, m, s, r.mask)[0] for im, r in zip(images, masks)])
+             for m, s in ref.views}
+    np.testing.assert_allclose(fast.predict_views(views), ref.predict_views(views), atol=1e-4)
