@@ -197,3 +197,18 @@ def test_onnx_ensemble_runs_members_side_by_side_with_the_same_result(members, t
     views = {(m, s): np.stack([make_input(im, m, s, r.mask)[0] for im, r in zip(images, masks)])
              for m, s in ref.views}
     np.testing.assert_allclose(fast.predict_views(views), ref.predict_views(views), atol=1e-4)
+
+
+def test_auto_backend_is_onnx_on_the_cpu_only_when_it_can_run(monkeypatch):
+    import importlib.util
+
+    from pipeline.cli import auto_backend
+
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    assert auto_backend("cpu") == "onnx"
+    assert auto_backend("cuda") == "torch" and auto_backend("cuda:1") == "torch"
+    assert auto_backend("cpu", compile=True) == "torch"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    assert auto_backend("cpu") == "torch"
