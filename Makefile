@@ -281,24 +281,17 @@ $(OUT)/eval/$(CLS_TAG)-%/metrics.json: $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.j
 	$(PY) -m pipeline evaluate-cls --cls $(OUT)/cls/$(CLS_TAG)_$*_$(SIZE)/best.pt --data $(CACHE)/$*_$(SIZE)/testing.npz --clean $(CLEAN) \
 	  --out $(OUT)/eval/$(CLS_TAG)-$* --device $(DEVICE)
 
+# $(call ENSEMBLE_EVAL,full+crop,RUNS_DIR,EVAL_FOLDER,EXTRA_ARGS): evaluate the mean of RUNS_DIR's runs of those modes
 define ENSEMBLE_EVAL
-$(OUT)/eval/$(CLS_TAG)-$(1)/metrics.json: $(foreach m,$(subst +, ,$(1)),$(OUT)/cls/$(CLS_TAG)_$(m)_$(SIZE)/summary.json) $(CLEAN)
+$(3)/metrics.json: $(foreach m,$(subst +, ,$(1)),$(2)/$(CLS_TAG)_$(m)_$(SIZE)/summary.json) $(CLEAN)
 	$(PY) -m pipeline evaluate-cls \
-	  --cls $(subst $(space),$(comma),$(foreach m,$(subst +, ,$(1)),$(OUT)/cls/$(CLS_TAG)_$(m)_$(SIZE)/best.pt)) \
+	  --cls $(subst $(space),$(comma),$(foreach m,$(subst +, ,$(1)),$(2)/$(CLS_TAG)_$(m)_$(SIZE)/best.pt)) \
 	  --data $(foreach m,$(subst +, ,$(1)),$(CACHE)/$(m)_$(SIZE)/testing.npz) --clean $(CLEAN) \
-	  --out $(OUT)/eval/$(CLS_TAG)-$(1) --device $(DEVICE)
+	  --out $(3) $(4) --device $(DEVICE)
 endef
-$(foreach e,$(ENS_ON),$(eval $(call ENSEMBLE_EVAL,$(e))))
-
-define LOSO_ENSEMBLE_EVAL
-$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(1)/metrics.json: $(foreach m,$(subst +, ,$(1)),$(OUT)/loso/cls/$(CLS_TAG)_$(m)_$(SIZE)/summary.json) $(CLEAN)
-	$(PY) -m pipeline evaluate-cls \
-	  --cls $(subst $(space),$(comma),$(foreach m,$(subst +, ,$(1)),$(OUT)/loso/cls/$(CLS_TAG)_$(m)_$(SIZE)/best.pt)) \
-	  --data $(foreach m,$(subst +, ,$(1)),$(CACHE)/$(m)_$(SIZE)/testing.npz) --clean $(CLEAN) \
-	  --out $(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(1) \
-	  --subset $(LOSO_DROP)=$(OUT)/sources/testing_$(LOSO_DROP).txt --device $(DEVICE)
-endef
-$(foreach e,$(LOSO_ENS_ON),$(eval $(call LOSO_ENSEMBLE_EVAL,$(e))))
+$(foreach e,$(ENS_ON),$(eval $(call ENSEMBLE_EVAL,$(e),$(OUT)/cls,$(OUT)/eval/$(CLS_TAG)-$(e))))
+$(foreach e,$(LOSO_ENS_ON),$(eval $(call ENSEMBLE_EVAL,$(e),$(OUT)/loso/cls,$(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-$(e),\
+  --subset $(LOSO_DROP)=$(OUT)/sources/testing_$(LOSO_DROP).txt)))
 
 compare: $(OUT)/report/report.md ## report.md/html: every trained model x mode, all vs clean Testing, McNemar
 report: compare ## same as compare

@@ -84,9 +84,9 @@ class Classifier:
 class ClassifierEnsemble:
     """The mean of its members' probabilities, each member reading its own input.
 
-    Why: a whole-slice model and a tumor-crop model err on different slices (the crop loses the
-    anatomy around the lesion, the whole slice dilutes a small lesion), so their mean beats either
-    alone; see ``weights/cls_lite0_full_crop.md``. ``mode`` is the members' modes joined by ``+``.
+    Why: a whole-slice model and a tumor-crop model err on different slices (measured: the crop
+    one is weaker on glioma, the whole-slice one on meningioma), so their mean beats either alone;
+    see ``weights/cls_lite0_full_crop.md``. ``mode`` is the members' modes joined by ``+``.
     """
 
     def __init__(self, members: Sequence[Classifier], name: str = ""):
