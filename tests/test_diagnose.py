@@ -69,3 +69,54 @@ def test_diagnose_writes_one_row_per_tumor_slice(tmp_path):
         diagnose.diagnose(ckpt, data, tmp_path / "out", split="test")
     with pytest.raises(ValueError, match="needs a U-Net cascade"):
         diagnose.diagnose_cascade(object(), [], [])
+
+
+class _BrightSegmenter:
+    """A cascade stand-in: the "fine net" draws a crop's bright pixels; the coarse regions and the
+    final masks are given per image, so each category can be built on purpose."""
+
+    margin, fine_size, fine, boxes_from = 0.25, 64, None, None
+
+    def __init__(self, boxes, masks):
+        self.boxes, self.masks = boxes, masks
+
+    def _probs(self, net, patches):
+        return [(p > 127).astype(np.float32) for p in patches]
+
+    def coarse_regions(self, images):
+        return [[{"box": b}] if b is not None else [] for b in self.boxes]
+
+    def predict(self, images):
+        from pipeline.segment.yolo import SegResult
+
+        return [SegResult(mask=m, boxes=np.zeros((0, 4), np.float32), scores=np.zeros(0, np.float32))
+                for m in self.masks]
+
+
+def test_diagnose_cascade_categories_and_the_true_box_oracle():
+    h, w = 96, 96
+    lesion = _disc(h, w, 40, 40, 10)  # box (30, 30, 51, 51)
+    image = np.full((h, w), 30, np.uint8)
+    image[lesion > 0] = 230
+    empty = np.zeros((h, w), np.uint8)
+    big = _disc(h, w, 40, 40, 22)  # about 4.8x the lesion's area, same centre
+    cases = {  # name: (coarse box, final mask, expected category)
+        "right": ((28, 28, 53, 53), lesion, "ok"),
+        "missed": (None, empty, "missed"),
+        "elsewhere": ((70, 70, 90, 90), _disc(h, w, 80, 80, 6), "elsewhere"),
+        "over": ((15, 15, 65, 65), big, "over"),
+        "under": ((36, 36, 44, 44), _disc(h, w, 40, 40, 3), "under"),
+    }
+    seg = _BrightSegmenter([c[0] for c in cases.values()], [c[1] for c in cases.values()])
+    rows = diagnose.diagnose_cascade(seg, [image] * len(cases), [lesion] * len(cases), list(cases))
+    assert [r["category"] for r in rows] == [c[2] for c in cases.values()]
+    for r in rows:  # the oracle crops the true box: the bright-pixel "fine net" then draws the lesion
+        assert r["dice_true_box"] > 0.95, r
+    by_name = {r["name"]: r for r in rows}
+    assert by_name["right"]["dice"] == pytest.approx(1.0)
+    assert by_name["missed"]["regions"] == 0 and "side_ratio" not in by_name["missed"]
+    assert by_name["over"]["side_ratio"] == pytest.approx(50 / 21, abs=0.01)
+    assert by_name["elsewhere"]["lesion_covered"] == 0
+    summary = diagnose.summarise(rows)
+    assert summary["categories"] == {"ok": 1, "missed": 1, "elsewhere": 1, "over": 1, "under": 1, "misplaced": 0}
+    assert summary["bad_with_true_box_dice_below_0.5"] == 0

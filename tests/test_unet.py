@@ -215,6 +215,10 @@ def test_lite0_encoder_gets_imagenet_weights_and_keeps_the_input_size():
         unet.train_stage("unused.npz", "unused", stage="coarse", size=48, net={"arch": "lite0-unet"})
     with pytest.raises(ValueError, match="unknown fine-stage jitter"):
         unet.train_stage("unused.npz", "unused", stage="fine", size=64, jitter="wobble")
+    with pytest.raises(ValueError, match="share of lesion crops"):
+        unet.train_stage("unused.npz", "unused", stage="fine", size=64, negatives=-0.5)
+    with pytest.raises(ValueError, match="coarse stage sees whole slices"):
+        unet.train_stage("unused.npz", "unused", stage="coarse", size=64, jitter="box")
 
 
 def _crop_cover(jitter, n=400, seed=0):

@@ -1,8 +1,12 @@
-"""Where a U-Net cascade loses Dice, on the validation split (never on Testing).
+"""Where a U-Net cascade loses Dice: a development tool for the validation split (the default;
+the held-out test split is for reporting, and Kaggle Testing has no masks).
 
 For every tumor slice it compares the cascade's mask with the fine net's mask given the true
 lesion box (an oracle localiser), and measures how the coarse net's largest region differs from
-the lesion box. Slices below Dice 0.5 that got a mask are sorted into:
+the lesion box. ``missed`` slices got no mask: ``regions`` in ``slices.csv`` tells whether the
+coarse net found nothing (0) or the fine net drew nothing where it did. Slices below Dice 0.5
+that got a mask are sorted into (the geometry is of the largest coarse region only; the fine
+net redraws up to two):
 
 - ``elsewhere``: the coarse box covers under 10 % of the lesion box (a wrong region);
 - ``over``: the mask is over 1.5x the lesion's area;
@@ -143,7 +147,8 @@ def add_arguments(p) -> None:
     p.add_argument("--weights", required=True, help="U-Net cascade checkpoint (a file or a manifest name)")
     p.add_argument("--data", required=True, help="folder from `seg-data` (images/<split>, masks/<split>)")
     p.add_argument("--out", required=True, help="folder for diagnosis.json and slices.csv")
-    p.add_argument("--split", default="val", help="split folder to read (default val; never Testing)")
+    p.add_argument("--split", default="val", help="split folder of seg-data to read (default val: choose on "
+                                                     "validation; test is the held-out split, for reporting)")
 
 
 def run(args) -> int:

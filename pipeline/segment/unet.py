@@ -368,17 +368,19 @@ def jitter_box(box: Sequence[float], margin: float, rng: np.random.Generator, ji
     """A perturbed lesion box and crop margin, so the fine net learns to work from imperfect boxes.
 
     ``margin``: the margin scaled by U(0.4, 2) and the centre moved by N(0, 0.12) of the box size;
-    crops are 1.2-2x the lesion and always hold all of it. ``box``: the box itself is rescaled
-    (log-normal, sd 0.25 per side) and moved (N(0, 0.1) of its longer side) under the fixed margin,
-    which is how the coarse net's boxes differ from the truth (``diagnose-seg`` on validation,
-    seg-lite0-cascade: longer-side ratio 0.58-1.53 for 90 % of slices, median centre offset 0.07 of
-    the lesion's side). Crops then range from a part of the lesion to 2.5x it, as at inference.
+    crops are 1.2-2x the lesion and nearly always hold all of it. ``box``: the box itself is
+    rescaled (log-normal, sd 0.25 per side) and moved (N(0, 0.1) of its longer side) under the
+    fixed margin, roughly as the coarse net's boxes differ from the truth (``diagnose-seg`` on
+    validation, seg-lite0-cascade: longer-side ratio 0.58-1.53 for 90 % of slices, centre offset
+    median 0.07 and 90th percentile 0.25 of the lesion's side). Crops then range from a part of
+    the lesion to 2.5x it, as at inference.
     """
     x0, y0, x1, y1 = (float(v) for v in box)
     bw, bh = x1 - x0, y1 - y0
-    if jitter == "margin":
+    if jitter == "margin":  # draws in the order of the original code, so old runs reproduce
+        m = margin * rng.uniform(0.4, 2.0)
         dx, dy = rng.normal(0, 0.12, 2) * (bw, bh)
-        return (x0 + dx, y0 + dy, x1 + dx, y1 + dy), margin * rng.uniform(0.4, 2.0)
+        return (x0 + dx, y0 + dy, x1 + dx, y1 + dy), m
     if jitter == "box":
         side = max(bw, bh)
         cx, cy = (x0 + x1) / 2 + rng.normal(0, 0.1) * side, (y0 + y1) / 2 + rng.normal(0, 0.1) * side
@@ -453,8 +455,11 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
                 threads: int | None = None, image_loss: float = 0.0, pretrained: bool = True,
                 init: str | os.PathLike | None = None, jitter: str = "margin", negatives: float = 0.0) -> dict:
     """Train one stage; every epoch writes ``last.pt`` (resume) and ``curves.csv``; ``best.pt`` (weights only)
-    is the epoch with the best validation score: mean Dice on tumor slices, minus the false-mask rate on
-    no-tumor slices for the coarse stage.
+    is the epoch with the best validation score: mean Dice on inputs with a lesion, minus the false-mask
+    rate on inputs without one (no-tumor slices for the coarse stage; ``negatives`` crops for the fine).
+
+    ``jitter`` and ``negatives`` (fine stage): how training crops are perturbed (:func:`jitter_box`),
+    and how many lesion-free crops are added per lesion crop.
 
     ``image_loss`` > 0 adds a slice-level term on no-tumor slices only: binary cross-entropy of the
     mean of the slice's 32 highest logits against "no tumor". Pixel losses barely notice a few false
@@ -480,6 +485,10 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     net_cfg = net_config(**(net or {}))
     if jitter not in FINE_JITTERS:
         raise ValueError(f"unknown fine-stage jitter {jitter!r}; choose from {', '.join(FINE_JITTERS)}")
+    if negatives < 0:
+        raise ValueError(f"negatives is a share of lesion crops (>= 0), got {negatives}")
+    if stage == "coarse" and (jitter != "margin" or negatives):
+        raise ValueError("jitter and negatives shape the fine stage's crops; the coarse stage sees whole slices")
     if net_cfg.get("arch") == "lite0-unet" and size % 32:
         raise ValueError(f"lite0-unet needs a size that is a multiple of 32, got {size}")
     cache = dict(np.load(cache_path))
