@@ -85,13 +85,14 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def diagnose_cascade(seg, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
-                     names: Sequence[str] | None = None) -> list[dict]:
+                     names: Sequence[str] | None = None, source: str = "segmenter") -> list[dict]:
     """One row per (H, W) uint8 image with a non-empty (H, W) truth mask; ``seg`` a
-    :class:`pipeline.segment.unet.UNetCascadeSegmenter` without ``boxes_from``."""
+    :class:`pipeline.segment.unet.UNetCascadeSegmenter` without ``boxes_from`` (``source`` names
+    it in the error otherwise)."""
     from pipeline.segment.unet import crop_square, lesion_box, paste_square, square_box
 
     if not hasattr(seg, "coarse_regions") or getattr(seg, "boxes_from", None) is not None:
-        raise ValueError("diagnose-seg needs a U-Net cascade segmenter (coarse and fine nets)")
+        raise ValueError(f"{source}: diagnose-seg needs a U-Net cascade segmenter (coarse and fine nets)")
     names = list(names) if names is not None else [str(i) for i in range(len(images))]
     truths = [t > 127 if t.dtype == np.uint8 else t > 0 for t in truths]
     preds = seg.predict(list(images))
@@ -132,11 +133,7 @@ def diagnose(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: s
         names.append(path.name)
     if not images:
         raise FileNotFoundError(f"{folder}: no tumor slices with masks")
-    seg = load_segmenter(weights, device=device)
-    try:
-        rows = diagnose_cascade(seg, images, truths, names)
-    except ValueError as exc:
-        raise ValueError(f"{weights}: {exc}") from exc
+    rows = diagnose_cascade(load_segmenter(weights, device=device), images, truths, names, source=str(weights))
     result = {"weights": str(weights), "split": split, **summarise(rows)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnosis.json").write_text(json.dumps(result, indent=2))
