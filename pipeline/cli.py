@@ -95,6 +95,8 @@ def _args_train_cls(p):
     p.add_argument("--drop", help="path list (e.g. training_sartaj.txt from `sources`) left out of train and "
                                   "validation: leave-one-source-out runs")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's own)")
+    p.add_argument("--ema", type=float, help="decay of a moving average of the weights, validated and saved "
+                                             "instead of the raw weights (e.g. 0.995; 0: off)")
 
 
 # --- command bodies ------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ def cmd_train_cls(a):
     summary = train(str(data / "train.npz"), str(data / "val.npz"), a.out, model_name=a.model,
                     pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                     patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume,
-                    drop=a.drop, threads=a.threads)
+                    drop=a.drop, threads=a.threads, ema=a.ema)
     print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "train_seconds", "best_sha256")}, indent=2))
 
 

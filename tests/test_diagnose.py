@@ -79,18 +79,25 @@ class _BrightSegmenter:
 
     def __init__(self, boxes, masks):
         self.boxes, self.masks = boxes, masks
+        self.next_box = self.next_mask = 0  # calls come chunk by chunk, in order
+        self.calls = []
 
     def _probs(self, net, patches):
         return [(p > 127).astype(np.float32) for p in patches]
 
     def coarse_regions(self, images):
-        return [[{"box": b}] if b is not None else [] for b in self.boxes]
+        boxes = self.boxes[self.next_box:self.next_box + len(images)]
+        self.next_box += len(images)
+        return [[{"box": b}] if b is not None else [] for b in boxes]
 
     def predict(self, images):
         from pipeline.segment.yolo import SegResult
 
+        self.calls.append(len(images))
+        masks = self.masks[self.next_mask:self.next_mask + len(images)]
+        self.next_mask += len(images)
         return [SegResult(mask=m, boxes=np.zeros((0, 4), np.float32), scores=np.zeros(0, np.float32))
-                for m in self.masks]
+                for m in masks]
 
 
 def test_diagnose_cascade_categories_and_the_true_box_oracle():
@@ -119,4 +126,10 @@ def test_diagnose_cascade_categories_and_the_true_box_oracle():
     assert by_name["elsewhere"]["lesion_covered"] == 0
     summary = diagnose.summarise(rows)
     assert summary["categories"] == {"ok": 1, "missed": 1, "elsewhere": 1, "over": 1, "under": 1, "misplaced": 0}
+    # Chunk by chunk (memory stays flat on a large split): the same rows, in the same order.
+    seg = _BrightSegmenter([c[0] for c in cases.values()], [c[1] for c in cases.values()])
+    assert diagnose.diagnose_cascade(seg, [image] * len(cases), [lesion] * len(cases), list(cases), chunk=2) == rows
+    assert seg.calls == [2, 2, 1]
+    with pytest.raises(ValueError, match="one each"):
+        diagnose.diagnose_cascade(seg, [image] * 2, [lesion], ["a", "b"])
     assert summary["bad_with_true_box_dice_below_0.5"] == 0

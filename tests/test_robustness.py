@@ -419,3 +419,35 @@ def test_reader_ignores_ultralytics_pil_patch(tmp_path, monkeypatch):
         read_scan(fake)
     assert err.value.reason == "not an image file (unrecognised content)"
     assert calls == []
+
+
+def test_train_cls_ema_saves_the_moving_average_not_the_raw_weights(tmp_path):
+    import pipeline.classify.train as train_mod
+
+    tr = _tiny_cache(tmp_path / "train.npz", 16, 0)
+    va = _tiny_cache(tmp_path / "val.npz", 8, 1)
+    kw = dict(model_name="smallcnn", pretrained=False, epochs=1, batch_size=8, lr=1e-2, patience=10, seed=0,
+              threads=1)
+
+    def saved(decay, name):
+        train_mod.train(str(tr), str(va), str(tmp_path / name), ema=decay, **kw)
+        best = torch.load(tmp_path / name / "best.pt", weights_only=True)
+        return best, torch.load(tmp_path / name / "last.pt", weights_only=True)
+
+    best, last = saved(0.9, "ema")
+    assert best["meta"]["ema"] == 0.9
+    # One epoch of two steps: best.pt is the average kept in last.pt, under the plain network's keys ...
+    average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert best["state_dict"].keys() == last["model"].keys() == average.keys()
+    assert all(torch.equal(best["state_dict"][k], average[k]) for k in average)
+    # ... and not the raw weights, which moved on after the average's first copy of them.
+    weights = [k for k, v in average.items() if v.is_floating_point() and "running" not in k]
+    assert any(not torch.allclose(best["state_dict"][k], last["model"][k]) for k in weights)
+    # A near-zero decay follows the raw weights: the average is the last step's weights.
+    best0, last0 = saved(1e-9, "ema0")
+    assert all(torch.allclose(best0["state_dict"][k], last0["model"][k], atol=1e-6) for k in weights)
+    # Without --ema the meta has no key, so runs made before the option still resume.
+    plain, _ = saved(0.0, "plain")
+    assert "ema" not in plain["meta"]
+    with pytest.raises(ValueError, match="ema must be in"):
+        train_mod.train(str(tr), str(va), str(tmp_path / "bad"), ema=1.0, **kw)

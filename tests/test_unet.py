@@ -340,3 +340,15 @@ def test_negative_crops_hold_no_lesion_and_come_from_tumor_slices_too(tmp_path):
     neg = unet._negative_patches(cache["images"], cache["masks"], tumor_idx, tumor_idx, 20, 32, 0.25,
                                  np.random.default_rng(1), "box")
     assert len(neg) == 20 and (neg < 200).all()
+
+
+def test_stage_arrays_name_an_empty_split_or_a_split_without_lesions(tmp_path):
+    cache = dict(np.load(synthetic_cache(tmp_path / "cache.npz", n=40, size=96)))
+    with pytest.raises(ValueError, match="no 'test' slices"):
+        unet._stage_arrays(cache, "test", "coarse", 32, 0.25, None)
+    val = cache["split"] == "val"
+    cache["masks"][val] = 0  # healthy slices only: the coarse stage still trains, the fine stage cannot
+    images, masks = unet._stage_arrays(cache, "val", "coarse", 32, 0.25, None)
+    assert len(images) == val.sum() and not masks.any()
+    with pytest.raises(ValueError, match="'val' split has no slice with a lesion"):
+        unet._stage_arrays(cache, "val", "fine", 32, 0.25, None, negatives=0.3)

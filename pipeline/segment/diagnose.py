@@ -85,18 +85,29 @@ def summarise(rows: list[dict]) -> dict:
 
 
 def diagnose_cascade(seg, images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
-                     names: Sequence[str] | None = None, source: str = "segmenter") -> list[dict]:
+                     names: Sequence[str] | None = None, source: str = "segmenter",
+                     chunk: int = 64) -> list[dict]:
     """One row per (H, W) uint8 image with a non-empty (H, W) truth mask; ``seg`` a
     :class:`pipeline.segment.unet.UNetCascadeSegmenter` without ``boxes_from`` (``source`` names
-    it in the error otherwise)."""
-    from pipeline.segment.unet import crop_square, lesion_box, paste_square, square_box
-
+    it in the error otherwise). Images go through the nets ``chunk`` at a time, so memory does
+    not grow with the split."""
     if not hasattr(seg, "coarse_regions") or getattr(seg, "boxes_from", None) is not None:
         raise ValueError(f"{source}: diagnose-seg needs a U-Net cascade segmenter (coarse and fine nets)")
     names = list(names) if names is not None else [str(i) for i in range(len(images))]
+    if not len(names) == len(images) == len(truths):
+        raise ValueError(f"{len(images)} images, {len(truths)} truth masks and {len(names)} names: one each")
+    rows = []
+    for i in range(0, len(images), chunk):
+        rows += _diagnose_chunk(seg, list(images[i:i + chunk]), truths[i:i + chunk], names[i:i + chunk])
+    return rows
+
+
+def _diagnose_chunk(seg, images: list[np.ndarray], truths: Sequence[np.ndarray], names: Sequence[str]) -> list[dict]:
+    from pipeline.segment.unet import crop_square, lesion_box, paste_square, square_box
+
     truths = [t > 127 if t.dtype == np.uint8 else t > 0 for t in truths]
-    preds = seg.predict(list(images))
-    regions = seg.coarse_regions(list(images))
+    preds = seg.predict(images)
+    regions = seg.coarse_regions(images)
     oracle_boxes = [square_box(lesion_box(t), seg.margin, *t.shape) for t in truths]
     oracle = seg._probs(seg.fine, [crop_square(seg_image, sq, seg.fine_size)
                                     for seg_image, sq in zip(images, oracle_boxes)])

@@ -433,8 +433,13 @@ def _stage_arrays(cache: dict, split: str, stage: str, size: int, margin: float,
                   rng: np.random.Generator | None, jitter: str = "margin",
                   negatives: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     idx = np.flatnonzero(cache["split"] == split)
+    if not len(idx):
+        raise ValueError(f"the U-Net cache has no {split!r} slices (run `seg-data` again)")
     if stage == "fine":
         tumor = idx[cache["masks"][idx].reshape(len(idx), -1).max(1) > 0]
+        if not len(tumor):
+            raise ValueError(f"the U-Net cache's {split!r} split has no slice with a lesion: "
+                             f"the fine stage trains and validates on lesion crops")
         x, y = _fine_patches(cache["images"], cache["masks"], tumor, size, margin, rng, jitter)
         if negatives > 0:
             # validation draws the same negatives every epoch
