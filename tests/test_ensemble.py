@@ -59,9 +59,12 @@ def test_ensemble_is_the_mean_of_members_each_on_its_own_view(members):
 def test_ensemble_refuses_one_member_and_mixed_margins(tmp_path, members):
     with pytest.raises(WeightsError, match="at least two"):
         ClassifierEnsemble([Classifier(members[0])])
-    other = _tiny(tmp_path / "wide.pt", "crop", 48, 3, margin=0.5)
+    wide = _tiny(tmp_path / "wide.pt", "crop", 48, 3, margin=0.5)
     with pytest.raises(WeightsError, match="margins"):
-        load_classifier(f"{members[0]},{other}")
+        load_classifier(f"{members[1]},{wide}")  # two crops of one slice at different margins: refused
+    # A whole-slice member reads no ROI: its margin does not count, and the crop's is the ensemble's.
+    full_wide = load_classifier(f"{_tiny(tmp_path / 'full.pt', 'full', 32, 1, margin=0.25)},{wide}")
+    assert full_wide.meta["margin"] == 0.5
 
 
 def test_ensemble_file_from_the_manifest_or_a_path(tmp_path, monkeypatch, members):

@@ -93,7 +93,8 @@ class ClassifierEnsemble:
         self.members = list(members)
         if len(self.members) < 2:
             raise WeightsError(f"ensemble {name!r}: needs at least two members, got {len(self.members)}")
-        margins = {float(m.meta.get("margin", 0.25)) for m in self.members}
+        # one ROI per slice feeds every crop/masked member; a whole-slice member reads no ROI, so its margin is moot
+        margins = {float(m.meta.get("margin", 0.25)) for m in self.members if m.mode != "full"} or {0.25}
         if len(margins) > 1:
             raise WeightsError(f"ensemble {name!r}: members were trained with different ROI margins {sorted(margins)}")
         self.name = name
