@@ -96,13 +96,10 @@ def measure(job: dict) -> dict:
         return {"images": len(images), "seconds": time.perf_counter() - t}
     if stage == "classify":
         from pipeline.classify.predict import load_classifier
-        from pipeline.roi import make_input
+        from pipeline.roi import make_views
 
         clf = load_classifier(job["cls"], device=device, backend=backend, compile=job.get("compile", False))
-        inputs = {(mode, size): np.stack([make_input(im, mode, size, None if masks is None else masks[i],
-                                                     margin=float(clf.meta.get("margin", 0.25)))[0]
-                                          for i, im in enumerate(images)])
-                  for mode, size in clf.views}
+        inputs = make_views(images, [None] * len(images) if masks is None else masks, clf.views)
         clf.predict_views({v: x[:batch] for v, x in inputs.items()})
         if device.startswith("cuda"):
             torch.cuda.synchronize()

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from pipeline import CLASSES
 from pipeline.folders import Item, iter_batches, start_folder_run
-from pipeline.roi import make_input
+from pipeline.roi import make_views, view_of
 
 COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASSES], "found", "x0", "y0", "x1", "y1",
            "mode", "status", "error"]
@@ -40,15 +40,17 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
                 margin: float = 0.25, gradcam: bool = False) -> dict:
     """Process every file under ``input_dir``; returns counts. See the module docstring for guarantees."""
     mode = mode or classifier.mode
-    if mode == classifier.mode:
-        views = tuple(getattr(classifier, "views", ((mode, classifier.size),)))
+    if mode == classifier.mode and hasattr(classifier, "views"):
+        views = tuple(classifier.views)
     elif len(getattr(classifier, "members", [classifier])) > 1:
         raise ValueError(f"mode {mode!r}: an ensemble reads its members' own inputs ({classifier.mode})")
     else:
-        views = ((mode, classifier.size),)
-    if any(m != "full" for m, _ in views) and segmenter is None:
+        views = (view_of(mode, classifier.size, margin),)
+    if any(v[0] != "full" for v in views) and segmenter is None:
         raise ValueError(f"mode {mode!r} needs a segmenter (--seg)")
-    settings = {"mode": mode, "margin": margin, "classifier": getattr(classifier, "fingerprint", None),
+    margins = sorted({v[2] for v in views if v[2] is not None})
+    settings = {"mode": mode, "margin": margins[0] if len(margins) == 1 else (margins or margin),
+                "classifier": getattr(classifier, "fingerprint", None),
                 "segmenter": getattr(segmenter, "fingerprint", None) if segmenter is not None else "none"}
     run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
@@ -63,9 +65,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
         if ok:
             images = [it.scan.image for it in ok]
             segs = segmenter.predict(images) if segmenter is not None else [None] * len(ok)
-            inputs = {(m, size): np.stack([make_input(im, m, size, seg.mask if seg is not None else None,
-                                                      margin=margin)[0] for im, seg in zip(images, segs)])
-                      for m, size in views}
+            inputs = make_views(images, [seg.mask if seg is not None else None for seg in segs], views)
             probs = (classifier.predict_views(inputs) if len(views) > 1
                      else classifier.predict_proba(inputs[views[0]]))
             for it, seg, p in zip(ok, segs, probs):
@@ -86,7 +86,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
                 subs = [m.mode for m in members]
                 subs = subs if len(set(subs)) == len(subs) else [f"{i}_{m}" for i, m in enumerate(subs)]
                 for member, sub in zip(members, subs):
-                    x_all = inputs[(member.mode, member.size)] if len(members) > 1 else inputs[views[0]]
+                    x_all = inputs[member.views[0]] if len(members) > 1 else inputs[views[0]]
                     sub = Path("gradcam", sub) if len(members) > 1 else Path("gradcam")
                     for it, x, p in zip(ok, x_all, probs):
                         _write_gradcam(out / sub / (it.key.replace("#z=", "_z") + ".png"), member, x,

@@ -27,6 +27,7 @@ import numpy as np
 
 from pipeline import CLASSES
 from pipeline.evaluate import bootstrap_cis, classification_metrics
+from pipeline.roi import view_of
 
 PRED_COLUMNS = ["path", "true", "pred", "confidence", *[f"p_{c}" for c in CLASSES], "found"]
 REQUIRED_COLUMNS = ("path", "true", "pred")
@@ -202,6 +203,16 @@ def parse_subsets(specs: Sequence[str] | None) -> dict[str, set[str]]:
 
 # --- running a classifier on a cache -----------------------------------------------------------
 
+def cache_view(cache: Mapping) -> tuple:
+    """The ``(mode, size, margin)`` view a cache from `crop` holds (caches without a margin used 0.25)."""
+    margin = cache.get("margin")
+    return view_of(str(cache.get("mode", "?")), int(cache.get("size", -1)), None if margin is None else float(margin))
+
+
+def _describe(mode, size, margin) -> str:
+    return f"mode={mode} size={size}" + ("" if margin is None else f" margin={margin:g}")
+
+
 def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64) -> np.ndarray:
     """(N, 4) probabilities of the classifier on ``cache["images"]``, after checking mode and size.
 
@@ -209,14 +220,14 @@ def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64
     same slices in the same order.
     """
     caches = [cache] if isinstance(cache, Mapping) else list(cache)
-    have = {(str(c.get("mode", "?")), int(c.get("size", -1))): c for c in caches}
-    views = tuple(getattr(classifier, "views", ((classifier.mode, classifier.size),)))
-    for mode, size in views:
-        if (mode, size) not in have:
-            got = ", ".join(f"mode={m} size={z}" for m, z in have) or "none"
+    have = {cache_view(c): c for c in caches}
+    views = tuple(getattr(classifier, "views", (view_of(classifier.mode, classifier.size),)))
+    for mode, size, margin in views:
+        if (mode, size, margin) not in have:
+            got = ", ".join(_describe(*v) for v in have) or "none"
             raise ValueError(f"cache is {got} but the classifier ({classifier.meta.get('model')}) "
-                             f"was trained on mode={mode} size={size}; build a matching "
-                             f"cache with `crop --mode {mode} --size {size}`")
+                             f"was trained on {_describe(mode, size, margin)}; build a matching cache with "
+                             f"`crop --mode {mode} --size {size}{'' if margin is None else f' --margin {margin:g}'}`")
     used = [have[v] for v in views]
     for c in used[1:]:
         if "paths" in c and "paths" in used[0] and not np.array_equal(c["paths"], used[0]["paths"]):
@@ -272,7 +283,7 @@ def run(args) -> int:
         data = [str(d) for d in ([args.data] if isinstance(args.data, (str, os.PathLike)) else args.data)]
         caches = [load_cache(d) for d in data]
         probs = predict_cache(classifier, caches, getattr(args, "batch_size", 64) or 64)
-        used = [c for c in caches if (str(c.get("mode")), int(c.get("size", -1))) in classifier.views]
+        used = [c for c in caches if cache_view(c) in classifier.views]
         cache = next((c for c in used if str(c.get("mode")) != "full"), used[0])  # its `found` is stage 1's
         paths = [str(p) for p in cache["paths"]]
         write_predictions(out / "predictions.csv", paths, cache["labels"], probs, cache.get("found"))

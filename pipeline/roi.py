@@ -12,6 +12,7 @@ When no tumor was found (empty mask) ``crop`` and ``masked`` fall back to ``full
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import cv2
 import numpy as np
@@ -63,3 +64,20 @@ def make_input(image: np.ndarray, mode: str, size: int, mask: np.ndarray | None 
         keep = cv2.dilate((mask > 0).astype(np.uint8), kernel) > 0
         source = np.where(keep, image, 0).astype(image.dtype)
     return resize_square(square_crop(source, box, margin), size), roi
+
+
+#: What a classifier reads: ``(mode, size, margin)``; ``margin`` is None for ``full`` (it reads no ROI).
+View = tuple[str, int, "float | None"]
+
+
+def view_of(mode: str, size: int, margin: float | None = 0.25) -> View:
+    """The canonical key of an input: two crops differ by their margin, whole slices never do."""
+    return (mode, int(size), None if mode == "full" else float(0.25 if margin is None else margin))
+
+
+def make_views(images: Sequence[np.ndarray], masks: Sequence[np.ndarray | None],
+               views: Sequence[View]) -> dict[View, np.ndarray]:
+    """``{view: (B, size, size) uint8}`` for each view of each (H, W) slice and its mask (or None)."""
+    return {(m, size, margin): np.stack([make_input(im, m, size, mask, margin=0.25 if margin is None else margin)[0]
+                                         for im, mask in zip(images, masks)])
+            for m, size, margin in views}

@@ -12,7 +12,9 @@ from pipeline.classify.models import create_model
 from pipeline.classify.predict import Classifier, ClassifierEnsemble, load_classifier
 from pipeline.evaluate_cls import predict_cache
 from pipeline.phantoms import make_phantom
-from pipeline.roi import make_input
+from pipeline.roi import make_input, make_views
+
+FULL32, CROP48 = ("full", 32, None), ("crop", 48, 0.25)  # (mode, size, margin) views of the two members
 from pipeline.weights import WeightsError
 from tests.fakes import BrightBlobSegmenter
 from tests.scan_fixtures import write_png
@@ -41,30 +43,42 @@ def test_ensemble_is_the_mean_of_members_each_on_its_own_view(members):
     full, crop = Classifier(members[0]), Classifier(members[1])
     ens = load_classifier(f"{members[0]},{members[1]}")
     assert isinstance(ens, ClassifierEnsemble)
-    assert ens.mode == "full+crop" and ens.views == (("full", 32), ("crop", 48))
+    assert ens.mode == "full+crop" and ens.views == (FULL32, CROP48)
     images = _scans()
     masks = BrightBlobSegmenter().predict(images)
-    views = {(m, s): np.stack([make_input(im, m, s, r.mask)[0] for im, r in zip(images, masks)])
-             for m, s in ens.views}
+    views = {(m, s, g): np.stack([make_input(im, m, s, r.mask, margin=g or 0.25)[0] for im, r in zip(images, masks)])
+             for m, s, g in ens.views}
+    np.testing.assert_array_equal(make_views(images, [r.mask for r in masks], ens.views)[CROP48], views[CROP48])
     got = ens.predict_views(views)
-    want = (full.predict_proba(views[("full", 32)]) + crop.predict_proba(views[("crop", 48)])) / 2
+    want = (full.predict_proba(views[FULL32]) + crop.predict_proba(views[CROP48])) / 2
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    assert not np.allclose(got, full.predict_proba(views[("full", 32)]))  # the crop member counts
+    assert not np.allclose(got, full.predict_proba(views[FULL32]))  # the crop member counts
     with pytest.raises(ValueError, match="no input for"):
-        ens.predict_views({("full", 32): views[("full", 32)]})
+        ens.predict_views({FULL32: views[FULL32]})
     with pytest.raises(ValueError, match="predict_views"):
-        ens.predict_proba(views[("full", 32)])
+        ens.predict_proba(views[FULL32])
 
 
-def test_ensemble_refuses_one_member_and_mixed_margins(tmp_path, members):
+def test_ensemble_refuses_one_member_and_reads_each_crop_at_its_own_margin(tmp_path, members):
     with pytest.raises(WeightsError, match="at least two"):
         ClassifierEnsemble([Classifier(members[0])])
     wide = _tiny(tmp_path / "wide.pt", "crop", 48, 3, margin=0.5)
-    with pytest.raises(WeightsError, match="margins"):
-        load_classifier(f"{members[1]},{wide}")  # two crops of one slice at different margins: refused
+    # two crops of one slice at different margins are two inputs, each made from the same ROI
+    both = load_classifier(f"{members[1]},{wide}")
+    assert both.views == (CROP48, ("crop", 48, 0.5)) and both.meta["margins"] == [0.25, 0.5]
+    images = [make_phantom(label, size=96, rng=i)[0] for i, label in enumerate(["meningioma", "pituitary", "notumor"])]
+    masks = BrightBlobSegmenter().predict(images)
+    found = [i for i, r in enumerate(masks) if r.found]
+    assert found
+    views = make_views(images, [r.mask for r in masks], both.views)
+    assert not np.array_equal(views[CROP48][found[0]], views[("crop", 48, 0.5)][found[0]])  # a wider square
+    wide_alone = Classifier(wide).predict_proba(np.stack([make_input(im, "crop", 48, r.mask, margin=0.5)[0]
+                                                          for im, r in zip(images, masks)]))
+    want = (Classifier(members[1]).predict_proba(views[CROP48]) + wide_alone) / 2
+    np.testing.assert_allclose(both.predict_views(views), want, rtol=1e-6, atol=1e-7)
     # A whole-slice member reads no ROI: its margin does not count, and the crop's is the ensemble's.
     full_wide = load_classifier(f"{_tiny(tmp_path / 'full.pt', 'full', 32, 1, margin=0.25)},{wide}")
-    assert full_wide.meta["margin"] == 0.5
+    assert full_wide.meta["margin"] == 0.5 and full_wide.views == (FULL32, ("crop", 48, 0.5))
 
 
 def test_ensemble_file_from_the_manifest_or_a_path(tmp_path, monkeypatch, members):
@@ -105,12 +119,14 @@ def test_predict_cache_takes_one_cache_per_view(members):
     masks = BrightBlobSegmenter().predict(images)
     paths = np.array([f"s{i}.png" for i in range(4)])
     caches = [{"images": np.stack([make_input(im, m, s, r.mask)[0] for im, r in zip(images, masks)]),
-               "mode": np.array(m), "size": np.array(s), "paths": paths} for m, s in ens.views]
+               "mode": np.array(m), "size": np.array(s), "paths": paths} for m, s, _ in ens.views]
     got = predict_cache(ens, caches, batch_size=3)  # batches cut across both caches alike
     want = ens.predict_views({v: c["images"] for v, c in zip(ens.views, caches)})
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
-    with pytest.raises(ValueError, match="mode=crop size=48"):
+    with pytest.raises(ValueError, match="mode=crop size=48 margin=0.25"):
         predict_cache(ens, caches[:1])
+    with pytest.raises(ValueError, match="--margin 0.25"):  # a crop cache at another margin is another input
+        predict_cache(ens, [caches[0], {**caches[1], "margin": np.array(0.5)}])
     shuffled = {**caches[1], "paths": paths[::-1]}
     with pytest.raises(ValueError, match="different slices"):
         predict_cache(ens, [caches[0], shuffled])
@@ -132,7 +148,7 @@ def test_run_predict_with_an_ensemble(tmp_path, members):
         rows = {r["path"]: r for r in csv.DictReader(fh)}
     masks = BrightBlobSegmenter().predict(images)
     for i, (im, r) in enumerate(zip(images, masks)):
-        want = ens.predict_views({(m, s): make_input(im, m, s, r.mask)[0][None] for m, s in ens.views})[0]
+        want = ens.predict_views({v: make_input(im, v[0], v[1], r.mask)[0][None] for v in ens.views})[0]
         row = rows[f"s{i}.png"]
         assert row["mode"] == "full+crop" and row["status"] == "ok"
         np.testing.assert_allclose([float(row[f"p_{c}"]) for c in CLASSES], want, atol=2e-6)
@@ -171,7 +187,7 @@ def test_evaluate_cls_scores_an_ensemble_from_one_cache_per_view(tmp_path, membe
     labels = np.array([0, 2] * 3)
     paths = np.array([f"Testing/s{i}.png" for i in range(6)])
     files = []
-    for mode, size in ens.views:
+    for mode, size, _ in ens.views:
         f = tmp_path / f"{mode}.npz"
         np.savez(f, images=np.stack([make_input(im, mode, size, r.mask)[0] for im, r in zip(images, masks)]),
                  labels=labels, paths=paths, found=np.array([mode != "full" and r.found for r in masks]),
@@ -197,8 +213,7 @@ def test_onnx_ensemble_runs_members_side_by_side_with_the_same_result(members, t
     assert all(m.model.session.get_session_options().intra_op_num_threads == 1 for m in fast.members)
     images = _scans(5)
     masks = BrightBlobSegmenter().predict(images)
-    views = {(m, s): np.stack([make_input(im, m, s, r.mask)[0] for im, r in zip(images, masks)])
-             for m, s in ref.views}
+    views = make_views(images, [r.mask for r in masks], ref.views)
     np.testing.assert_allclose(fast.predict_views(views), ref.predict_views(views), atol=1e-4)
 
 
@@ -215,3 +230,64 @@ def test_auto_backend_is_onnx_on_the_cpu_only_when_it_can_run(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     assert auto_backend("cpu") == "torch"
+
+
+def test_second_opinion_joins_the_mean_only_where_the_members_are_unsure(tmp_path, members):
+    """Rows whose mean is unsure get the mean over all networks; the others keep the members' mean,
+    and the second-opinion network never sees them."""
+    full, crop = Classifier(members[0]), Classifier(members[1])
+    extra = Classifier(_tiny(tmp_path / "extra.pt", "full", 40, 7))
+    images = _scans(8)
+    masks = BrightBlobSegmenter().predict(images)
+    views = make_views(images, [r.mask for r in masks], [FULL32, CROP48, ("full", 40, None)])
+    pair = (full.predict_proba(views[FULL32]) + crop.predict_proba(views[CROP48])) / 2
+    three = (2 * pair + extra.predict_proba(views[("full", 40, None)])) / 3
+    below = float(np.median(pair.max(1)))  # half the rows are unsure
+    unsure = pair.max(1) < below
+    assert 0 < unsure.sum() < len(unsure)
+
+    seen = []
+    real = extra.predict_proba
+    extra.predict_proba = lambda x: seen.append(len(x)) or real(x)
+    ens = ClassifierEnsemble([full, crop], second_opinion=[extra], below=below)
+    assert ens.views == (FULL32, CROP48, ("full", 40, None)) and ens.mode == "full+crop"
+    got = ens.predict_views(views)
+    np.testing.assert_allclose(got[unsure], three[unsure], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got[~unsure], pair[~unsure], rtol=1e-5, atol=1e-7)
+    assert seen == [int(unsure.sum())]  # only the unsure rows reached the second opinion
+    # at below=1 every row is unsure: the plain mean of all three
+    np.testing.assert_allclose(ClassifierEnsemble([full, crop], second_opinion=[extra], below=1.0)
+                               .predict_views(views), three, rtol=1e-5, atol=1e-7)
+    with pytest.raises(WeightsError, match="below"):
+        ClassifierEnsemble([full, crop], second_opinion=[extra])
+    wide = Classifier(_tiny(tmp_path / "wide.pt", "crop", 48, 3, margin=0.5))
+    with_wide = ClassifierEnsemble([full, crop], second_opinion=[wide], below=1.0)  # its own, wider crop
+    assert with_wide.views[-1] == ("crop", 48, 0.5)
+    views = make_views(images, [r.mask for r in masks], with_wide.views)
+    np.testing.assert_allclose(with_wide.predict_views(views),
+                               (2 * pair + wide.predict_proba(views[("crop", 48, 0.5)])) / 3, rtol=1e-5, atol=1e-7)
+
+
+def test_second_opinion_from_an_ensemble_file_changes_the_fingerprint(tmp_path, members):
+    import shutil
+
+    for p in members:
+        shutil.copy(p, tmp_path / p.name)
+    _tiny(tmp_path / "extra.pt", "full", 40, 7)
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"members": ["full.pt", "crop.pt"]}))
+    spec = tmp_path / "three.json"
+    spec.write_text(json.dumps({"members": ["full.pt", "crop.pt"],
+                                "second_opinion": {"members": ["extra.pt"], "below": 0.8}}))
+    ens = load_classifier(str(spec))
+    assert [m.size for m in ens.second_opinion] == [40] and ens.below == 0.8
+    assert ens.meta["second_opinion"]["below"] == 0.8
+    assert ("full", 40, None) in ens.views
+    # a folder predicted without the second opinion is not resumed as if it had one
+    assert ens.fingerprint != load_classifier(str(plain)).fingerprint
+    spec.write_text(json.dumps({"members": ["full.pt", "crop.pt"], "second_opinion": ["extra.pt"]}))
+    with pytest.raises(WeightsError, match="second_opinion"):
+        load_classifier(str(spec))
+    spec.write_text(json.dumps({"members": ["full.pt", "crop.pt"], "second_opinion": {"members": ["extra.pt"]}}))
+    with pytest.raises(WeightsError, match="below"):
+        load_classifier(str(spec))

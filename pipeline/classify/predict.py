@@ -15,6 +15,7 @@ import torch
 
 from pipeline import CLASSES
 from pipeline.classify.models import INPUT_MEAN, INPUT_STD, create_model
+from pipeline.roi import View, view_of
 from pipeline.weights import WeightsError, load_checkpoint
 
 
@@ -57,17 +58,17 @@ class Classifier:
             self.model = torch.compile(self.model, dynamic=True)
 
     @property
-    def views(self) -> tuple[tuple[str, int], ...]:
-        """The inputs it reads, as (mode, size) pairs for :func:`pipeline.roi.make_input`."""
-        return ((self.mode, self.size),)
+    def views(self) -> tuple[View, ...]:
+        """The input it reads, as a ``(mode, size, margin)`` key (:func:`pipeline.roi.view_of`)."""
+        return (view_of(self.mode, self.size, self.meta.get("margin", 0.25)),)
 
     @property
     def members(self) -> list["Classifier"]:
         return [self]
 
-    def predict_views(self, views: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
-        """``{(mode, size): (B, size, size) uint8}`` holding at least :attr:`views` -> (B, 4) probabilities."""
-        return self.predict_proba(views[(self.mode, self.size)])
+    def predict_views(self, views: dict[View, np.ndarray]) -> np.ndarray:
+        """``{(mode, size, margin): (B, size, size) uint8}`` holding at least :attr:`views` -> (B, 4) probabilities."""
+        return self.predict_proba(views[self.views[0]])
 
     @torch.inference_mode()
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
@@ -89,43 +90,69 @@ class ClassifierEnsemble:
     see ``weights/cls_lite0_full_crop.md``. ``mode`` is the members' modes joined by ``+``.
     """
 
-    def __init__(self, members: Sequence[Classifier], name: str = ""):
+    def __init__(self, members: Sequence[Classifier], name: str = "", second_opinion: Sequence[Classifier] = (),
+                 below: float | None = None):
         self.members = list(members)
+        #: consulted only where the members' mean is unsure (top probability < ``below``); see predict_views
+        self.second_opinion = list(second_opinion)
         if len(self.members) < 2:
             raise WeightsError(f"ensemble {name!r}: needs at least two members, got {len(self.members)}")
-        # one ROI per slice feeds every crop/masked member; a whole-slice member reads no ROI, so its margin is moot
-        margins = {float(m.meta.get("margin", 0.25)) for m in self.members if m.mode != "full"} or {0.25}
-        if len(margins) > 1:
-            raise WeightsError(f"ensemble {name!r}: members were trained with different ROI margins {sorted(margins)}")
+        if self.second_opinion and not (below is not None and 0.0 < float(below) <= 1.0):
+            raise WeightsError(f"ensemble {name!r}: second-opinion members need \"below\" in (0, 1], got {below!r}")
+        self.below = float(below) if self.second_opinion else None
+        everyone = self.members + self.second_opinion
         self.name = name
-        self.views = tuple(dict.fromkeys(v for m in self.members for v in m.views))
+        self.views = tuple(dict.fromkeys(v for m in everyone for v in m.views))
         self.mode = "+".join(dict.fromkeys(m.mode for m in self.members))
         self.size = self.members[0].size
         self.device = self.members[0].device
-        self.meta = {"model": "ensemble", "mode": self.mode, "margin": margins.pop(), "classes": list(CLASSES),
+        # each crop/masked member reads the ROI at its own margin (it is part of its view); this one is
+        # what a single-margin caller such as `crop` would use
+        margins = [v[2] for v in self.views if v[2] is not None]
+        self.meta = {"model": "ensemble", "mode": self.mode, "margin": margins[0] if margins else 0.25,
+                     "margins": sorted(set(margins)), "classes": list(CLASSES),
                      "members": [m.meta for m in self.members]}
         # what was run, not how it was named: the same members resume a folder however they are spelt
         self.fingerprint = {"ensemble": "mean", "members": sorted(m.fingerprint["weights_sha256"] for m in self.members)}
+        if self.second_opinion:
+            self.meta["second_opinion"] = {"below": self.below, "members": [m.meta for m in self.second_opinion]}
+            self.fingerprint["second_opinion"] = {
+                "below": self.below, "members": sorted(m.fingerprint["weights_sha256"] for m in self.second_opinion)}
         #: the segmenter whose masks the crop/masked members were trained on (``--seg auto`` picks it)
         self.segmenter: str | None = None
         #: run the members side by side (ONNX Runtime sessions only; torch shares one thread pool)
-        self.parallel = all(m.backend == "onnx" for m in self.members)
+        self.parallel = all(m.backend == "onnx" for m in everyone)
 
-    def predict_views(self, views: dict[tuple[str, int], np.ndarray]) -> np.ndarray:
-        """``{(mode, size): (B, size, size) uint8}`` holding every member's view -> (B, 4) mean probabilities."""
-        missing = [v for v in self.views if v not in views]
-        if missing:
-            raise ValueError(f"ensemble {self.name!r}: no input for {missing}")
-        if self.parallel:
+    def _mean(self, members: Sequence[Classifier], views: dict) -> np.ndarray:
+        if self.parallel and len(members) > 1:
             # ONNX Runtime releases the GIL, and one small network scales poorly past one core:
             # side by side, each on its own thread(s), beats one after the other on all cores
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(len(self.members)) as pool:
-                probs = list(pool.map(lambda m: m.predict_views(views), self.members))
+            with ThreadPoolExecutor(len(members)) as pool:
+                probs = list(pool.map(lambda m: m.predict_views(views), members))
         else:
-            probs = [m.predict_views(views) for m in self.members]
+            probs = [m.predict_views(views) for m in members]
         return np.mean(probs, axis=0)
+
+    def predict_views(self, views: dict[View, np.ndarray]) -> np.ndarray:
+        """``{(mode, size, margin): (B, size, size) uint8}`` holding every member's view -> (B, 4) mean probabilities.
+
+        With second-opinion members, a row whose mean has its top probability below ``below`` gets
+        the mean over all members, the second-opinion ones included. Why: most slices are clear-cut
+        and the extra networks would only cost time there; the few unsure ones are where the errors are.
+        """
+        missing = [v for v in self.views if v not in views]
+        if missing:
+            raise ValueError(f"ensemble {self.name!r}: no input for {missing}")
+        probs = self._mean(self.members, views)
+        if self.second_opinion:
+            unsure = np.flatnonzero(probs.max(1) < self.below)
+            if unsure.size:
+                extra = self._mean(self.second_opinion, {v: views[v][unsure] for v in self.views})
+                n, k = len(self.members), len(self.second_opinion)
+                probs[unsure] = (probs[unsure] * n + extra * k) / (n + k)
+        return probs
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray:
         if len(self.views) > 1:
@@ -141,7 +168,9 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
 
     An ensemble file is JSON: ``{"members": [...], "segmenter": NAME}``, each member a manifest name
     or a path relative to the file; ``segmenter`` (optional) is the one whose masks its members were
-    trained on. Manifest entries are sha256-checked like checkpoints.
+    trained on; ``second_opinion`` (optional), ``{"members": [...], "below": P}``, names networks
+    that join the mean only on slices where the members' top probability is below ``P``.
+    Manifest entries are sha256-checked like checkpoints.
     """
     import json
 
@@ -150,6 +179,8 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
     name = str(weights)
     manifest = load_manifest()
     spec: dict = {}
+    extra: list[str] = []
+    below = None
     if manifest.get(name, {}).get("kind") == "classifier-ensemble" or name.endswith(".json"):
         path = resolve(name)
         try:
@@ -161,14 +192,22 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
             raise WeightsError(f"{path}: not an ensemble file (expected JSON with \"members\": a list of "
                                f"manifest names or paths)") from None
         members = [m if m in manifest else str(path.parent / m) for m in members]
+        second = spec.get("second_opinion") or {}
+        if not isinstance(second, dict) or not isinstance(second.get("members", []), list):
+            raise WeightsError(f"{path}: \"second_opinion\" must be {{\"members\": [...], \"below\": P}}")
+        extra = [m if m in manifest else str(path.parent / m) for m in second.get("members", [])]
+        below = second.get("below")
     elif "," in name and not Path(name).exists():
         members = [m.strip() for m in name.split(",") if m.strip()]
     else:
         return Classifier(weights, device=device, threads=threads, backend=backend, compile=compile)
     if backend == "onnx" and members:  # the sessions run side by side: share the cores between them
         threads = max(1, (threads or torch.get_num_threads()) // len(members))
-    ensemble = ClassifierEnsemble([Classifier(m, device=device, threads=threads, backend=backend, compile=compile)
-                                   for m in members], name=name)
+
+    def build(paths):
+        return [Classifier(m, device=device, threads=threads, backend=backend, compile=compile) for m in paths]
+
+    ensemble = ClassifierEnsemble(build(members), name=name, second_opinion=build(extra), below=below)
     ensemble.segmenter = spec.get("segmenter")
     return ensemble
 
