@@ -49,6 +49,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     if any(v[0] != "full" for v in views) and segmenter is None:
         raise ValueError(f"mode {mode!r} needs a segmenter (--seg)")
     margins = sorted({v[2] for v in views if v[2] is not None})
+    # one margin is recorded as a number, as before margins were per view, so older folders still resume
     settings = {"mode": mode, "margin": margins[0] if len(margins) == 1 else (margins or margin),
                 "classifier": getattr(classifier, "fingerprint", None),
                 "segmenter": getattr(segmenter, "fingerprint", None) if segmenter is not None else "none"}

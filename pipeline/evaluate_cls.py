@@ -205,8 +205,7 @@ def parse_subsets(specs: Sequence[str] | None) -> dict[str, set[str]]:
 
 def cache_view(cache: Mapping) -> tuple:
     """The ``(mode, size, margin)`` view a cache from `crop` holds (caches without a margin used 0.25)."""
-    margin = cache.get("margin")
-    return view_of(str(cache.get("mode", "?")), int(cache.get("size", -1)), None if margin is None else float(margin))
+    return view_of(str(cache.get("mode", "?")), int(cache.get("size", -1)), cache.get("margin"))
 
 
 def _describe(mode, size, margin) -> str:

@@ -106,8 +106,8 @@ class ClassifierEnsemble:
         self.mode = "+".join(dict.fromkeys(m.mode for m in self.members))
         self.size = self.members[0].size
         self.device = self.members[0].device
-        # each crop/masked member reads the ROI at its own margin (it is part of its view); this one is
-        # what a single-margin caller such as `crop` would use
+        # each crop/masked member reads the ROI at its own margin (part of its view); "margin" is the
+        # first one, kept for callers that record a single margin
         margins = [v[2] for v in self.views if v[2] is not None]
         self.meta = {"model": "ensemble", "mode": self.mode, "margin": margins[0] if margins else 0.25,
                      "margins": sorted(set(margins)), "classes": list(CLASSES),
@@ -191,11 +191,11 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
         except (ValueError, KeyError, TypeError):
             raise WeightsError(f"{path}: not an ensemble file (expected JSON with \"members\": a list of "
                                f"manifest names or paths)") from None
-        members = [m if m in manifest else str(path.parent / m) for m in members]
         second = spec.get("second_opinion") or {}
         if not isinstance(second, dict) or not isinstance(second.get("members", []), list):
             raise WeightsError(f"{path}: \"second_opinion\" must be {{\"members\": [...], \"below\": P}}")
-        extra = [m if m in manifest else str(path.parent / m) for m in second.get("members", [])]
+        members, extra = ([m if m in manifest else str(path.parent / m) for m in names]
+                          for names in (members, second.get("members", [])))
         below = second.get("below")
     elif "," in name and not Path(name).exists():
         members = [m.strip() for m in name.split(",") if m.strip()]
