@@ -97,6 +97,9 @@ def _args_train_cls(p):
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's own)")
     p.add_argument("--ema", type=float, help="decay of a moving average of the weights, validated and saved "
                                              "instead of the raw weights (e.g. 0.995; 0: off)")
+    p.add_argument("--refit", action="store_true",
+                   help="once the recipe is chosen on validation: train on train + validation for all --epochs "
+                        "and keep the last epoch (the val columns are then on seen slices)")
 
 
 # --- command bodies ------------------------------------------------------------------------------
@@ -168,7 +171,7 @@ def cmd_train_cls(a):
     summary = train(str(data / "train.npz"), str(data / "val.npz"), a.out, model_name=a.model,
                     pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                     patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume,
-                    drop=a.drop, threads=a.threads, ema=a.ema)
+                    drop=a.drop, threads=a.threads, ema=a.ema, refit=a.refit)
     print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "train_seconds", "best_sha256")}, indent=2))
 
 

@@ -451,3 +451,63 @@ def test_train_cls_ema_saves_the_moving_average_not_the_raw_weights(tmp_path):
     assert "ema" not in plain["meta"]
     with pytest.raises(ValueError, match="ema must be in"):
         train_mod.train(str(tr), str(va), str(tmp_path / "bad"), ema=1.0, **kw)
+
+
+def test_train_cls_refit_trains_on_train_plus_val_and_keeps_the_last_epoch(tmp_path, monkeypatch):
+    import pipeline.classify.train as train_mod
+
+    tr = _tiny_cache(tmp_path / "train.npz", 16, 0)
+    va = _tiny_cache(tmp_path / "val.npz", 8, 1)
+    kw = dict(model_name="smallcnn", pretrained=False, epochs=3, batch_size=8, lr=1e-3, seed=0, threads=1)
+    seen = []
+    real_batches = train_mod._batches
+    monkeypatch.setattr(train_mod, "_batches", lambda n, bs, rng: (rng is not None and seen.append(n), real_batches(n, bs, rng))[1])
+
+    # patience 0 stops a plain run before its first epoch; a refit runs every epoch.
+    plain = train_mod.train(str(tr), str(va), str(tmp_path / "plain"), patience=0, **kw)
+    assert seen == [] and plain["best_epoch"] is None
+    assert "refit" not in plain and plain["n_train"] == 16
+
+    seen.clear()
+    refit = train_mod.train(str(tr), str(va), str(tmp_path / "refit"), patience=0, refit=True, **kw)
+    assert seen == [24, 24, 24]  # the 8 validation slices are trained on, every epoch
+    assert refit["refit"] is True and refit["n_train"] == 24 and refit["best_epoch"] == 2
+    best = torch.load(tmp_path / "refit" / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "refit" / "last.pt", weights_only=True)
+    assert best["meta"]["epoch"] == 2 and best["meta"]["refit"] is True
+    assert all(torch.equal(best["state_dict"][k], last["model"][k]) for k in last["model"])
+
+    # A plain run's last.pt is not resumed as a refit (the settings differ).
+    train_mod.train(str(tr), str(va), str(tmp_path / "plain1"), patience=10, **{**kw, "epochs": 1})
+    with pytest.raises(RuntimeError, match="other settings"):
+        train_mod.train(str(tr), str(va), str(tmp_path / "plain1"), patience=10, refit=True, **{**kw, "epochs": 1})
+
+
+def test_joined_caches_concatenate_samples_and_refuse_other_inputs():
+    from pipeline.classify.train import _joined
+
+    def cache(n, size, start):
+        return {"images": np.zeros((n, size, size), np.uint8), "labels": np.arange(start, start + n),
+                "paths": np.array([f"p{i}" for i in range(start, start + n)]), "mode": np.array("crop"),
+                "size": np.array(size), "margin": np.array(0.5)}
+
+    both = _joined(cache(3, 8, 0), cache(2, 8, 3))
+    assert both["labels"].tolist() == [0, 1, 2, 3, 4] and both["paths"].tolist() == [f"p{i}" for i in range(5)]
+    assert both["images"].shape == (5, 8, 8) and str(both["mode"]) == "crop" and int(both["size"]) == 8
+    with pytest.raises(ValueError, match="different size"):
+        _joined(cache(3, 8, 0), cache(2, 16, 3))
+    other_margin = {**cache(2, 8, 3), "margin": np.array(1.0)}
+    with pytest.raises(ValueError, match="different margin"):
+        _joined(cache(3, 8, 0), other_margin)
+
+
+def test_train_cls_cli_passes_refit_through(tmp_path, monkeypatch):
+    import pipeline.classify.train as train_mod
+    from pipeline.cli import main
+
+    calls = []
+    monkeypatch.setattr(train_mod, "train", lambda *a, **kw: calls.append(kw) or
+                        {"best_epoch": 0, "best": None, "train_seconds": 0.0, "best_sha256": None})
+    base = ["train-cls", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main(base) == 0 and main(base + ["--refit"]) == 0
+    assert [kw["refit"] for kw in calls] == [False, True]

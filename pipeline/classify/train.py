@@ -62,11 +62,21 @@ def _without(cache: dict, path_list: str) -> dict:
             for k, v in cache.items()}
 
 
+def _joined(a: dict, b: dict) -> dict:
+    """Two caches of the same mode, size and margin as one (per-sample arrays concatenated)."""
+    for key in ("mode", "size", "margin"):
+        if key in a and key in b and a[key] != b[key]:
+            raise ValueError(f"cannot join caches with different {key}: {a[key]} and {b[key]}")
+    n = len(a["labels"])
+    return {k: (np.concatenate([v, b[k]]) if isinstance(v, np.ndarray) and v.ndim and len(v) == n else v)
+            for k, v in a.items()}
+
+
 def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "timm:tf_efficientnet_lite0",
           pretrained: bool = True, epochs: int = 8, batch_size: int = 64, lr: float = 2e-3,
           weight_decay: float = 1e-4, label_smoothing: float = 0.05, patience: int = 4, seed: int = 0,
           device: str = "cpu", resume: bool = True, augment: dict | None = None, threads: int | None = None,
-          drop: str | None = None, ema: float = 0.0) -> dict:
+          drop: str | None = None, ema: float = 0.0, refit: bool = False) -> dict:
     """Train and return a summary dict (also written to ``out_dir/summary.json``).
 
     ``ema`` in (0, 1): validate and save an exponential moving average of the weights (decay per
@@ -75,6 +85,11 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
 
     ``drop``: a path list (one per line, e.g. ``training_sartaj.txt`` from ``sources``) whose
     slices are left out of both the train and the validation cache: leave-one-source-out runs.
+
+    ``refit``: the last step once a recipe has been chosen on validation. The validation slices join
+    the training set, all ``epochs`` run (no early stopping) and ``best.pt`` is the last epoch. The
+    ``val_*`` columns are then scored on slices the network trained on: a check that it fits, not an
+    estimate of accuracy.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -91,6 +106,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
             raise ValueError(f"{drop}: none of its paths is in {train_cache} or {val_cache}; check the list "
                              f"was made from the same dataset root")
         print(f"left out {n_dropped} slices listed in {drop}")
+    if refit:
+        tr = _joined(tr, va)
     mode, size = str(tr["mode"]), int(tr["size"])
     model = create_model(model_name, pretrained=pretrained, in_chans=1, num_classes=len(CLASSES)).to(device)
     model = model.to(memory_format=torch.channels_last)
@@ -110,6 +127,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
             "n_val": int(len(va["labels"]))}
     if drop:
         meta.update({"drop": str(drop), "n_dropped": n_dropped})
+    if refit:
+        meta["refit"] = True
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
     averaged = None
@@ -138,7 +157,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
 
     stale = 0 if best is None else sum(1 for h in history[::-1] if h["epoch"] > best["epoch"])
     for epoch in range(start_epoch, epochs):
-        if stale >= patience:
+        if stale >= patience and not refit:
             print(f"early stop: no validation gain for {patience} epochs")
             break
         t0 = time.time()
@@ -170,7 +189,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
                "val_macro_f1": metrics["macro_f1"], "lr": scheduler.get_last_lr()[0], "seconds": time.time() - t0}
         history.append(row)
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        improved = best is None or (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"])
+        improved = refit or best is None or (
+            (row["val_macro_f1"], -row["val_loss"]) > (best["val_macro_f1"], -best["val_loss"]))
         if improved:
             best, stale = dict(row), 0
             _save_atomic({"state_dict": scored.state_dict(), "meta": {**meta, "epoch": epoch, "val": metrics}},
