@@ -352,3 +352,33 @@ def test_stage_arrays_name_an_empty_split_or_a_split_without_lesions(tmp_path):
     assert len(images) == val.sum() and not masks.any()
     with pytest.raises(ValueError, match="'val' split has no slice with a lesion"):
         unet._stage_arrays(cache, "val", "fine", 32, 0.25, None, negatives=0.3)
+
+
+def test_per_image_dice_weighs_a_missed_small_lesion_like_a_missed_large_one():
+    # slice 0: a large lesion drawn perfectly; slice 1: a small lesion missed; slice 2: healthy
+    y = torch.zeros(3, 1, 32, 32)
+    y[0, 0, 4:28, 4:28] = 1
+    y[1, 0, 10:12, 10:12] = 1
+    logits = torch.where(y > 0, 20.0, -20.0)
+    logits[1] = -20.0
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    image = unet.segmentation_loss("image")(logits, y)
+    batch = unet.segmentation_loss("batch")(logits, y)
+    # image: Dice loss 0 for slice 0 and ~1 for slice 1, the healthy slice left out -> mean 0.5
+    assert float(image - bce) == pytest.approx(0.5, abs=1e-3)
+    # batch: one pooled Dice over 580 lesion pixels, 4 of them missed -> ~0.0035
+    assert float(batch - bce) == pytest.approx(1 - 2 * 576 / (576 + 580), abs=1e-3)
+    healthy_only = unet.segmentation_loss("image")(logits[2:], y[2:])
+    assert float(healthy_only) == pytest.approx(float(torch.nn.functional.binary_cross_entropy_with_logits(
+        logits[2:], y[2:])))
+    with pytest.raises(ValueError, match="dice must be one of"):
+        unet.train_stage("unused.npz", "unused", dice="pixel")
+
+
+def test_train_stage_records_the_dice_mode(tmp_path):
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    unet.train_stage(cache, tmp_path / "coarse", stage="coarse", size=32, epochs=1, batch_size=8, net=TINY,
+                     dice="image")
+    assert torch.load(tmp_path / "coarse" / "best.pt", weights_only=True)["meta"]["dice"] == "image"
+    unet.train_stage(cache, tmp_path / "batch", stage="coarse", size=32, epochs=1, batch_size=8, net=TINY)
+    assert "dice" not in torch.load(tmp_path / "batch" / "best.pt", weights_only=True)["meta"]

@@ -452,6 +452,25 @@ def _stage_arrays(cache: dict, split: str, stage: str, size: int, margin: float,
     return images, (masks > 127).astype(np.uint8)
 
 
+DICE_MODES = ("batch", "image")
+
+
+def segmentation_loss(dice: str = "batch"):
+    """Dice + binary cross-entropy on logits, (B, 1, S, S) -> scalar; ``dice`` as in :func:`train_stage`."""
+    from monai.losses import DiceCELoss, DiceLoss
+
+    if dice == "batch":
+        return DiceCELoss(sigmoid=True, batch=True)
+    per_image = DiceLoss(sigmoid=True, batch=False)
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ce = F.binary_cross_entropy_with_logits(logits, y)
+        lesion = y.flatten(1).amax(1) > 0
+        return ce + per_image(logits[lesion], y[lesion]) if lesion.any() else ce
+
+    return loss
+
+
 def dice_per_image(prob: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Dice of ``prob > 0.5`` vs ``truth`` per image; 1 when both are empty. (N, S, S) -> (N,)."""
     p, t = prob > 0.5, truth > 0
@@ -464,7 +483,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
                 epochs: int = 20, batch_size: int = 16, lr: float = 3e-3, margin: float = 0.25, seed: int = 0,
                 device: str = "cpu", net: dict | None = None, time_hours: float | None = None,
                 threads: int | None = None, image_loss: float = 0.0, pretrained: bool = True,
-                init: str | os.PathLike | None = None, jitter: str = "margin", negatives: float = 0.0) -> dict:
+                init: str | os.PathLike | None = None, jitter: str = "margin", negatives: float = 0.0,
+                dice: str = "batch") -> dict:
     """Train one stage; every epoch writes ``last.pt`` (resume) and ``curves.csv``; ``best.pt`` (weights only)
     is the epoch with the best validation score: mean Dice on inputs with a lesion, minus the false-mask
     rate on inputs without one (no-tumor slices for the coarse stage; ``negatives`` crops for the fine).
@@ -481,13 +501,19 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     ``init``: start from the weights of another run's ``best.pt`` (same stage and network), or of a
     cascade checkpoint's part for ``stage``: for example a coarse net trained at a smaller size,
     fine-tuned at a larger one (the networks are fully convolutional).
+
+    ``dice``: ``batch`` pools the Dice over the whole batch (MONAI ``DiceCELoss(batch=True)``), so
+    large lesions dominate it; ``image`` averages one Dice per slice with a lesion, the way the
+    stage-1 goal is scored, so a missed small lesion costs as much as a missed large one (healthy
+    slices then feed the cross-entropy only: their Dice is undefined).
     """
-    from monai.losses import DiceCELoss
 
     from pipeline.config import seed_everything
 
     if stage not in ("coarse", "fine"):
         raise ValueError(f"stage must be coarse or fine, got {stage!r}")
+    if dice not in DICE_MODES:
+        raise ValueError(f"dice must be one of {', '.join(DICE_MODES)}, got {dice!r}")
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
@@ -517,11 +543,13 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     steps = math.ceil(n_train / batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps,
                                                     pct_start=0.1)
-    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    loss_fn = segmentation_loss(dice)
     meta = {"stage": stage, "size": size, "margin": margin, "net": net_cfg, "epochs": epochs, "lr": lr,
             "batch_size": batch_size, "seed": seed, "cache": str(cache_path)}
     if image_loss:
         meta["image_loss"] = image_loss
+    if dice != "batch":
+        meta["dice"] = dice
     if stage == "fine" and jitter != "margin":
         meta["jitter"] = jitter
     if stage == "fine" and negatives:
@@ -677,6 +705,9 @@ def add_train_arguments(p) -> None:
                    help="fine stage: add this many lesion-free crops per lesion crop (0.3: 30 %%), so the fine "
                         "net learns to draw nothing where the coarse net found a false region")
     p.add_argument("--time-hours", type=float, help="stop after the epoch that passes this wall time")
+    p.add_argument("--dice", choices=DICE_MODES, default="batch",
+                   help="Dice term of the loss: batch (pooled over the batch; large lesions dominate) or image "
+                        "(mean of per-slice Dice over slices with a lesion, as the stage-1 goal is scored)")
     p.add_argument("--image-loss", type=float, default=0.0,
                    help="weight of the slice-level tumor/no-tumor loss (coarse stage; 0: off)")
     p.add_argument("--cache", help="decoded slices (.npz; default: DATA/unet_cache_512.npz, built when missing)")
@@ -700,7 +731,7 @@ def run_train(args) -> int:
                           device=resolve_device(args.device or "auto"), time_hours=args.time_hours,
                           image_loss=args.image_loss or 0.0, net=net,
                           pretrained=args.pretrained == "true", init=args.init, jitter=args.jitter,
-                          negatives=args.negatives or 0.0)
+                          negatives=args.negatives or 0.0, dice=args.dice or "batch")
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
 
