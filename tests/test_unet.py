@@ -382,3 +382,20 @@ def test_train_stage_records_the_dice_mode(tmp_path):
     assert torch.load(tmp_path / "coarse" / "best.pt", weights_only=True)["meta"]["dice"] == "image"
     unet.train_stage(cache, tmp_path / "batch", stage="coarse", size=32, epochs=1, batch_size=8, net=TINY)
     assert "dice" not in torch.load(tmp_path / "batch" / "best.pt", weights_only=True)["meta"]
+
+
+def test_both_dice_is_the_mean_of_the_pooled_and_per_image_terms():
+    y = torch.zeros(3, 1, 16, 16)
+    y[0, 0, 2:12, 2:12] = 1
+    y[1, 0, 5:7, 5:7] = 1
+    logits = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+    image = unet.segmentation_loss("image")(logits, y) - bce
+    batch = unet.segmentation_loss("batch")(logits, y) - bce
+    both = unet.segmentation_loss("both")(logits, y) - bce
+    assert float(both) == pytest.approx(0.5 * float(image + batch), abs=1e-5)
+    # a false blob on the healthy slice raises the pooled term, so "both" sees it; "image" does not
+    worse = logits.clone()
+    worse[2, 0, :8, :8] = 10.0
+    assert float(unet.segmentation_loss("both")(worse, y) - unet.segmentation_loss("both")(logits, y)) > \
+        float(unet.segmentation_loss("image")(worse, y) - unet.segmentation_loss("image")(logits, y))

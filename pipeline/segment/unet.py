@@ -452,7 +452,7 @@ def _stage_arrays(cache: dict, split: str, stage: str, size: int, margin: float,
     return images, (masks > 127).astype(np.uint8)
 
 
-DICE_MODES = ("batch", "image")
+DICE_MODES = ("batch", "image", "both")
 
 
 def segmentation_loss(dice: str = "batch"):
@@ -462,11 +462,13 @@ def segmentation_loss(dice: str = "batch"):
     if dice == "batch":
         return DiceCELoss(sigmoid=True, batch=True)
     per_image = DiceLoss(sigmoid=True, batch=False)
+    pooled = DiceLoss(sigmoid=True, batch=True)
 
     def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         ce = F.binary_cross_entropy_with_logits(logits, y)
         lesion = y.flatten(1).amax(1) > 0
-        return ce + per_image(logits[lesion], y[lesion]) if lesion.any() else ce
+        image = per_image(logits[lesion], y[lesion]) if lesion.any() else logits.new_zeros(())
+        return ce + (image if dice == "image" else 0.5 * (image + pooled(logits, y)))
 
     return loss
 
@@ -505,7 +507,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     ``dice``: ``batch`` pools the Dice over the whole batch (MONAI ``DiceCELoss(batch=True)``), so
     large lesions dominate it; ``image`` averages one Dice per slice with a lesion, the way the
     stage-1 goal is scored, so a missed small lesion costs as much as a missed large one (healthy
-    slices then feed the cross-entropy only: their Dice is undefined).
+    slices then feed the cross-entropy only: their Dice is undefined); ``both`` is the mean of the
+    two, so false pixels on healthy slices still count through the pooled term.
     """
 
     from pipeline.config import seed_everything
@@ -706,8 +709,9 @@ def add_train_arguments(p) -> None:
                         "net learns to draw nothing where the coarse net found a false region")
     p.add_argument("--time-hours", type=float, help="stop after the epoch that passes this wall time")
     p.add_argument("--dice", choices=DICE_MODES, default="batch",
-                   help="Dice term of the loss: batch (pooled over the batch; large lesions dominate) or image "
-                        "(mean of per-slice Dice over slices with a lesion, as the stage-1 goal is scored)")
+                   help="Dice term of the loss: batch (pooled over the batch; large lesions dominate), image "
+                        "(mean of per-slice Dice over slices with a lesion, as the stage-1 goal is scored) "
+                        "or both (their mean)")
     p.add_argument("--image-loss", type=float, default=0.0,
                    help="weight of the slice-level tumor/no-tumor loss (coarse stage; 0: off)")
     p.add_argument("--cache", help="decoded slices (.npz; default: DATA/unet_cache_512.npz, built when missing)")
