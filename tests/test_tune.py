@@ -25,3 +25,50 @@ def test_dice_of_masks():
     b[:, 2:6] = 255
     assert _dice(a, b) == 2 * 20 / 80
     assert _dice(np.zeros((3, 3)), np.zeros((3, 3))) == 1.0
+
+
+def test_extra_no_tumor_scans_join_the_false_mask_rate_once_each(tmp_path, monkeypatch):
+    import json
+    import os
+
+    import cv2
+    import numpy as np
+    import pytest
+
+    from pipeline.segment import load, tune
+    from pipeline.segment.yolo import SegResult
+
+    class Bright:  # "tumor" wherever a pixel is above 200
+        def predict(self, images):
+            return [SegResult(mask=np.where(im > 200, 255, 0).astype(np.uint8), boxes=np.zeros((0, 4), np.float32),
+                              scores=np.zeros(0, np.float32)) for im in images]
+
+    monkeypatch.setattr(load, "load_segmenter", lambda *a, **k: Bright())
+    data = tmp_path / "data"
+    (data / "images" / "val").mkdir(parents=True)
+    (data / "masks" / "val").mkdir(parents=True)
+    lesion = np.full((32, 32), 50, np.uint8)
+    lesion[8:16, 8:16] = 255
+    cv2.imwrite(str(data / "images" / "val" / "t.png"), lesion)
+    cv2.imwrite(str(data / "masks" / "val" / "t.png"), np.where(lesion > 200, 255, 0).astype(np.uint8))
+    healthy = np.full((32, 32), 50, np.uint8)
+    cv2.imwrite(str(tmp_path / "h0.png"), healthy)
+    os.symlink(tmp_path / "h0.png", data / "images" / "val" / "h0.png")  # seg-data links its backgrounds
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    cv2.imwrite(str(extra / "h1.png"), healthy)
+    cv2.imwrite(str(extra / "h2.png"), lesion)  # a false mask
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{tmp_path / 'h0.png'}\n{extra / 'h1.png'}\n")  # h0 again: counted once
+
+    base = tune.tune_conf("w.pt", data, tmp_path / "a", confs=[0.5])
+    assert base["table"][0]["n_no_tumor"] == 1 and base["table"][0]["false_mask_rate"] == 0.0
+    more = tune.tune_conf("w.pt", data, tmp_path / "b", confs=[0.5], extra_no_tumor=[extra, listing])
+    row = more["table"][0]
+    assert more["n_extra_no_tumor"] == 2 and row["n_no_tumor"] == 3
+    assert row["false_mask_rate"] == pytest.approx(1 / 3)
+    assert row["mean_dice"] == 1.0 and row["n_tumor"] == 1
+    assert json.loads((tmp_path / "b" / "tune.json").read_text())["n_extra_no_tumor"] == 2
+    listing.write_text(f"{tmp_path / 'gone.png'}\n")
+    with pytest.raises(FileNotFoundError, match="gone.png: no such no-tumor scan"):
+        tune.tune_conf("w.pt", data, tmp_path / "c", confs=[0.5], extra_no_tumor=[listing])

@@ -16,6 +16,9 @@ import numpy as np
 from pipeline.scans import read_scan
 
 
+SLICE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".dcm")  # 2D scans; volumes are not slices
+
+
 def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     p, t = pred > 0, truth > 127
     denom = p.sum() + t.sum()
@@ -32,10 +35,13 @@ def choose_conf(table: list[dict], max_false_rate: float) -> dict:
 
 def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
               confs: Sequence[float] = (0.1, 0.25, 0.4, 0.55), max_false_rate: float = 0.03,
-              device: str = "cpu", batch: int = 16, min_areas: Sequence[int] = (None,)) -> dict:
+              device: str = "cpu", batch: int = 16, min_areas: Sequence[int] = (None,),
+              extra_no_tumor: Sequence[str | os.PathLike] = ()) -> dict:
     """Score each threshold on ``data_dir/images/val`` (from ``seg-data``) and write ``tune.json``.
 
     ``min_areas`` (U-Net cascade only): smallest coarse region kept, swept with each threshold.
+    ``extra_no_tumor``: more no-tumor scans (files, folders, or ``.txt`` lists of paths) counted with the
+    validation ones in the false-mask rate; one already among them (same file) counts once.
     """
     from pipeline.segment.load import load_segmenter
 
@@ -43,9 +49,16 @@ def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: 
     images = sorted((data_dir / "images" / "val").iterdir())
     if not images:
         raise FileNotFoundError(f"{data_dir}/images/val: no validation images (run `seg-data`)")
-    scans = [read_scan(p).image for p in images]
     mask_paths = [data_dir / "masks" / "val" / f"{p.stem}.png" for p in images]  # background slices have none
     truths = [cv2.imread(str(m), cv2.IMREAD_GRAYSCALE) if m.is_file() else None for m in mask_paths]
+    seen, extra = {p.resolve() for p in images}, []
+    for p in _scan_paths(extra_no_tumor):
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            extra.append(p)
+    images += extra
+    truths += [None] * (len(images) - len(truths))
+    scans = [read_scan(p).image for p in images]
     table = []
     for conf, min_area in [(c, a) for c in confs for a in min_areas]:
         seg = load_segmenter(weights, device=device, conf=conf)
@@ -63,10 +76,26 @@ def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: 
                       "false_mask_rate": float(np.mean([p.any() for p in healthy])) if healthy else None})
     best = choose_conf(table, max_false_rate)
     result = {"weights": str(weights), "split": "val", "max_false_rate": max_false_rate, "table": table,
+              "n_extra_no_tumor": len(extra),
               "chosen_conf": best["conf"], "chosen_min_area": best.get("min_area"), "rule": "highest mean Dice with false-mask rate <= max_false_rate"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _scan_paths(items: Sequence[str | os.PathLike]) -> list[Path]:
+    paths = []
+    for item in map(Path, items):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in SLICE_SUFFIXES)
+        elif item.suffix.lower() == ".txt":
+            paths += [Path(line.strip()) for line in item.read_text().splitlines() if line.strip()]
+        else:
+            paths.append(item)
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: no such no-tumor scan ({len(missing)} missing)")
+    return paths
 
 
 def add_arguments(p) -> None:
@@ -77,11 +106,14 @@ def add_arguments(p) -> None:
     p.add_argument("--max-false-rate", type=float, default=0.03)
     p.add_argument("--min-areas", type=int, nargs="+", help="U-Net cascade: also sweep the smallest coarse "
                                                              "region kept (coarse pixels)")
+    p.add_argument("--extra-no-tumor", nargs="+", default=[],
+                   help="more no-tumor scans for the false-mask rate: files, folders or .txt lists of paths "
+                        "(for example the no-tumor slices of the classifier's validation split)")
 
 
 def run(args) -> int:
     result = tune_conf(args.weights, args.data, args.out, args.confs, args.max_false_rate, args.device,
-                       min_areas=args.min_areas or (None,))
+                       min_areas=args.min_areas or (None,), extra_no_tumor=args.extra_no_tumor)
     for row in result["table"]:
         print(json.dumps(row))
     print(f"chosen conf: {result['chosen_conf']}" + (f", min_area: {result['chosen_min_area']}"
