@@ -399,3 +399,67 @@ def test_both_dice_is_the_mean_of_the_pooled_and_per_image_terms():
     worse[2, 0, :8, :8] = 10.0
     assert float(unet.segmentation_loss("both")(worse, y) - unet.segmentation_loss("both")(logits, y)) > \
         float(unet.segmentation_loss("image")(worse, y) - unet.segmentation_loss("image")(logits, y))
+
+
+class BrightSpot(torch.nn.Module):
+    """Tumor logits where the (z-scored) input is bright: finds a lesion only on slices that have one."""
+
+    def forward(self, x):
+        return (x - 2.0) * 10.0
+
+
+def test_gate_keeps_the_coarse_regions_only_where_it_finds_a_lesion_itself():
+    lesion = np.full((64, 64), 40, np.uint8)
+    lesion[20:36, 20:36] = 230
+    healthy = np.full((64, 64), 40, np.uint8)
+    meta = {"size": 32, "fine_size": 32, "margin": 0.25, "threshold": 0.5, "min_area": 1}
+    loose = unet.UNetCascadeSegmenter(AllTumor(), AllTumor(), meta)  # "finds" a lesion on every slice
+    assert all(r.found for r in loose.predict([lesion, healthy]))
+    gated = unet.UNetCascadeSegmenter(AllTumor(), AllTumor(), {**meta, "gate": {"size": 32, "threshold": 0.5,
+                                                                               "min_area": 4}}, gate=BrightSpot())
+    with_lesion, without = gated.predict([lesion, healthy])
+    assert with_lesion.found and with_lesion.mask.any()
+    assert not without.found and not without.mask.any() and without.boxes.shape == (0, 4)
+    # the regions still come from the coarse net, not from the gate: AllTumor's region is the whole slice
+    assert with_lesion.mask.all()
+    too_big = unet.UNetCascadeSegmenter(AllTumor(), AllTumor(), {**meta, "gate": {"size": 32, "threshold": 0.5,
+                                                                                 "min_area": 100}}, gate=BrightSpot())
+    assert not any(r.found for r in too_big.predict([lesion, healthy]))  # 8 x 8 gate pixels < 100
+    with pytest.raises(ValueError, match="come together"):
+        unet.UNetCascadeSegmenter(AllTumor(), AllTumor(), meta, gate=BrightSpot())
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_gated_cascade_round_trips_through_export_and_load(tmp_path, backend):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    for stage, size in (("coarse", 32), ("fine", 32), ("gate", 64)):
+        unet.train_stage(cache, tmp_path / stage, stage="fine" if stage == "fine" else "coarse", size=size,
+                         epochs=1, batch_size=8, net=TINY)
+    dest = tmp_path / "gated.pt"
+    meta = unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", dest,
+                               gate_best=tmp_path / "gate" / "best.pt", gate_threshold=0.6, gate_min_area=5)
+    assert meta["gate"]["size"] == 64 and meta["gate"]["threshold"] == 0.6 and meta["gate"]["min_area"] == 5
+    ckpt = torch.load(dest, weights_only=True)
+    assert set(ckpt) == {"coarse", "fine", "gate", "meta"}
+    seg = unet.load_unet_cascade(ckpt, backend=backend)
+    assert seg.gate is not None
+    # the gate holds the gate run's weights (float16 round trip), not the coarse run's
+    if backend == "torch":
+        want = torch.load(tmp_path / "gate" / "best.pt", weights_only=True)["state_dict"]
+        got = seg.gate.state_dict()
+        assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-2) for k in want)
+    img = np.random.default_rng(0).integers(0, 255, (48, 40)).astype(np.uint8)
+    (res,) = seg.predict([img])
+    assert res.mask.shape == (48, 40)
+    # a cascade checkpoint works as the gate too (its coarse stage), and a fine stage is refused
+    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "g2.pt",
+                        gate_best=dest)
+    with pytest.raises(ValueError, match="must be a coarse stage"):
+        unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "g3.pt",
+                            gate_best=tmp_path / "fine" / "best.pt")
+    del ckpt["gate"]
+    from pipeline.weights import WeightsError
+    with pytest.raises(WeightsError, match="names a gate stage"):
+        unet.load_unet_cascade(ckpt)

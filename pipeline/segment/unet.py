@@ -194,11 +194,19 @@ class UNetCascadeSegmenter:
     kept, in coarse-input pixels (``size`` x ``size``); ``max_regions``: how many regions the fine
     net redraws (largest first). With ``boxes_from`` set (a YOLO segmenter) its boxes replace the
     coarse net's.
+
+    ``gate`` (optional, with ``meta["gate"]``: its ``size``, ``threshold`` and ``min_area``): a second
+    coarse net that only decides *whether* a slice has a lesion; the coarse net's regions are kept on
+    slices where the gate finds a region of its own. A recall-minded coarse net draws the regions, a
+    conservative one vetoes the healthy slices.
     """
 
     def __init__(self, coarse: torch.nn.Module | None, fine: torch.nn.Module, meta: dict, device: str = "cpu",
                  threshold: float | None = None, min_area: int | None = None, max_regions: int = 2,
-                 boxes_from=None, batch_size: int = 32):
+                 boxes_from=None, batch_size: int = 32, gate: torch.nn.Module | None = None):
+        if (gate is None) != ("gate" not in meta):
+            raise ValueError("a gate network and meta['gate'] (size, threshold, min_area) come together")
+        self.gate = gate.to(device).eval() if gate is not None else None
         self.coarse = coarse.to(device).eval() if coarse is not None else None
         self.fine = fine.to(device).eval()
         self.meta, self.device = meta, device
@@ -225,16 +233,26 @@ class UNetCascadeSegmenter:
     def coarse_regions(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
         """Per image, the regions the coarse net finds, boxes in input pixels, largest first."""
         small = [cv2.resize(_gray(im), (self.size, self.size), interpolation=cv2.INTER_AREA) for im in images]
+        passed = self._gate_passes(images)
         found = []
-        for im, p in zip(images, self._probs(self.coarse, small)):
+        for im, p, ok in zip(images, self._probs(self.coarse, small), passed):
             h, w = im.shape[:2]
-            regions, _ = components(p > self.threshold, p, self.min_area)
+            regions, _ = components(p > self.threshold, p, self.min_area) if ok else ([], None)
             sx, sy = w / self.size, h / self.size
             for r in regions:
                 x0, y0, x1, y1 = r["box"]
                 r["box"] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
             found.append(regions[: self.max_regions])
         return found
+
+    def _gate_passes(self, images: Sequence[np.ndarray]) -> list[bool]:
+        if self.gate is None:
+            return [True] * len(images)
+        g = self.meta["gate"]
+        size = int(g["size"])
+        small = [cv2.resize(_gray(im), (size, size), interpolation=cv2.INTER_AREA) for im in images]
+        return [bool(components(p > float(g["threshold"]), p, int(g["min_area"]))[0])
+                for p in self._probs(self.gate, small)]
 
     def predict(self, images: Sequence[np.ndarray]) -> list[SegResult]:
         images = [_gray(im) for im in images]
@@ -283,8 +301,12 @@ def load_unet_cascade(ckpt: dict, device: str = "cpu", backend: str = "torch", k
 
     meta = ckpt["meta"]
     nets = {}
-    for part in ("coarse", "fine"):
-        net = build_net(meta.get("coarse_net", meta["net"]) if part == "coarse" else meta["net"])
+    parts = ("coarse", "fine") + (("gate",) if "gate" in meta else ())
+    for part in parts:
+        if part not in ckpt:
+            raise WeightsError(f"U-Net cascade checkpoint: its meta names a {part} stage that it does not hold")
+        cfg = {"coarse": meta.get("coarse_net", meta["net"]), "fine": meta["net"]}.get(part) or meta["gate"]["net"]
+        net = build_net(cfg)
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt[part].items()}
         missing, unexpected = net.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -293,10 +315,10 @@ def load_unet_cascade(ckpt: dict, device: str = "cpu", backend: str = "torch", k
         if backend != "torch":
             from pipeline.backends import as_backend
 
-            size = int(meta["size"] if part == "coarse" else meta["fine_size"])
+            size = int({"coarse": meta["size"], "fine": meta["fine_size"]}.get(part) or meta["gate"]["size"])
             net = as_backend(net, torch.zeros(1, 1, size, size), backend, key=key and f"{key}-{part}")
         nets[part] = net
-    return UNetCascadeSegmenter(nets["coarse"], nets["fine"], meta, device=device, **kw)
+    return UNetCascadeSegmenter(nets["coarse"], nets["fine"], meta, device=device, gate=nets.get("gate"), **kw)
 
 
 # --- training data ---------------------------------------------------------------------------------
@@ -655,11 +677,15 @@ def _load_init(model: torch.nn.Module, path: str | os.PathLike, stage: str, net_
 
 
 def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike, dest: str | os.PathLike,
-                   threshold: float = 0.5, min_area: int = 8, half: bool = True) -> dict:
+                   threshold: float = 0.5, min_area: int = 8, half: bool = True,
+                   gate_best: str | os.PathLike | None = None, gate_threshold: float = 0.3,
+                   gate_min_area: int = 4) -> dict:
     """Pack two ``best.pt`` files from :func:`train_stage` into one weights-only cascade checkpoint.
 
     ``fine_best`` may also be a cascade checkpoint: its fine stage is reused (a new localiser under a
-    boundary network that is already good)."""
+    boundary network that is already good). ``gate_best``: a third, coarse-stage ``best.pt`` (or a
+    cascade checkpoint's coarse stage) that vetoes slices, with its own threshold and smallest region
+    (see :class:`UNetCascadeSegmenter`)."""
     c = torch.load(coarse_best, map_location="cpu", weights_only=True)
     f = torch.load(fine_best, map_location="cpu", weights_only=True)
     if "fine" in f:
@@ -676,7 +702,19 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
             "min_area": int(min_area), "coarse_epoch": c["meta"]["epoch"], "fine_epoch": f["meta"]["epoch"]}
     if c["meta"]["net"] != f["meta"]["net"]:
         meta["coarse_net"] = c["meta"]["net"]
-    torch.save({"coarse": pack(c["state_dict"]), "fine": pack(f["state_dict"]), "meta": meta}, dest)
+    parts = {"coarse": pack(c["state_dict"]), "fine": pack(f["state_dict"])}
+    if gate_best:
+        g = torch.load(gate_best, map_location="cpu", weights_only=True)
+        if "coarse" in g and "fine" in g:
+            g = {"state_dict": g["coarse"], "meta": {"stage": "coarse", "size": g["meta"]["size"],
+                                                     "net": g["meta"].get("coarse_net", g["meta"]["net"]),
+                                                     "epoch": g["meta"]["coarse_epoch"]}}
+        if g["meta"].get("stage", "coarse") != "coarse":
+            raise ValueError(f"{gate_best} must be a coarse stage: the gate looks at whole slices")
+        meta["gate"] = {"net": g["meta"]["net"], "size": g["meta"]["size"], "threshold": float(gate_threshold),
+                        "min_area": int(gate_min_area), "epoch": g["meta"]["epoch"]}
+        parts["gate"] = pack(g["state_dict"])
+    torch.save({**parts, "meta": meta}, dest)
     return meta
 
 
@@ -747,13 +785,18 @@ def add_export_arguments(p) -> None:
     p.add_argument("--out", required=True, help="weights-only cascade checkpoint to write")
     p.add_argument("--threshold", type=float, default=0.5, help="coarse probability threshold")
     p.add_argument("--min-area", type=int, default=8, help="smallest coarse region kept, in coarse pixels")
+    p.add_argument("--gate", help="optional: best.pt of a second coarse net that vetoes slices where it finds "
+                                  "no region (a conservative net gating a recall-minded --coarse)")
+    p.add_argument("--gate-threshold", type=float, default=0.3, help="the gate's probability threshold")
+    p.add_argument("--gate-min-area", type=int, default=4, help="the gate's smallest region, in its pixels")
     p.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 halves the file)")
 
 
 def run_export(args) -> int:
     from pipeline.weights import sha256_file
 
-    meta = export_cascade(args.coarse, args.fine, args.out, args.threshold, args.min_area, half=not args.fp32)
+    meta = export_cascade(args.coarse, args.fine, args.out, args.threshold, args.min_area, half=not args.fp32,
+                          gate_best=args.gate, gate_threshold=args.gate_threshold, gate_min_area=args.gate_min_area)
     print(json.dumps(meta))
     print(f"sha256 {sha256_file(args.out)}  {args.out}")
     return 0
