@@ -26,6 +26,7 @@ SEG_FINE_SIZE ?= 128
 SEG_EPOCHS   ?= 10
 SEG_FINE_EPOCHS ?= 16
 SEG_IMAGE_LOSS ?= 0
+SEG_DICE     ?= batch
 SEG_THRESHOLD ?= 0.3
 SEG_MIN_AREA ?= 8
 # the fine stage: reused from this cascade checkpoint (empty: train one, SEG_FINE_EPOCHS)
@@ -97,8 +98,8 @@ help: ## this list
 	@echo "               SEG_FINE_ARCH (monai-unet | lite0-unet | ...) and SEG_FINE_ARGS (more train-unet options)"
 	@echo "  SEG_COARSE, SEG_FINE_RUN   their run folders, named by network and size only: set them when other"
 	@echo "               options (SEG_FINE_ARGS, SEG_LR, ...) should not reuse or resume an earlier run"
-	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS, SEG_FINE_EPOCHS, SEG_IMAGE_LOSS   U-Net cascade training (default:"
-	@echo "               coarse $(SEG_SIZE) px $(SEG_EPOCHS) epochs slice-loss weight $(SEG_IMAGE_LOSS); fine $(SEG_FINE_SIZE) px $(SEG_FINE_EPOCHS) epochs)"
+	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS, SEG_FINE_EPOCHS, SEG_IMAGE_LOSS, SEG_DICE   U-Net cascade training (default:"
+	@echo "               coarse $(SEG_SIZE) px $(SEG_EPOCHS) epochs slice-loss weight $(SEG_IMAGE_LOSS), Dice $(SEG_DICE); fine $(SEG_FINE_SIZE) px $(SEG_FINE_EPOCHS) epochs)"
 	@echo "  SEG_IMGSZ, SEG_YOLO_EPOCHS, SEG_TIME   YOLOv8n-seg training, seg-train-yolo (default: $(SEG_IMGSZ) px, $(SEG_YOLO_EPOCHS) epochs, $(SEG_TIME) h cap)"
 	@echo "  SEG_CKPT     segmenter used by segment (default: $(SEG_CKPT))"
 	@echo "  MODES        classifier inputs to build/train/compare: full crop masked (default: $(MODES))"
@@ -168,11 +169,11 @@ $(OUT)/seg/data/data.yaml: $(OUT)/split.csv
 
 seg-train: $(OUT)/seg/unet_cascade.pt ## train the U-Net cascade (coarse finds, fine draws) and pack it weights-only
 
-SEG_COARSE ?= $(OUT)/seg/$(if $(filter monai-unet,$(SEG_ARCH)),unet,$(subst -,,$(SEG_ARCH)))_coarse_$(SEG_SIZE)
+SEG_COARSE ?= $(OUT)/seg/$(if $(filter monai-unet,$(SEG_ARCH)),unet,$(subst -,,$(SEG_ARCH)))_coarse_$(SEG_SIZE)$(if $(filter-out batch,$(SEG_DICE)),_dice$(SEG_DICE))
 
 $(SEG_COARSE)/summary.json: $(OUT)/seg/data/data.yaml
 	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(SEG_COARSE) --stage coarse --arch $(SEG_ARCH) \
-	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --lr $(SEG_LR) --image-loss $(SEG_IMAGE_LOSS) --device $(DEVICE) --seed $(SEED)
+	  --size $(SEG_SIZE) --epochs $(SEG_EPOCHS) --lr $(SEG_LR) --image-loss $(SEG_IMAGE_LOSS) --dice $(SEG_DICE) --device $(DEVICE) --seed $(SEED)
 
 SEG_FINE_RUN ?= $(OUT)/seg/$(if $(filter monai-unet,$(SEG_FINE_ARCH)),unet,$(subst -,,$(SEG_FINE_ARCH)))_fine_$(SEG_FINE_SIZE)
 
