@@ -84,10 +84,12 @@ def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: 
 
 
 def _scan_paths(items: Sequence[str | os.PathLike]) -> list[Path]:
+    from pipeline.folders import iter_input_files
+
     paths = []
     for item in map(Path, items):
         if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in SLICE_SUFFIXES)
+            paths += [p for p in iter_input_files(item) if p.suffix.lower() in SLICE_SUFFIXES]
         elif item.suffix.lower() == ".txt":
             paths += [Path(line.strip()) for line in item.read_text().splitlines() if line.strip()]
         else:

@@ -233,26 +233,31 @@ class UNetCascadeSegmenter:
     def coarse_regions(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
         """Per image, the regions the coarse net finds, boxes in input pixels, largest first."""
         small = [cv2.resize(_gray(im), (self.size, self.size), interpolation=cv2.INTER_AREA) for im in images]
-        passed = self._gate_passes(images)
         found = []
-        for im, p, ok in zip(images, self._probs(self.coarse, small), passed):
+        for im, p in zip(images, self._probs(self.coarse, small)):
             h, w = im.shape[:2]
-            regions, _ = components(p > self.threshold, p, self.min_area) if ok else ([], None)
+            regions, _ = components(p > self.threshold, p, self.min_area)
             sx, sy = w / self.size, h / self.size
             for r in regions:
                 x0, y0, x1, y1 = r["box"]
                 r["box"] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
             found.append(regions[: self.max_regions])
+        if self.gate is not None:
+            asked = [i for i, r in enumerate(found) if r]  # the gate only ever removes regions
+            for i, ok in zip(asked, self._gate_passes([images[i] for i in asked],
+                                                      [small[i] for i in asked])):
+                if not ok:
+                    found[i] = []
         return found
 
-    def _gate_passes(self, images: Sequence[np.ndarray]) -> list[bool]:
-        if self.gate is None:
-            return [True] * len(images)
+    def _gate_passes(self, images: Sequence[np.ndarray], small: Sequence[np.ndarray]) -> list[bool]:
+        """Whether the gate finds a region of its own on each image (``small``: the coarse-size inputs)."""
         g = self.meta["gate"]
         size = int(g["size"])
-        small = [cv2.resize(_gray(im), (size, size), interpolation=cv2.INTER_AREA) for im in images]
+        if size != self.size:
+            small = [cv2.resize(_gray(im), (size, size), interpolation=cv2.INTER_AREA) for im in images]
         return [bool(components(p > float(g["threshold"]), p, int(g["min_area"]))[0])
-                for p in self._probs(self.gate, small)]
+                for p in self._probs(self.gate, list(small))]
 
     def predict(self, images: Sequence[np.ndarray]) -> list[SegResult]:
         images = [_gray(im) for im in images]
@@ -301,11 +306,13 @@ def load_unet_cascade(ckpt: dict, device: str = "cpu", backend: str = "torch", k
 
     meta = ckpt["meta"]
     nets = {}
-    parts = ("coarse", "fine") + (("gate",) if "gate" in meta else ())
-    for part in parts:
+    cfgs = {"coarse": meta.get("coarse_net", meta["net"]), "fine": meta["net"]}
+    sizes = {"coarse": meta["size"], "fine": meta["fine_size"]}
+    if "gate" in meta:
+        cfgs["gate"], sizes["gate"] = meta["gate"]["net"], meta["gate"]["size"]
+    for part, cfg in cfgs.items():
         if part not in ckpt:
             raise WeightsError(f"U-Net cascade checkpoint: its meta names a {part} stage that it does not hold")
-        cfg = {"coarse": meta.get("coarse_net", meta["net"]), "fine": meta["net"]}.get(part) or meta["gate"]["net"]
         net = build_net(cfg)
         state = {k: v.float() if v.is_floating_point() else v for k, v in ckpt[part].items()}
         missing, unexpected = net.load_state_dict(state, strict=False)
@@ -315,7 +322,7 @@ def load_unet_cascade(ckpt: dict, device: str = "cpu", backend: str = "torch", k
         if backend != "torch":
             from pipeline.backends import as_backend
 
-            size = int({"coarse": meta["size"], "fine": meta["fine_size"]}.get(part) or meta["gate"]["size"])
+            size = int(sizes[part])
             net = as_backend(net, torch.zeros(1, 1, size, size), backend, key=key and f"{key}-{part}")
         nets[part] = net
     return UNetCascadeSegmenter(nets["coarse"], nets["fine"], meta, device=device, gate=nets.get("gate"), **kw)
@@ -532,7 +539,6 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     slices then feed the cross-entropy only: their Dice is undefined); ``both`` is the mean of the
     two, so false pixels on healthy slices still count through the pooled term.
     """
-
     from pipeline.config import seed_everything
 
     if stage not in ("coarse", "fine"):
@@ -676,6 +682,18 @@ def _load_init(model: torch.nn.Module, path: str | os.PathLike, stage: str, net_
     return sha256_file(path)
 
 
+def _run_like(ckpt: dict, stage: str) -> dict:
+    """A cascade checkpoint's ``stage`` part as a ``best.pt``-shaped dict; any other checkpoint unchanged."""
+    if not ("coarse" in ckpt and "fine" in ckpt):
+        return ckpt
+    m = ckpt["meta"]
+    if stage == "fine":
+        return {"state_dict": ckpt["fine"], "meta": {"net": m["net"], "size": m["fine_size"], "margin": m["margin"],
+                                                     "epoch": m["fine_epoch"]}}
+    return {"state_dict": ckpt["coarse"], "meta": {"stage": "coarse", "size": m["size"],
+                                                   "net": m.get("coarse_net", m["net"]), "epoch": m["coarse_epoch"]}}
+
+
 def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike, dest: str | os.PathLike,
                    threshold: float = 0.5, min_area: int = 8, half: bool = True,
                    gate_best: str | os.PathLike | None = None, gate_threshold: float = 0.3,
@@ -687,10 +705,7 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
     cascade checkpoint's coarse stage) that vetoes slices, with its own threshold and smallest region
     (see :class:`UNetCascadeSegmenter`)."""
     c = torch.load(coarse_best, map_location="cpu", weights_only=True)
-    f = torch.load(fine_best, map_location="cpu", weights_only=True)
-    if "fine" in f:
-        f = {"state_dict": f["fine"], "meta": {"net": f["meta"]["net"], "size": f["meta"]["fine_size"],
-                                                "margin": f["meta"]["margin"], "epoch": f["meta"]["fine_epoch"]}}
+    f = _run_like(torch.load(fine_best, map_location="cpu", weights_only=True), "fine")
     if c["meta"].get("stage", "coarse") != "coarse" or f["meta"].get("stage", "fine") != "fine":
         raise ValueError(f"{coarse_best} must be a coarse stage and {fine_best} a fine stage")
 
@@ -704,11 +719,7 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
         meta["coarse_net"] = c["meta"]["net"]
     parts = {"coarse": pack(c["state_dict"]), "fine": pack(f["state_dict"])}
     if gate_best:
-        g = torch.load(gate_best, map_location="cpu", weights_only=True)
-        if "coarse" in g and "fine" in g:
-            g = {"state_dict": g["coarse"], "meta": {"stage": "coarse", "size": g["meta"]["size"],
-                                                     "net": g["meta"].get("coarse_net", g["meta"]["net"]),
-                                                     "epoch": g["meta"]["coarse_epoch"]}}
+        g = _run_like(torch.load(gate_best, map_location="cpu", weights_only=True), "coarse")
         if g["meta"].get("stage", "coarse") != "coarse":
             raise ValueError(f"{gate_best} must be a coarse stage: the gate looks at whole slices")
         meta["gate"] = {"net": g["meta"]["net"], "size": g["meta"]["size"], "threshold": float(gate_threshold),
