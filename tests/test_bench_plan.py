@@ -66,3 +66,21 @@ def test_cuda_summary_takes_the_largest_folder():
     r = bench.ratios(rows)
     assert r["cuda_predict_images"] == 13110 and r["cuda_predict_images_per_s"] == 1500.0
     assert r["predict_images_per_s"] is None  # CUDA rows never count as the CPU figure
+
+
+def test_bench_rows_name_each_member_at_its_own_size(tmp_path):
+    import torch
+
+    from pipeline import CLASSES
+    from pipeline.classify.models import create_model
+    from pipeline.classify.predict import load_classifier
+
+    paths = []
+    for mode, size in (("full", 48), ("crop", 32)):
+        meta = {"model": "smallcnn", "mode": mode, "size": size, "classes": list(CLASSES), "margin": 0.5}
+        paths.append(tmp_path / f"{mode}.pt")
+        torch.save({"state_dict": create_model("smallcnn").state_dict(), "meta": meta}, paths[-1])
+    pair = bench.classifier_what(load_classifier(f"{paths[0]},{paths[1]}"))
+    assert pair == "smallcnn, full 48 px + crop 32 px"
+    assert bench.classifier_what(load_classifier(str(paths[1]))) == "smallcnn, crop 32 px"
+    assert bench.describe({"stage": "classify"}, pair) == pair
