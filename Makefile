@@ -43,8 +43,8 @@ SEG_TIME     ?= 0.8
 MODES        ?= full crop masked
 ENSEMBLES    ?= full+crop
 SIZE         ?= 128
-# input size of the shipped whole-slice member (cls-lite0-full; the crop member reads SIZE)
-FULL_SIZE    ?= 128
+# input size of the shipped whole-slice member (cls-lite0-full, 192 px since session 14; the crop member reads SIZE)
+FULL_SIZE    ?= 192
 CLS_MODEL    ?= timm:tf_efficientnet_lite0
 CLS_TAG      ?= lite0
 CLS_PRETRAINED ?= true
