@@ -107,6 +107,7 @@ help: ## this list
 	@echo "  MODES        classifier inputs to build/train/compare: full crop masked (default: $(MODES))"
 	@echo "  ENSEMBLES    mode combinations averaged and compared as one more run (default: $(ENSEMBLES); empty: none)"
 	@echo "  SIZE         classifier input size (default: $(SIZE))"
+	@echo "  FULL_SIZE    input size of the shipped whole-slice member, for shipped-eval's cache (default: $(FULL_SIZE))"
 	@echo "  CLS_MODEL, CLS_TAG, CLS_EPOCHS, CLS_PRETRAINED   the CNN cls-train trains (default: $(CLS_MODEL))"
 	@echo "  REF_MODEL, REF_MODES, REF_EPOCHS   from-scratch reference (default: $(REF_MODEL) on $(REF_MODES))"
 	@echo "  LOSO_DROP, LOSO_MODES   leave-one-source-out: train without LOSO_DROP tumors, score on them (default: $(LOSO_DROP) on $(LOSO_MODES))"
@@ -315,7 +316,8 @@ $(foreach e,$(LOSO_ENS_ON),$(eval $(call ENSEMBLE_EVAL,$(e),$(OUT)/loso/cls,$(OU
 
 # The shipped default classifier (weights/cls_lite0_full_crop.json), scored like the runs so that the
 # report has the row the README quotes. Its members were refit on train + validation, so it has no
-# validation figure of its own; it reads the whole slice and the crop at crop's default margin.
+# validation figure of its own; it reads the whole slice at FULL_SIZE and the crop at SIZE, at crop's
+# default margin.
 SHIPPED_EVAL  = $(if $(filter cls-lite0-full+crop,$(CLS_WEIGHTS)),$(OUT)/eval/shipped-$(CLS_WEIGHTS)/metrics.json)
 shipped-eval: $(SHIPPED_EVAL) ## the shipped classifier on all of Testing and its clean subset (the README's numbers)
 
