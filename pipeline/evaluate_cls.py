@@ -212,12 +212,14 @@ def _describe(mode, size, margin) -> str:
     return f"mode={mode} size={size}" + ("" if margin is None else f" margin={margin:g}")
 
 
-def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64) -> np.ndarray:
+def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64, tta: str = "none") -> np.ndarray:
     """(N, 4) probabilities of the classifier on ``cache["images"]``, after checking mode and size.
 
     An ensemble whose members read different inputs takes one cache per (mode, size), listing the
-    same slices in the same order.
+    same slices in the same order. ``tta``: see :func:`pipeline.classify.predict.predict_views_tta`.
     """
+    from pipeline.classify.predict import predict_views_tta
+
     caches = [cache] if isinstance(cache, Mapping) else list(cache)
     have = {cache_view(c): c for c in caches}
     views = tuple(getattr(classifier, "views", (view_of(classifier.mode, classifier.size),)))
@@ -232,7 +234,7 @@ def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64
         if "paths" in c and "paths" in used[0] and not np.array_equal(c["paths"], used[0]["paths"]):
             raise ValueError("the caches list different slices (or in another order); build them from one split")
     n = len(used[0]["images"])
-    out = [classifier.predict_views({v: have[v]["images"][s:s + batch_size] for v in views})
+    out = [predict_views_tta(classifier, {v: have[v]["images"][s:s + batch_size] for v in views}, tta)
            for s in range(0, n, batch_size)]
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
@@ -249,6 +251,9 @@ def add_arguments(p) -> None:
                         "slices of one source from `sources`; repeatable")
     p.add_argument("--out", required=True, help="output folder: predictions.csv, metrics.json")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--tta", choices=["none", "hflip"], default="none",
+                   help="test-time augmentation: hflip averages each slice with its left-right mirror "
+                        "(twice the compute)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the intervals")
 
@@ -281,14 +286,16 @@ def run(args) -> int:
         classifier = load_classifier(args.cls, device=getattr(args, "device", "cpu") or "cpu")
         data = [str(d) for d in ([args.data] if isinstance(args.data, (str, os.PathLike)) else args.data)]
         caches = [load_cache(d) for d in data]
-        probs = predict_cache(classifier, caches, getattr(args, "batch_size", 64) or 64)
+        tta = getattr(args, "tta", "none") or "none"
+        probs = predict_cache(classifier, caches, getattr(args, "batch_size", 64) or 64, tta=tta)
         used = [c for c in caches if cache_view(c) in classifier.views]
         cache = next((c for c in used if str(c.get("mode")) != "full"), used[0])  # its `found` is stage 1's
         paths = [str(p) for p in cache["paths"]]
         write_predictions(out / "predictions.csv", paths, cache["labels"], probs, cache.get("found"))
         pred = read_predictions(out / "predictions.csv")
         source = {"cls": str(args.cls), "data": data[0] if len(data) == 1 else data,
-                  **{k: classifier.meta.get(k) for k in ("model", "mode", "size")}}
+                  **{k: classifier.meta.get(k) for k in ("model", "mode", "size")},
+                  **({"tta": tta} if tta != "none" else {})}
     result = {"source": source, **evaluate_predictions(pred, clean, n_boot, seed, alpha, subsets)}
     (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
     summary = {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4), "macro_f1": round(v["macro_f1"], 4)}

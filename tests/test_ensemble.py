@@ -291,3 +291,59 @@ def test_second_opinion_from_an_ensemble_file_changes_the_fingerprint(tmp_path, 
     spec.write_text(json.dumps({"members": ["full.pt", "crop.pt"], "second_opinion": {"members": ["extra.pt"]}}))
     with pytest.raises(WeightsError, match="below"):
         load_classifier(str(spec))
+
+
+
+class _LeftRightClassifier:
+    """Scores 'glioma' by how much brighter the left half of its view is than the right."""
+
+    views, mode, size = (FULL32,), "full", 32
+    meta = {"model": "left-right", "mode": "full", "size": 32}
+
+    def __init__(self):
+        self.calls = []
+
+    def predict_views(self, views):
+        x = views[FULL32].astype(np.float64)
+        self.calls.append(len(x))
+        d = (x[:, :, :16].mean((1, 2)) - x[:, :, 16:].mean((1, 2))) / 32
+        logits = np.stack([d, np.zeros_like(d), -d, np.zeros_like(d)], 1)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+
+def test_mirror_tta_is_the_mean_over_each_view_and_its_mirror():
+    from pipeline.classify.predict import predict_views_tta
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    images[:, :, :10] = 255  # bright on the left: glioma-ish unmirrored, the other way mirrored
+    views = {FULL32: images}
+    clf = _LeftRightClassifier()
+    plain = clf.predict_views(views)
+    mirrored = clf.predict_views({FULL32: images[:, :, ::-1]})
+    assert (plain[:, 0] > plain[:, 2]).all() and (mirrored[:, 0] < mirrored[:, 2]).all()
+    clf.calls.clear()
+    got = predict_views_tta(clf, views, "hflip")
+    assert clf.calls == [10]  # one pass over the inputs and their mirrors together
+    np.testing.assert_allclose(got, (plain + mirrored) / 2)
+    np.testing.assert_allclose(got[:, 0], got[:, 2])  # the asymmetry this classifier reads cancels
+    np.testing.assert_allclose(predict_views_tta(clf, {FULL32: images[:, :, ::-1]}, "hflip"), got)
+    np.testing.assert_array_equal(predict_views_tta(clf, views, "none"), plain)
+    with pytest.raises(ValueError, match="tta must be one of"):
+        predict_views_tta(clf, views, "vflip")
+    cache = {"images": images, "mode": np.array("full"), "size": np.array(32)}
+    np.testing.assert_allclose(predict_cache(clf, cache, batch_size=2, tta="hflip"), got)
+
+
+def test_mirror_tta_on_a_real_ensemble_reads_both_views_mirrored(members):
+    from pipeline.classify.predict import predict_views_tta
+
+    ens = load_classifier(f"{members[0]},{members[1]}")
+    images = _scans()
+    masks = [r.mask for r in BrightBlobSegmenter().predict(images)]
+    views = make_views(images, masks, ens.views)
+    mirrored = {v: np.ascontiguousarray(x[:, :, ::-1]) for v, x in views.items()}
+    got = predict_views_tta(ens, views, "hflip")
+    np.testing.assert_allclose(got, (ens.predict_views(views) + ens.predict_views(mirrored)) / 2, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(predict_views_tta(ens, mirrored, "hflip"), got, rtol=1e-6, atol=1e-7)

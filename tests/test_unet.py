@@ -463,3 +463,85 @@ def test_gated_cascade_round_trips_through_export_and_load(tmp_path, backend):
     from pipeline.weights import WeightsError
     with pytest.raises(WeightsError, match="names a gate stage"):
         unet.load_unet_cascade(ckpt)
+
+
+class NoTumor(torch.nn.Module):
+    def forward(self, x):
+        return torch.full_like(x, -5.0)
+
+
+class Recording(torch.nn.Module):
+    """Wraps a network and records the batch sizes it is asked."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.asked = net, []
+
+    def forward(self, x):
+        self.asked.append(int(x.shape[0]))
+        return self.net(x)
+
+
+def test_rescue_is_asked_only_where_the_coarse_net_finds_nothing():
+    lesion = np.full((64, 64), 40, np.uint8)
+    lesion[20:36, 20:36] = 230
+    healthy = np.full((64, 64), 40, np.uint8)
+    meta = {"size": 32, "fine_size": 32, "margin": 0.25, "threshold": 0.5, "min_area": 1}
+    plain = unet.UNetCascadeSegmenter(BrightSpot(), AllTumor(), meta)
+    want_lesion, want_healthy = plain.predict([lesion, healthy])
+    assert want_lesion.found and not want_healthy.found
+    rescue = Recording(AllTumor())  # would "find" a lesion on any slice it is shown
+    seg = unet.UNetCascadeSegmenter(BrightSpot(), AllTumor(), {**meta, "rescue": {"size": 32, "threshold": 0.5,
+                                                                                   "min_area": 1}}, rescue=rescue)
+    got_lesion, got_healthy = seg.predict([lesion, healthy])
+    assert rescue.asked == [1]  # the healthy slice only: the coarse net had found the lesion
+    np.testing.assert_array_equal(got_lesion.mask, want_lesion.mask)
+    assert got_healthy.found and got_healthy.mask.all()  # the rescue's region (the whole slice) was drawn
+    # a coarse net that finds nothing, a rescue that finds the lesion: its box, not the whole slice
+    found, empty = unet.UNetCascadeSegmenter(NoTumor(), AllTumor(), {**meta, "rescue": {"size": 64, "threshold": 0.5,
+                                                                                         "min_area": 4}},
+                                             rescue=BrightSpot()).predict([lesion, healthy])
+    assert found.found and not empty.found
+    assert found.mask[28, 28] and not found.mask[0, 0] and not found.mask.all()
+    with pytest.raises(ValueError, match="come together"):
+        unet.UNetCascadeSegmenter(BrightSpot(), AllTumor(), meta, rescue=BrightSpot())
+    with pytest.raises(ValueError, match="not both"):
+        unet.UNetCascadeSegmenter(BrightSpot(), AllTumor(), {**meta, "rescue": {"size": 32, "threshold": 0.5, "min_area": 1},
+                                                             "gate": {"size": 32, "threshold": 0.5, "min_area": 1}},
+                                  gate=BrightSpot(), rescue=BrightSpot())
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_rescue_cascade_round_trips_through_export_and_load(tmp_path, backend):
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    for stage, size in (("coarse", 32), ("fine", 32), ("rescue", 64)):
+        unet.train_stage(cache, tmp_path / stage, stage="fine" if stage == "fine" else "coarse", size=size,
+                         epochs=1, batch_size=8, net=TINY)
+    dest = tmp_path / "rescue.pt"
+    meta = unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", dest,
+                               rescue_best=tmp_path / "rescue" / "best.pt", rescue_threshold=0.4, rescue_min_area=6)
+    assert meta["rescue"]["size"] == 64 and meta["rescue"]["threshold"] == 0.4 and meta["rescue"]["min_area"] == 6
+    ckpt = torch.load(dest, weights_only=True)
+    assert set(ckpt) == {"coarse", "fine", "rescue", "meta"}
+    seg = unet.load_unet_cascade(ckpt, backend=backend)
+    assert seg.rescue is not None and seg.gate is None
+    if backend == "torch":
+        want = torch.load(tmp_path / "rescue" / "best.pt", weights_only=True)["state_dict"]
+        got = seg.rescue.state_dict()
+        assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-2) for k in want)
+    img = np.random.default_rng(0).integers(0, 255, (48, 40)).astype(np.uint8)
+    (res,) = seg.predict([img])
+    assert res.mask.shape == (48, 40)
+    # a shipped cascade with a rescue added: both of its stages reused exactly
+    plain = tmp_path / "plain.pt"
+    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", plain)
+    unet.export_cascade(plain, plain, tmp_path / "added.pt", rescue_best=tmp_path / "rescue" / "best.pt")
+    before, after = torch.load(plain, weights_only=True), torch.load(tmp_path / "added.pt", weights_only=True)
+    for part in ("coarse", "fine"):
+        assert all(torch.equal(before[part][k], after[part][k]) for k in before[part])
+    assert {k: v for k, v in after["meta"].items() if k != "rescue"} == before["meta"]
+    with pytest.raises(ValueError, match="not both"):
+        unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "both.pt",
+                            gate_best=tmp_path / "rescue" / "best.pt", rescue_best=tmp_path / "rescue" / "best.pt")

@@ -161,6 +161,26 @@ class ClassifierEnsemble:
         return self.predict_views({self.views[0]: images})
 
 
+TTA_MODES = ("none", "hflip")
+
+
+def predict_views_tta(classifier, views: dict[View, np.ndarray], tta: str = "none") -> np.ndarray:
+    """``classifier.predict_views`` with test-time augmentation -> (B, 4) probabilities.
+
+    ``hflip``: the mean over each input and its left-right mirror (one forward pass of 2B rows).
+    Why mirrors only: brains are close to left-right symmetric and every member was trained with
+    horizontal flips; vertical flips and rotations are not views the scanner gives.
+    """
+    if tta == "none":
+        return classifier.predict_views(views)
+    if tta != "hflip":
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    both = {v: np.concatenate([x, x[:, :, ::-1]]) for v, x in views.items()}
+    probs = classifier.predict_views(both)
+    n = len(probs) // 2
+    return (probs[:n] + probs[n:]) / 2
+
+
 def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: int | None = None,
                     backend: str = "torch", compile: bool = False) -> Classifier | ClassifierEnsemble:
     """A checkpoint (manifest name or .pt path) -> :class:`Classifier`; an ensemble file (manifest

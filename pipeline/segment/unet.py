@@ -199,14 +199,24 @@ class UNetCascadeSegmenter:
     coarse net that only decides *whether* a slice has a lesion; the coarse net's regions are kept on
     slices where the gate finds a region of its own. A recall-minded coarse net draws the regions, a
     conservative one vetoes the healthy slices.
+
+    ``rescue`` (optional, with ``meta["rescue"]``: its ``size``, ``threshold`` and ``min_area``): a second
+    coarse net asked only on slices where the coarse net keeps no region; its regions go to the fine net
+    there. Where the coarse net finds something nothing changes, so the rescue can only add lesions (and
+    false masks). A gate and a rescue do not come together: one removes what the other adds.
     """
 
     def __init__(self, coarse: torch.nn.Module | None, fine: torch.nn.Module, meta: dict, device: str = "cpu",
                  threshold: float | None = None, min_area: int | None = None, max_regions: int = 2,
-                 boxes_from=None, batch_size: int = 32, gate: torch.nn.Module | None = None):
-        if (gate is None) != ("gate" not in meta):
-            raise ValueError("a gate network and meta['gate'] (size, threshold, min_area) come together")
+                 boxes_from=None, batch_size: int = 32, gate: torch.nn.Module | None = None,
+                 rescue: torch.nn.Module | None = None):
+        for part, net in (("gate", gate), ("rescue", rescue)):
+            if (net is None) != (part not in meta):
+                raise ValueError(f"a {part} network and meta[{part!r}] (size, threshold, min_area) come together")
+        if gate is not None and rescue is not None:
+            raise ValueError("a cascade has a gate (removes regions) or a rescue (adds them), not both")
         self.gate = gate.to(device).eval() if gate is not None else None
+        self.rescue = rescue.to(device).eval() if rescue is not None else None
         self.coarse = coarse.to(device).eval() if coarse is not None else None
         self.fine = fine.to(device).eval()
         self.meta, self.device = meta, device
@@ -233,21 +243,38 @@ class UNetCascadeSegmenter:
     def coarse_regions(self, images: Sequence[np.ndarray]) -> list[list[dict]]:
         """Per image, the regions the coarse net finds, boxes in input pixels, largest first."""
         small = [cv2.resize(_gray(im), (self.size, self.size), interpolation=cv2.INTER_AREA) for im in images]
-        found = []
-        for im, p in zip(images, self._probs(self.coarse, small)):
-            h, w = im.shape[:2]
-            regions, _ = components(p > self.threshold, p, self.min_area)
-            sx, sy = w / self.size, h / self.size
-            for r in regions:
-                x0, y0, x1, y1 = r["box"]
-                r["box"] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
-            found.append(regions[: self.max_regions])
+        found = self._regions(self.coarse, images, small, self.size, self.threshold, self.min_area)
+        if self.rescue is not None:
+            silent = [i for i, r in enumerate(found) if not r]
+            if silent:
+                r = self.meta["rescue"]
+                size = int(r["size"])
+                sub = [images[i] for i in silent]
+                sub_small = ([small[i] for i in silent] if size == self.size else
+                             [cv2.resize(_gray(im), (size, size), interpolation=cv2.INTER_AREA) for im in sub])
+                for i, regions in zip(silent, self._regions(self.rescue, sub, sub_small, size, float(r["threshold"]),
+                                                            int(r["min_area"]))):
+                    found[i] = regions
         if self.gate is not None:
             asked = [i for i, r in enumerate(found) if r]  # the gate only ever removes regions
             for i, ok in zip(asked, self._gate_passes([images[i] for i in asked],
                                                       [small[i] for i in asked])):
                 if not ok:
                     found[i] = []
+        return found
+
+    def _regions(self, net: torch.nn.Module, images: Sequence[np.ndarray], small: Sequence[np.ndarray], size: int,
+                 threshold: float, min_area: int) -> list[list[dict]]:
+        """Per image, ``net``'s regions on its ``size`` x ``size`` input, boxes in input pixels, largest first."""
+        found = []
+        for im, p in zip(images, self._probs(net, list(small))):
+            h, w = im.shape[:2]
+            regions, _ = components(p > threshold, p, min_area)
+            sx, sy = w / size, h / size
+            for r in regions:
+                x0, y0, x1, y1 = r["box"]
+                r["box"] = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+            found.append(regions[: self.max_regions])
         return found
 
     def _gate_passes(self, images: Sequence[np.ndarray], small: Sequence[np.ndarray]) -> list[bool]:
@@ -308,8 +335,9 @@ def load_unet_cascade(ckpt: dict, device: str = "cpu", backend: str = "torch", k
     nets = {}
     cfgs = {"coarse": meta.get("coarse_net", meta["net"]), "fine": meta["net"]}
     sizes = {"coarse": meta["size"], "fine": meta["fine_size"]}
-    if "gate" in meta:
-        cfgs["gate"], sizes["gate"] = meta["gate"]["net"], meta["gate"]["size"]
+    for extra in ("gate", "rescue"):
+        if extra in meta:
+            cfgs[extra], sizes[extra] = meta[extra]["net"], meta[extra]["size"]
     for part, cfg in cfgs.items():
         if part not in ckpt:
             raise WeightsError(f"U-Net cascade checkpoint: its meta names a {part} stage that it does not hold")
@@ -325,7 +353,8 @@ def load_unet_cascade(ckpt: dict, device: str = "cpu", backend: str = "torch", k
             size = int(sizes[part])
             net = as_backend(net, torch.zeros(1, 1, size, size), backend, key=key and f"{key}-{part}")
         nets[part] = net
-    return UNetCascadeSegmenter(nets["coarse"], nets["fine"], meta, device=device, gate=nets.get("gate"), **kw)
+    return UNetCascadeSegmenter(nets["coarse"], nets["fine"], meta, device=device, gate=nets.get("gate"),
+                                rescue=nets.get("rescue"), **kw)
 
 
 # --- training data ---------------------------------------------------------------------------------
@@ -697,14 +726,19 @@ def _run_like(ckpt: dict, stage: str) -> dict:
 def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike, dest: str | os.PathLike,
                    threshold: float = 0.5, min_area: int = 8, half: bool = True,
                    gate_best: str | os.PathLike | None = None, gate_threshold: float = 0.3,
-                   gate_min_area: int = 4) -> dict:
+                   gate_min_area: int = 4, rescue_best: str | os.PathLike | None = None,
+                   rescue_threshold: float = 0.5, rescue_min_area: int = 8) -> dict:
     """Pack two ``best.pt`` files from :func:`train_stage` into one weights-only cascade checkpoint.
 
     ``fine_best`` may also be a cascade checkpoint: its fine stage is reused (a new localiser under a
-    boundary network that is already good). ``gate_best``: a third, coarse-stage ``best.pt`` (or a
+    boundary network that is already good); so may ``coarse_best`` (its coarse stage: a shipped cascade
+    with a part added). ``gate_best``: a third, coarse-stage ``best.pt`` (or a
     cascade checkpoint's coarse stage) that vetoes slices, with its own threshold and smallest region
-    (see :class:`UNetCascadeSegmenter`)."""
-    c = torch.load(coarse_best, map_location="cpu", weights_only=True)
+    (see :class:`UNetCascadeSegmenter`). ``rescue_best``: likewise a third coarse net, asked only where the
+    coarse net finds nothing."""
+    if gate_best and rescue_best:
+        raise ValueError("a cascade has a gate (removes regions) or a rescue (adds them), not both")
+    c = _run_like(torch.load(coarse_best, map_location="cpu", weights_only=True), "coarse")
     f = _run_like(torch.load(fine_best, map_location="cpu", weights_only=True), "fine")
     if c["meta"].get("stage", "coarse") != "coarse" or f["meta"].get("stage", "fine") != "fine":
         raise ValueError(f"{coarse_best} must be a coarse stage and {fine_best} a fine stage")
@@ -718,13 +752,16 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
     if c["meta"]["net"] != f["meta"]["net"]:
         meta["coarse_net"] = c["meta"]["net"]
     parts = {"coarse": pack(c["state_dict"]), "fine": pack(f["state_dict"])}
-    if gate_best:
-        g = _run_like(torch.load(gate_best, map_location="cpu", weights_only=True), "coarse")
+    for part, best_pt, thr, area in (("gate", gate_best, gate_threshold, gate_min_area),
+                                     ("rescue", rescue_best, rescue_threshold, rescue_min_area)):
+        if not best_pt:
+            continue
+        g = _run_like(torch.load(best_pt, map_location="cpu", weights_only=True), "coarse")
         if g["meta"].get("stage", "coarse") != "coarse":
-            raise ValueError(f"{gate_best} must be a coarse stage: the gate looks at whole slices")
-        meta["gate"] = {"net": g["meta"]["net"], "size": g["meta"]["size"], "threshold": float(gate_threshold),
-                        "min_area": int(gate_min_area), "epoch": g["meta"]["epoch"]}
-        parts["gate"] = pack(g["state_dict"])
+            raise ValueError(f"{best_pt} must be a coarse stage: the {part} looks at whole slices")
+        meta[part] = {"net": g["meta"]["net"], "size": g["meta"]["size"], "threshold": float(thr),
+                      "min_area": int(area), "epoch": g["meta"]["epoch"]}
+        parts[part] = pack(g["state_dict"])
     torch.save({**parts, "meta": meta}, dest)
     return meta
 
@@ -790,7 +827,8 @@ def run_train(args) -> int:
 
 
 def add_export_arguments(p) -> None:
-    p.add_argument("--coarse", required=True, help="best.pt of the coarse stage")
+    p.add_argument("--coarse", required=True, help="best.pt of the coarse stage, or a cascade checkpoint whose "
+                                                   "coarse stage is reused")
     p.add_argument("--fine", required=True, help="best.pt of the fine stage, or a cascade checkpoint whose fine "
                                                  "stage is reused")
     p.add_argument("--out", required=True, help="weights-only cascade checkpoint to write")
@@ -800,6 +838,10 @@ def add_export_arguments(p) -> None:
                                   "no region (a conservative net gating a recall-minded --coarse)")
     p.add_argument("--gate-threshold", type=float, default=0.3, help="the gate's probability threshold")
     p.add_argument("--gate-min-area", type=int, default=4, help="the gate's smallest region, in its pixels")
+    p.add_argument("--rescue", help="optional: best.pt of a second coarse net asked only on slices where --coarse "
+                                    "finds no region (a recall-minded net behind a conservative one)")
+    p.add_argument("--rescue-threshold", type=float, default=0.5, help="the rescue net's probability threshold")
+    p.add_argument("--rescue-min-area", type=int, default=8, help="the rescue net's smallest region, in its pixels")
     p.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 halves the file)")
 
 
@@ -807,7 +849,9 @@ def run_export(args) -> int:
     from pipeline.weights import sha256_file
 
     meta = export_cascade(args.coarse, args.fine, args.out, args.threshold, args.min_area, half=not args.fp32,
-                          gate_best=args.gate, gate_threshold=args.gate_threshold, gate_min_area=args.gate_min_area)
+                          gate_best=args.gate, gate_threshold=args.gate_threshold, gate_min_area=args.gate_min_area,
+                          rescue_best=args.rescue, rescue_threshold=args.rescue_threshold,
+                          rescue_min_area=args.rescue_min_area)
     print(json.dumps(meta))
     print(f"sha256 {sha256_file(args.out)}  {args.out}")
     return 0
