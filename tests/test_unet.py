@@ -429,42 +429,6 @@ def test_gate_keeps_the_coarse_regions_only_where_it_finds_a_lesion_itself():
         unet.UNetCascadeSegmenter(AllTumor(), AllTumor(), meta, gate=BrightSpot())
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_gated_cascade_round_trips_through_export_and_load(tmp_path, backend):
-    if backend == "onnx":
-        pytest.importorskip("onnxruntime")
-    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
-    for stage, size in (("coarse", 32), ("fine", 32), ("gate", 64)):
-        unet.train_stage(cache, tmp_path / stage, stage="fine" if stage == "fine" else "coarse", size=size,
-                         epochs=1, batch_size=8, net=TINY)
-    dest = tmp_path / "gated.pt"
-    meta = unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", dest,
-                               gate_best=tmp_path / "gate" / "best.pt", gate_threshold=0.6, gate_min_area=5)
-    assert meta["gate"]["size"] == 64 and meta["gate"]["threshold"] == 0.6 and meta["gate"]["min_area"] == 5
-    ckpt = torch.load(dest, weights_only=True)
-    assert set(ckpt) == {"coarse", "fine", "gate", "meta"}
-    seg = unet.load_unet_cascade(ckpt, backend=backend)
-    assert seg.gate is not None
-    # the gate holds the gate run's weights (float16 round trip), not the coarse run's
-    if backend == "torch":
-        want = torch.load(tmp_path / "gate" / "best.pt", weights_only=True)["state_dict"]
-        got = seg.gate.state_dict()
-        assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-2) for k in want)
-    img = np.random.default_rng(0).integers(0, 255, (48, 40)).astype(np.uint8)
-    (res,) = seg.predict([img])
-    assert res.mask.shape == (48, 40)
-    # a cascade checkpoint works as the gate too (its coarse stage), and a fine stage is refused
-    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "g2.pt",
-                        gate_best=dest)
-    with pytest.raises(ValueError, match="must be a coarse stage"):
-        unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "g3.pt",
-                            gate_best=tmp_path / "fine" / "best.pt")
-    del ckpt["gate"]
-    from pipeline.weights import WeightsError
-    with pytest.raises(WeightsError, match="names a gate stage"):
-        unet.load_unet_cascade(ckpt)
-
-
 class NoTumor(torch.nn.Module):
     def forward(self, x):
         return torch.full_like(x, -5.0)
@@ -512,36 +476,47 @@ def test_rescue_is_asked_only_where_the_coarse_net_finds_nothing():
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_rescue_cascade_round_trips_through_export_and_load(tmp_path, backend):
+@pytest.mark.parametrize("part", ["gate", "rescue"])
+def test_cascade_with_a_third_net_round_trips_through_export_and_load(tmp_path, part, backend):
     if backend == "onnx":
         pytest.importorskip("onnxruntime")
+    from pipeline.weights import WeightsError
+
     cache = synthetic_cache(tmp_path / "cache.npz", n=12)
-    for stage, size in (("coarse", 32), ("fine", 32), ("rescue", 64)):
+    for stage, size in (("coarse", 32), ("fine", 32), (part, 64)):
         unet.train_stage(cache, tmp_path / stage, stage="fine" if stage == "fine" else "coarse", size=size,
                          epochs=1, batch_size=8, net=TINY)
-    dest = tmp_path / "rescue.pt"
-    meta = unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", dest,
-                               rescue_best=tmp_path / "rescue" / "best.pt", rescue_threshold=0.4, rescue_min_area=6)
-    assert meta["rescue"]["size"] == 64 and meta["rescue"]["threshold"] == 0.4 and meta["rescue"]["min_area"] == 6
+    coarse, fine, third = (tmp_path / s / "best.pt" for s in ("coarse", "fine", part))
+    dest = tmp_path / f"{part}.pt"
+    meta = unet.export_cascade(coarse, fine, dest, **{f"{part}_best": third, f"{part}_threshold": 0.6,
+                                                      f"{part}_min_area": 5})
+    assert meta[part]["size"] == 64 and meta[part]["threshold"] == 0.6 and meta[part]["min_area"] == 5
     ckpt = torch.load(dest, weights_only=True)
-    assert set(ckpt) == {"coarse", "fine", "rescue", "meta"}
+    assert set(ckpt) == {"coarse", "fine", part, "meta"}
     seg = unet.load_unet_cascade(ckpt, backend=backend)
-    assert seg.rescue is not None and seg.gate is None
+    assert getattr(seg, part) is not None and getattr(seg, {"gate": "rescue", "rescue": "gate"}[part]) is None
+    # the third net holds its own run's weights (float16 round trip), not the coarse run's
     if backend == "torch":
-        want = torch.load(tmp_path / "rescue" / "best.pt", weights_only=True)["state_dict"]
-        got = seg.rescue.state_dict()
+        want = torch.load(third, weights_only=True)["state_dict"]
+        got = getattr(seg, part).state_dict()
         assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-2) for k in want)
     img = np.random.default_rng(0).integers(0, 255, (48, 40)).astype(np.uint8)
     (res,) = seg.predict([img])
     assert res.mask.shape == (48, 40)
-    # a shipped cascade with a rescue added: both of its stages reused exactly
+    # a cascade checkpoint works as the third net too (its coarse stage), and a fine stage is refused
+    unet.export_cascade(coarse, fine, tmp_path / "g2.pt", **{f"{part}_best": dest})
+    with pytest.raises(ValueError, match="must be a coarse stage"):
+        unet.export_cascade(coarse, fine, tmp_path / "g3.pt", **{f"{part}_best": fine})
+    # a shipped cascade with a part added: both of its stages reused exactly
     plain = tmp_path / "plain.pt"
-    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", plain)
-    unet.export_cascade(plain, plain, tmp_path / "added.pt", rescue_best=tmp_path / "rescue" / "best.pt")
+    unet.export_cascade(coarse, fine, plain)
+    unet.export_cascade(plain, plain, tmp_path / "added.pt", **{f"{part}_best": third})
     before, after = torch.load(plain, weights_only=True), torch.load(tmp_path / "added.pt", weights_only=True)
-    for part in ("coarse", "fine"):
-        assert all(torch.equal(before[part][k], after[part][k]) for k in before[part])
-    assert {k: v for k, v in after["meta"].items() if k != "rescue"} == before["meta"]
+    for stage in ("coarse", "fine"):
+        assert all(torch.equal(before[stage][k], after[stage][k]) for k in before[stage])
+    assert {k: v for k, v in after["meta"].items() if k != part} == before["meta"]
     with pytest.raises(ValueError, match="not both"):
-        unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "both.pt",
-                            gate_best=tmp_path / "rescue" / "best.pt", rescue_best=tmp_path / "rescue" / "best.pt")
+        unet.export_cascade(coarse, fine, tmp_path / "both.pt", gate_best=third, rescue_best=third)
+    del ckpt[part]
+    with pytest.raises(WeightsError, match=f"names a {part} stage"):
+        unet.load_unet_cascade(ckpt)
