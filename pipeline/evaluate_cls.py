@@ -251,7 +251,9 @@ def add_arguments(p) -> None:
                         "slices of one source from `sources`; repeatable")
     p.add_argument("--out", required=True, help="output folder: predictions.csv, metrics.json")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--tta", choices=["none", "hflip"], default="none",
+    from pipeline.classify.predict import TTA_MODES
+
+    p.add_argument("--tta", choices=TTA_MODES, default="none",
                    help="test-time augmentation: hflip averages each slice with its left-right mirror "
                         "(twice the compute)")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")

@@ -246,20 +246,12 @@ class UNetCascadeSegmenter:
         found = self._regions(self.coarse, images, small, self.size, self.threshold, self.min_area)
         if self.rescue is not None:
             silent = [i for i, r in enumerate(found) if not r]
-            if silent:
-                r = self.meta["rescue"]
-                size = int(r["size"])
-                sub = [images[i] for i in silent]
-                sub_small = ([small[i] for i in silent] if size == self.size else
-                             [cv2.resize(_gray(im), (size, size), interpolation=cv2.INTER_AREA) for im in sub])
-                for i, regions in zip(silent, self._regions(self.rescue, sub, sub_small, size, float(r["threshold"]),
-                                                            int(r["min_area"]))):
-                    found[i] = regions
+            for i, regions in zip(silent, self._part_regions("rescue", images, small, silent)):
+                found[i] = regions
         if self.gate is not None:
             asked = [i for i, r in enumerate(found) if r]  # the gate only ever removes regions
-            for i, ok in zip(asked, self._gate_passes([images[i] for i in asked],
-                                                      [small[i] for i in asked])):
-                if not ok:
+            for i, own in zip(asked, self._part_regions("gate", images, small, asked)):
+                if not own:
                     found[i] = []
         return found
 
@@ -277,14 +269,18 @@ class UNetCascadeSegmenter:
             found.append(regions[: self.max_regions])
         return found
 
-    def _gate_passes(self, images: Sequence[np.ndarray], small: Sequence[np.ndarray]) -> list[bool]:
-        """Whether the gate finds a region of its own on each image (``small``: the coarse-size inputs)."""
-        g = self.meta["gate"]
-        size = int(g["size"])
-        if size != self.size:
-            small = [cv2.resize(_gray(im), (size, size), interpolation=cv2.INTER_AREA) for im in images]
-        return [bool(components(p > float(g["threshold"]), p, int(g["min_area"]))[0])
-                for p in self._probs(self.gate, list(small))]
+    def _part_regions(self, part: str, images: Sequence[np.ndarray], small: Sequence[np.ndarray],
+                      which: Sequence[int]) -> list[list[dict]]:
+        """The regions of the ``gate`` or ``rescue`` net on ``images[i] for i in which``, at its own size and
+        settings (``meta[part]``); ``small``: the coarse-size inputs, reused when the sizes agree."""
+        if not which:
+            return []
+        cfg, net = self.meta[part], getattr(self, part)
+        size = int(cfg["size"])
+        sub = [images[i] for i in which]
+        sub_small = ([small[i] for i in which] if size == self.size else
+                     [cv2.resize(_gray(im), (size, size), interpolation=cv2.INTER_AREA) for im in sub])
+        return self._regions(net, sub, sub_small, size, float(cfg["threshold"]), int(cfg["min_area"]))
 
     def predict(self, images: Sequence[np.ndarray]) -> list[SegResult]:
         images = [_gray(im) for im in images]
