@@ -520,3 +520,46 @@ def test_cascade_with_a_third_net_round_trips_through_export_and_load(tmp_path, 
     del ckpt[part]
     with pytest.raises(WeightsError, match=f"names a {part} stage"):
         unet.load_unet_cascade(ckpt)
+
+
+def test_coarse_patches_cut_image_and_mask_alike_and_favour_the_lesion():
+    rng = np.random.default_rng(0)
+    n, size, patch = 2000, 96, 32
+    images = rng.integers(0, 200, (n, size, size)).astype(np.uint8)
+    masks = np.zeros((n, size, size), np.uint8)
+    masks[: n // 2, 70:76, 10:16] = 1          # a small lesion in a corner of half the slices
+    images[masks > 0] = 255
+    x, y = unet.coarse_patches(images, masks, patch, np.random.default_rng(1), lesion_share=0.5)
+    assert x.shape == y.shape == (n, patch, patch)
+    # each window is the same place in image and mask: lesion pixels are exactly the 255 ones
+    np.testing.assert_array_equal(y > 0, x == 255)
+    with_lesion = y[: n // 2].reshape(n // 2, -1).any(1).mean()
+    # half the windows aimed at the lesion, plus the uniform ones that catch it (16/65 x 26/65 of them)
+    assert 0.51 < with_lesion < 0.59
+    assert not y[n // 2:].any()
+    _, y0 = unet.coarse_patches(images, masks, patch, np.random.default_rng(1), lesion_share=0.0)
+    assert 0.07 < y0[: n // 2].reshape(n // 2, -1).any(1).mean() < 0.13
+    with pytest.raises(ValueError, match="does not fit"):
+        unet.coarse_patches(images, masks, size + 1, rng)
+
+
+def test_patch_training_scales_windows_like_whole_slices_and_validates_on_whole_slices(tmp_path):
+    cache = synthetic_cache(tmp_path / "cache.npz")
+    c = dict(np.load(cache))
+    x, y = unet._stage_arrays(c, "train", "coarse", 64, 0.25, np.random.default_rng(0), patch=32)
+    assert x.shape == y.shape == (16, 32, 32) and x.dtype == np.float32
+    # the lesion (220) sits far above its slice's mean in slice units, not at the window's own scale
+    assert x[y > 0].min() > 2.0
+    vx, vy = unet._stage_arrays(c, "val", "coarse", 64, 0.25, None, patch=32)
+    assert vx.shape == (8, 64, 64) and vx.dtype == np.uint8
+
+    summary = unet.train_stage(cache, tmp_path / "p", stage="coarse", size=64, epochs=1, batch_size=8, net=TINY,
+                               threads=1, patch=32)
+    best = torch.load(tmp_path / "p" / "best.pt", weights_only=True)
+    assert best["meta"]["patch"] == 32 and best["meta"]["size"] == 64 and summary["best_epoch"] == 1
+    with pytest.raises(ValueError, match="coarse stage"):
+        unet.train_stage(cache, tmp_path / "f", stage="fine", size=32, patch=16, net=TINY)
+    with pytest.raises(ValueError, match="must fit"):
+        unet.train_stage(cache, tmp_path / "q", stage="coarse", size=32, patch=64, net=TINY)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        unet.train_stage("unused.npz", "unused", stage="coarse", size=256, patch=100, net={"arch": "lite0-unet"})

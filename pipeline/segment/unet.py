@@ -483,9 +483,35 @@ def _negative_patches(images: np.ndarray, masks: np.ndarray, tumor: np.ndarray, 
     return np.stack(out) if out else np.zeros((0, size, size), np.uint8)
 
 
+def coarse_patches(images: np.ndarray, masks: np.ndarray, patch: int, rng: np.random.Generator,
+                   lesion_share: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
+    """One ``patch`` x ``patch`` window per (N, S, S) slice and its mask -> (N, patch, patch) each.
+
+    On a slice with a lesion, a share ``lesion_share`` of windows hold a random lesion pixel at a random
+    place inside them; every other window is uniform over the slice. So a coarse net trained on windows of
+    a finer slice sees each lesion at that finer scale, and its healthy windows come from tumor slices as
+    well as no-tumor ones (the Kaggle no-tumor slices are one source).
+    """
+    n, s = images.shape[0], images.shape[1]
+    if not 0 < patch <= s:
+        raise ValueError(f"a training window of {patch} px does not fit slices of {s} px")
+    xs, ys = np.empty((n, patch, patch), images.dtype), np.empty((n, patch, patch), masks.dtype)
+    for i in range(n):
+        lesion = np.flatnonzero(masks[i])
+        if len(lesion) and rng.random() < lesion_share:
+            cy, cx = divmod(int(rng.choice(lesion)), s)
+            y0 = cy - int(rng.integers(0, patch))
+            x0 = cx - int(rng.integers(0, patch))
+        else:
+            y0, x0 = (int(v) for v in rng.integers(0, s - patch + 1, 2))
+        y0, x0 = min(max(y0, 0), s - patch), min(max(x0, 0), s - patch)
+        xs[i], ys[i] = images[i, y0:y0 + patch, x0:x0 + patch], masks[i, y0:y0 + patch, x0:x0 + patch]
+    return xs, ys
+
+
 def _stage_arrays(cache: dict, split: str, stage: str, size: int, margin: float,
                   rng: np.random.Generator | None, jitter: str = "margin",
-                  negatives: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                  negatives: float = 0.0, patch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     idx = np.flatnonzero(cache["split"] == split)
     if not len(idx):
         raise ValueError(f"the U-Net cache has no {split!r} slices (run `seg-data` again)")
@@ -503,7 +529,15 @@ def _stage_arrays(cache: dict, split: str, stage: str, size: int, margin: float,
         return x, y
     images = np.stack([cv2.resize(cache["images"][i], (size, size), interpolation=cv2.INTER_AREA) for i in idx])
     masks = np.stack([cv2.resize(cache["masks"][i], (size, size), interpolation=cv2.INTER_AREA) for i in idx])
-    return images, (masks > 127).astype(np.uint8)
+    masks = (masks > 127).astype(np.uint8)
+    if patch and rng is not None:  # validation reads whole slices, as inference does
+        x, y = coarse_patches(images, masks, patch, rng)
+        # scaled by the whole slice's statistics, as :func:`zscore` scales it at inference; a window's own
+        # would stretch a dark corner or flatten a bright lesion
+        flat = images.reshape(len(images), -1).astype(np.float64)
+        mean, std = flat.mean(1), flat.std(1, ddof=1)
+        return ((x - mean[:, None, None]) / (std[:, None, None] + 1e-3)).astype(np.float32), y
+    return images, masks
 
 
 DICE_MODES = ("batch", "image", "both")
@@ -540,7 +574,7 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
                 device: str = "cpu", net: dict | None = None, time_hours: float | None = None,
                 threads: int | None = None, image_loss: float = 0.0, pretrained: bool = True,
                 init: str | os.PathLike | None = None, jitter: str = "margin", negatives: float = 0.0,
-                dice: str = "batch") -> dict:
+                dice: str = "batch", patch: int | None = None) -> dict:
     """Train one stage; every epoch writes ``last.pt`` (resume) and ``curves.csv``; ``best.pt`` (weights only)
     is the epoch with the best validation score: mean Dice on inputs with a lesion, minus the false-mask
     rate on inputs without one (no-tumor slices for the coarse stage; ``negatives`` crops for the fine).
@@ -563,6 +597,11 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     stage-1 goal is scored, so a missed small lesion costs as much as a missed large one (healthy
     slices then feed the cross-entropy only: their Dice is undefined); ``both`` is the mean of the
     two, so false pixels on healthy slices still count through the pooled term.
+
+    ``patch`` (coarse stage): train on ``patch`` x ``patch`` windows of the slice resized to ``size``
+    (:func:`coarse_patches`) instead of the whole slice, and validate on whole slices at ``size``. The net
+    is fully convolutional, so it then reads whole slices at ``size``: a finer scale for small lesions at
+    the training cost of ``patch``.
     """
     from pipeline.config import seed_everything
 
@@ -584,6 +623,13 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
         raise ValueError("jitter and negatives shape the fine stage's crops; the coarse stage sees whole slices")
     if net_cfg.get("arch") in LITE_ENCODERS and size % 32:
         raise ValueError(f"{net_cfg['arch']} needs a size that is a multiple of 32, got {size}")
+    if patch is not None:
+        if stage != "coarse":
+            raise ValueError("patch windows are for the coarse stage; the fine stage already trains on crops")
+        if not 0 < patch <= size:
+            raise ValueError(f"the training window (patch {patch}) must fit the slice size {size}")
+        if net_cfg.get("arch") in LITE_ENCODERS and patch % 32:
+            raise ValueError(f"{net_cfg['arch']} needs a patch that is a multiple of 32, got {patch}")
     cache = dict(np.load(cache_path))
     rng = np.random.default_rng(seed)
     val_x, val_y = _stage_arrays(cache, "val", stage, size, margin, None, jitter, negatives)
@@ -606,6 +652,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
         meta["image_loss"] = image_loss
     if dice != "batch":
         meta["dice"] = dice
+    if patch is not None:
+        meta["patch"] = patch
     if stage == "fine" and jitter != "margin":
         meta["jitter"] = jitter
     if stage == "fine" and negatives:
@@ -629,7 +677,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     t_start = time.time()
     for epoch in range(start, epochs):
         t0 = time.time()
-        train_x, train_y = _stage_arrays(cache, "train", stage, size, margin, rng, jitter, negatives)  # fresh draws
+        train_x, train_y = _stage_arrays(cache, "train", stage, size, margin, rng, jitter, negatives,
+                                         patch)  # fresh draws
         model.train()
         order = rng.permutation(len(train_x))
         losses = []
@@ -638,7 +687,7 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
             x = torch.from_numpy(train_x[idx]).float().unsqueeze(1)
             y = torch.from_numpy(train_y[idx]).float().unsqueeze(1)
             x, y = augment_pair(x, y, gen)
-            x, y = zscore(x).to(device), y.to(device)
+            x, y = (x if patch else zscore(x)).to(device), y.to(device)  # windows come scaled (_stage_arrays)
             logits = model(x)
             loss = loss_fn(logits, y)
             if image_loss:
@@ -796,6 +845,9 @@ def add_train_arguments(p) -> None:
                         "or both (their mean)")
     p.add_argument("--image-loss", type=float, default=0.0,
                    help="weight of the slice-level tumor/no-tumor loss (coarse stage; 0: off)")
+    p.add_argument("--patch", type=int,
+                   help="coarse stage: train on windows of this many pixels of the slice resized to --size "
+                        "(validation and inference read the whole slice at --size)")
     p.add_argument("--cache", help="decoded slices (.npz; default: DATA/unet_cache_512.npz, built when missing)")
     p.add_argument("--init", help="start from these weights: a best.pt of the same stage and network, or a "
                                   "cascade checkpoint (e.g. fine-tune a 128 px coarse net at 160 px)")
@@ -817,7 +869,7 @@ def run_train(args) -> int:
                           device=resolve_device(args.device or "auto"), time_hours=args.time_hours,
                           image_loss=args.image_loss or 0.0, net=net,
                           pretrained=args.pretrained == "true", init=args.init, jitter=args.jitter,
-                          negatives=args.negatives or 0.0, dice=args.dice or "batch")
+                          negatives=args.negatives or 0.0, dice=args.dice or "batch", patch=args.patch)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
 
