@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -147,6 +148,25 @@ def iter_read(files: Sequence[Path], root: Path, nifti_slices="nonempty", worker
             if not window:
                 return
             yield window.popleft().result()
+
+
+def savez_atomic(path: Path, **arrays: np.ndarray) -> Path:
+    """``np.savez`` so that ``path`` is either absent, the old file, or the complete new one.
+
+    The temporary file has a name of its own, so two runs that build the same cache at once (two
+    trainings started side by side on one dataset) cannot rename each other's file away.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_png_atomic(path: Path, image: np.ndarray) -> None:

@@ -3,6 +3,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 
 from pipeline import CLASSES
 from pipeline.batch import COLUMNS, run_predict
-from pipeline.folders import ResultsCSV
+from pipeline.folders import ResultsCSV, savez_atomic
 from pipeline.classify.predict import Classifier
 from pipeline.phantoms import make_phantom
 from tests.fakes import BrightBlobSegmenter
@@ -175,3 +176,45 @@ def test_resuming_with_another_model_is_refused(tmp_path, tiny_classifier):
     with pytest.raises(ValueError, match="other settings.*another --out"):
         run_predict(src, out, clf, None, progress=False)
     assert len(read_rows(out / "predictions.csv")) == 1
+
+
+def test_savez_atomic_two_writers_of_one_cache_do_not_collide(tmp_path):
+    # two trainings started side by side on one dataset build the same cache at the same moment
+    dest = tmp_path / "unet_cache_512.npz"
+    arrays = [np.zeros(300_000, np.uint8), np.full(300_000, 7, np.uint8)]
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def writer(array):
+        for _ in range(15):
+            barrier.wait()
+            try:
+                savez_atomic(dest, images=array)
+            except Exception as exc:  # noqa: BLE001 - the test reports any failure of either writer
+                errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(a,)) for a in arrays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    images = np.load(dest)["images"]
+    assert images.shape == (300_000,) and len(np.unique(images)) == 1 and images[0] in (0, 7)
+    assert [p.name for p in tmp_path.iterdir()] == [dest.name]
+
+
+def test_savez_atomic_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    dest = tmp_path / "cache.npz"
+    savez_atomic(dest, images=np.arange(5))
+
+    def disk_full(fh, **arrays):
+        fh.write(b"PK partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        savez_atomic(dest, images=np.arange(9))
+    monkeypatch.undo()
+    assert np.load(dest)["images"].tolist() == list(range(5))
+    assert [p.name for p in tmp_path.iterdir()] == [dest.name]

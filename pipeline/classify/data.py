@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline import CLASSES
 from pipeline.datasets import Sample
+from pipeline.folders import savez_atomic
 from pipeline.roi import make_input
 from pipeline.scans import read_scan
 
@@ -57,16 +58,12 @@ def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "
     with ThreadPoolExecutor(workers) as pool:
         results = list(tqdm(pool.map(one, zip(samples, masks)), total=len(samples), desc=f"cache {mode} {size}px",
                             disable=None))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out.with_suffix(".tmp.npz"),
-             images=np.stack([r[0] for r in results]),
-             labels=np.array([CLASSES.index(s.label) for s in samples], np.int64),
-             paths=np.array([str(s.path) for s in samples]),
-             found=np.array([r[1] for r in results], bool),
-             mode=np.array(mode), size=np.array(size), margin=np.array(margin))
-    os.replace(out.with_suffix(".tmp.npz"), out)
-    return out
+    return savez_atomic(out,
+                        images=np.stack([r[0] for r in results]),
+                        labels=np.array([CLASSES.index(s.label) for s in samples], np.int64),
+                        paths=np.array([str(s.path) for s in samples]),
+                        found=np.array([r[1] for r in results], bool),
+                        mode=np.array(mode), size=np.array(size), margin=np.array(margin))
 
 
 def load_cache(path: str | os.PathLike) -> dict[str, np.ndarray]:

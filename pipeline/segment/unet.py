@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline.folders import savez_atomic
 from pipeline.segment.yolo import SegResult
 
 CACHE_SIZE = 512
@@ -381,12 +382,8 @@ def build_cache(data_dir: str | os.PathLike, out: str | os.PathLike, size: int =
 
     with ThreadPoolExecutor(workers) as pool:
         pairs = list(tqdm(pool.map(one, rows), total=len(rows), desc="decode", disable=None))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp.npz")
-    np.savez(tmp, images=np.stack([p[0] for p in pairs]), masks=np.stack([p[1] for p in pairs]),
-             split=np.array([r["split"] for r in rows]), name=np.array([r["name"] for r in rows]))
-    os.replace(tmp, out)
-    return out
+    return savez_atomic(out, images=np.stack([p[0] for p in pairs]), masks=np.stack([p[1] for p in pairs]),
+                        split=np.array([r["split"] for r in rows]), name=np.array([r["name"] for r in rows]))
 
 
 def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: float = 15,
