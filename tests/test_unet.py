@@ -522,6 +522,46 @@ def test_cascade_with_a_third_net_round_trips_through_export_and_load(tmp_path, 
         unet.load_unet_cascade(ckpt)
 
 
+def test_a_cascade_can_borrow_its_coarse_stage_pinned_by_sha256(tmp_path):
+    from pipeline.segment.load import load_segmenter
+    from pipeline.weights import WeightsError, sha256_file
+
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    for run, stage, seed in (("coarse", "coarse", 0), ("coarse2", "coarse", 1), ("fine", "fine", 0), ("fine2", "fine", 1)):
+        unet.train_stage(cache, tmp_path / run, stage=stage, size=32, epochs=1, batch_size=8, net=TINY, seed=seed)
+    shipped = tmp_path / "shipped.pt"
+    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", shipped, threshold=0.2, min_area=1)
+    whole, borrowed = tmp_path / "whole.pt", tmp_path / "borrowed.pt"
+    unet.export_cascade(shipped, tmp_path / "fine2" / "best.pt", whole, threshold=0.2, min_area=1)
+    meta = unet.export_cascade(shipped, tmp_path / "fine2" / "best.pt", borrowed, threshold=0.2, min_area=1,
+                               borrow_coarse=True)
+    ckpt = torch.load(borrowed, weights_only=True)
+    assert "coarse" not in ckpt and set(ckpt) == {"fine", "meta"}
+    assert meta["coarse_from"] == {"name": str(shipped), "sha256": sha256_file(shipped)}
+    assert borrowed.stat().st_size < whole.stat().st_size
+    # it segments exactly as the cascade that holds a copy of that coarse stage
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (48, 40)).astype(np.uint8) for _ in range(3)]
+    images[0][10:30, 10:25] = 255
+    want = load_segmenter(whole).predict(images)
+    got = load_segmenter(borrowed).predict(images)
+    for a, b in zip(want, got):
+        assert a.found == b.found and np.array_equal(a.mask, b.mask)
+    # a borrowing cascade can be the coarse source of an export, as a plain one can
+    unet.export_cascade(borrowed, borrowed, tmp_path / "again.pt")
+    again, donor = (torch.load(f, weights_only=True) for f in (tmp_path / "again.pt", shipped))
+    assert all(torch.equal(again["coarse"][k], donor["coarse"][k]) for k in donor["coarse"])
+    assert all(torch.equal(again["fine"][k], ckpt["fine"][k]) for k in ckpt["fine"])
+    # the donor changed under it: refused, naming the file
+    unet.export_cascade(tmp_path / "coarse2" / "best.pt", tmp_path / "fine" / "best.pt", shipped)
+    with pytest.raises(WeightsError, match=r"shipped\.pt: sha256 .* pinned"):
+        load_segmenter(borrowed)
+    # only a cascade's coarse stage can be borrowed, not a training run's
+    with pytest.raises(ValueError, match="only a cascade checkpoint"):
+        unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "x.pt",
+                            borrow_coarse=True)
+
+
 def test_coarse_patches_cut_image_and_mask_alike_and_favour_the_lesion():
     rng = np.random.default_rng(0)
     n, size, patch = 2000, 96, 32

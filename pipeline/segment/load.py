@@ -104,11 +104,11 @@ def load_segmenter(name: str | os.PathLike, device: str = "cpu", imgsz: int | No
 
     sha = sha256_file(resolve(name, verify=False))
     if meta.get("arch") == UNET_ARCH:
-        from pipeline.segment.unet import load_unet_cascade
+        from pipeline.segment.unet import load_unet_cascade, with_borrowed_coarse
 
         if backend != "torch" and str(device) != "cpu":
             raise WeightsError(f"--backend {backend} runs on the CPU; use --device cpu or --backend torch")
-        seg = load_unet_cascade(ckpt, device=device, threshold=conf, backend=backend,
+        seg = load_unet_cascade(with_borrowed_coarse(ckpt), device=device, threshold=conf, backend=backend,
                                 key=f"unet-{sha[:16]}" if backend != "torch" else None)
         seg.fingerprint = {"weights_sha256": sha, "threshold": seg.threshold, "min_area": seg.min_area}
         return seg

@@ -737,7 +737,7 @@ def _load_init(model: torch.nn.Module, path: str | os.PathLike, stage: str, net_
     from pipeline.weights import WeightsError, resolve, sha256_file
 
     path = resolve(path)  # a manifest name too, sha256-checked
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = with_borrowed_coarse(torch.load(path, map_location="cpu", weights_only=True))
     if "state_dict" in ckpt:
         meta = ckpt.get("meta", {})
         state, cfg, their_stage = ckpt["state_dict"], net_config(**meta.get("net", {})), meta.get("stage")
@@ -753,8 +753,49 @@ def _load_init(model: torch.nn.Module, path: str | os.PathLike, stage: str, net_
     return sha256_file(path)
 
 
+def with_borrowed_coarse(ckpt: dict) -> dict:
+    """A cascade checkpoint with its coarse stage filled in from the checkpoint its meta names.
+
+    A cascade may hold its fine stage only and borrow the coarse one: ``meta["coarse_from"] = {"name",
+    "sha256"}``, a manifest name (or a path) and that file's sha256. The file is loaded weights-only only
+    if its sha256 is the pinned one, and its coarse network must be the one this meta describes, so the
+    pair always runs as it was measured. Any other checkpoint is returned unchanged.
+    """
+    from pipeline.weights import WeightsError, resolve, sha256_file
+
+    meta = ckpt.get("meta", {})
+    ref = meta.get("coarse_from")
+    if not ref or "coarse" in ckpt:
+        return ckpt
+    path = resolve(ref["name"])
+    actual = sha256_file(path)
+    if actual != ref["sha256"]:
+        raise WeightsError(f"{path}: sha256 {actual}, but the cascade that borrows its coarse stage pinned "
+                           f"{ref['sha256']}; refusing to pair it with another coarse net than the one measured")
+    donor = with_borrowed_coarse(torch.load(path, map_location="cpu", weights_only=True))
+    dmeta = donor.get("meta", {})
+    if "coarse" not in donor:
+        raise WeightsError(f"{path}: holds no coarse stage to borrow")
+    if (dmeta.get("coarse_net", dmeta.get("net")), dmeta.get("size")) != (meta.get("coarse_net", meta["net"]),
+                                                                         meta["size"]):
+        raise WeightsError(f"{path}: its coarse stage is not the network the borrowing cascade describes")
+    return {**ckpt, "coarse": donor["coarse"]}
+
+
+def _manifest_name(path: str | os.PathLike) -> str:
+    """The manifest name of a shipped file, else the path as given."""
+    from pipeline.weights import WEIGHTS_DIR, load_manifest
+
+    path = Path(path)
+    for name, entry in load_manifest().items():
+        if entry.get("file") and path.is_file() and (WEIGHTS_DIR / entry["file"]).resolve() == path.resolve():
+            return name
+    return str(path)
+
+
 def _run_like(ckpt: dict, stage: str) -> dict:
     """A cascade checkpoint's ``stage`` part as a ``best.pt``-shaped dict; any other checkpoint unchanged."""
+    ckpt = with_borrowed_coarse(ckpt)
     if not ("coarse" in ckpt and "fine" in ckpt):
         return ckpt
     m = ckpt["meta"]
@@ -769,7 +810,7 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
                    threshold: float = 0.5, min_area: int = 8, half: bool = True,
                    gate_best: str | os.PathLike | None = None, gate_threshold: float = 0.3,
                    gate_min_area: int = 4, rescue_best: str | os.PathLike | None = None,
-                   rescue_threshold: float = 0.5, rescue_min_area: int = 8) -> dict:
+                   rescue_threshold: float = 0.5, rescue_min_area: int = 8, borrow_coarse: bool = False) -> dict:
     """Pack two ``best.pt`` files from :func:`train_stage` into one weights-only cascade checkpoint.
 
     ``fine_best`` may also be a cascade checkpoint: its fine stage is reused (a new localiser under a
@@ -777,10 +818,16 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
     with a part added). ``gate_best``: a third, coarse-stage ``best.pt`` (or a
     cascade checkpoint's coarse stage) that vetoes slices, with its own threshold and smallest region
     (see :class:`UNetCascadeSegmenter`). ``rescue_best``: likewise a third coarse net, asked only where the
-    coarse net finds nothing."""
+    coarse net finds nothing. ``borrow_coarse``: ``coarse_best`` is a cascade checkpoint (a shipped one, by
+    preference) whose coarse stage is not copied but named and pinned by sha256
+    (:func:`with_borrowed_coarse`), so a new fine stage ships without a second copy of the localiser."""
     if gate_best and rescue_best:
         raise ValueError("a cascade has a gate (removes regions) or a rescue (adds them), not both")
-    c = _run_like(torch.load(coarse_best, map_location="cpu", weights_only=True), "coarse")
+    raw = torch.load(coarse_best, map_location="cpu", weights_only=True)
+    if borrow_coarse and not (raw.get("meta", {}).get("task") == "segment"
+                              and ("coarse" in raw or "coarse_from" in raw["meta"])):
+        raise ValueError(f"{coarse_best}: only a cascade checkpoint's coarse stage can be borrowed")
+    c = _run_like(raw, "coarse")
     f = _run_like(torch.load(fine_best, map_location="cpu", weights_only=True), "fine")
     if c["meta"].get("stage", "coarse") != "coarse" or f["meta"].get("stage", "fine") != "fine":
         raise ValueError(f"{coarse_best} must be a coarse stage and {fine_best} a fine stage")
@@ -804,6 +851,12 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
         meta[part] = {"net": g["meta"]["net"], "size": g["meta"]["size"], "threshold": float(thr),
                       "min_area": int(area), "epoch": g["meta"]["epoch"]}
         parts[part] = pack(g["state_dict"])
+    if borrow_coarse:
+        from pipeline.weights import sha256_file
+
+        del parts["coarse"]
+        meta["coarse_from"] = {"name": _manifest_name(coarse_best), "sha256": sha256_file(coarse_best)}
+        meta.setdefault("coarse_net", c["meta"]["net"])
     torch.save({**parts, "meta": meta}, dest)
     return meta
 
@@ -887,6 +940,9 @@ def add_export_arguments(p) -> None:
                                     "finds no region (a recall-minded net behind a conservative one)")
     p.add_argument("--rescue-threshold", type=float, default=0.5, help="the rescue net's probability threshold")
     p.add_argument("--rescue-min-area", type=int, default=8, help="the rescue net's smallest region, in its pixels")
+    p.add_argument("--borrow-coarse", action="store_true",
+                   help="--coarse is a (shipped) cascade: name it and pin its sha256 instead of copying its "
+                        "coarse stage, so the new file holds the fine stage only")
     p.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 halves the file)")
 
 
@@ -896,7 +952,7 @@ def run_export(args) -> int:
     meta = export_cascade(args.coarse, args.fine, args.out, args.threshold, args.min_area, half=not args.fp32,
                           gate_best=args.gate, gate_threshold=args.gate_threshold, gate_min_area=args.gate_min_area,
                           rescue_best=args.rescue, rescue_threshold=args.rescue_threshold,
-                          rescue_min_area=args.rescue_min_area)
+                          rescue_min_area=args.rescue_min_area, borrow_coarse=args.borrow_coarse)
     print(json.dumps(meta))
     print(f"sha256 {sha256_file(args.out)}  {args.out}")
     return 0
