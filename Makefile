@@ -30,7 +30,7 @@ SEG_DICE     ?= batch
 SEG_THRESHOLD ?= 0.3
 SEG_MIN_AREA ?= 8
 # the fine stage: reused from this cascade checkpoint (empty: train one, SEG_FINE_EPOCHS)
-SEG_FINE     ?= weights/seg_unet_cascade.pt
+SEG_FINE     ?= weights/seg_lite0_cascade.pt
 # the fine network when one is trained: monai-unet (from scratch) or lite0-unet (lite1-, lite2-), plus train-unet options
 SEG_FINE_ARCH ?= monai-unet
 SEG_FINE_ARGS ?=
@@ -75,7 +75,7 @@ space := $(empty) $(empty)
 CACHE   = $(OUT)/cache
 CLEAN   = $(OUT)/audit/clean_test.txt
 
-.PHONY: help setup data audit split weights seg-data seg-train seg-train-yolo seg-tune seg-diagnose seg-eval segment crop cls-train \
+.PHONY: help setup data audit split weights seg-data seg-train seg-train-fine seg-train-yolo seg-tune seg-diagnose seg-eval seg-eval-default segment crop cls-train \
         baseline sources reference loso evaluate shipped-eval compare report bench \
         predict all demo test phantoms clean-venv
 
@@ -103,7 +103,8 @@ help: ## this list
 	@echo "  SEG_SIZE, SEG_FINE_SIZE, SEG_EPOCHS, SEG_FINE_EPOCHS, SEG_IMAGE_LOSS, SEG_DICE   U-Net cascade training (default:"
 	@echo "               coarse $(SEG_SIZE) px $(SEG_EPOCHS) epochs slice-loss weight $(SEG_IMAGE_LOSS), Dice $(SEG_DICE); fine $(SEG_FINE_SIZE) px $(SEG_FINE_EPOCHS) epochs)"
 	@echo "  SEG_IMGSZ, SEG_YOLO_EPOCHS, SEG_TIME   YOLOv8n-seg training, seg-train-yolo (default: $(SEG_IMGSZ) px, $(SEG_YOLO_EPOCHS) epochs, $(SEG_TIME) h cap)"
-	@echo "  SEG_CKPT     segmenter used by segment (default: $(SEG_CKPT))"
+	@echo "  SEG_CKPT     segmenter whose masks stage 2 reads (make segment, seg-eval; default: $(SEG_CKPT))"
+	@echo "  SEG_DEFAULT  the default of the segment command, for seg-eval-default (default: $(SEG_DEFAULT))"
 	@echo "  MODES        classifier inputs to build/train/compare: full crop masked (default: $(MODES))"
 	@echo "  ENSEMBLES    mode combinations averaged and compared as one more run (default: $(ENSEMBLES); empty: none)"
 	@echo "  SIZE         classifier input size (default: $(SIZE))"
@@ -221,6 +222,31 @@ $(OUT)/seg/eval/metrics.json: $(SEG_CKPT) $(OUT)/seg/data/data.yaml $(OUT)/segme
 	  --device $(DEVICE)
 	$(PY) -m pipeline evaluate-seg --pred $(OUT)/seg/test_pred --truth $(OUT)/seg/data/masks/test \
 	  --images $(OUT)/seg/data/images/test --no-tumor $(OUT)/segment/Testing/masks/notumor --out $(OUT)/seg/eval
+
+# The default of `segment` (seg-lite0-fine-cascade, session 19): SEG_CKPT's coarse stage, borrowed (named and
+# pinned by sha256, not copied), under an ImageNet Lite0 fine net. Stage 2 keeps reading SEG_CKPT's masks.
+SEG_DEFAULT  ?= weights/seg_lite0_fine_cascade.pt
+SEG_LITE0_FINE_RUN ?= $(OUT)/seg/lite0unet_fine_128
+
+seg-train-fine: $(OUT)/seg/lite0_fine_cascade.pt ## train the Lite0 fine net, pack it under SEG_CKPT's coarse stage (borrowed)
+
+$(SEG_LITE0_FINE_RUN)/summary.json: $(OUT)/seg/data/data.yaml
+	$(PY) -m pipeline train-unet --data $(OUT)/seg/data --out $(SEG_LITE0_FINE_RUN) --stage fine --arch lite0-unet \
+	  --size 128 --decoder 64 48 32 24 --jitter box --epochs 8 --lr 1e-3 --device $(DEVICE) --seed $(SEED)
+
+$(OUT)/seg/lite0_fine_cascade.pt: $(SEG_LITE0_FINE_RUN)/summary.json $(SEG_CKPT)
+	$(PY) -m pipeline export-unet --coarse $(SEG_CKPT) --fine $(SEG_LITE0_FINE_RUN)/best.pt --out $@ \
+	  --threshold $(SEG_THRESHOLD) --min-area $(SEG_MIN_AREA) --borrow-coarse
+
+seg-eval-default: $(OUT)/seg/eval_default/metrics.json ## seg-eval for SEG_DEFAULT, the default of segment
+
+$(OUT)/seg/eval_default/metrics.json: $(SEG_DEFAULT) $(OUT)/seg/data/data.yaml $(DATA_READY)
+	$(PY) -m pipeline segment --input $(OUT)/seg/data/images/test --out $(OUT)/seg/test_pred_default \
+	  --weights $(SEG_DEFAULT) --device $(DEVICE)
+	$(PY) -m pipeline segment --input $(DATA)/Testing/notumor --out $(OUT)/seg/notumor_pred_default \
+	  --weights $(SEG_DEFAULT) --device $(DEVICE)
+	$(PY) -m pipeline evaluate-seg --pred $(OUT)/seg/test_pred_default --truth $(OUT)/seg/data/masks/test \
+	  --images $(OUT)/seg/data/images/test --no-tumor $(OUT)/seg/notumor_pred_default/masks --out $(OUT)/seg/eval_default
 
 segment: $(OUT)/segment/Training/.done $(OUT)/segment/Testing/.done ## masks for Training and Testing
 
