@@ -39,6 +39,15 @@ def load_manifest(path: str | os.PathLike | None = None) -> dict[str, dict[str, 
     return {e["name"]: e for e in entries["weights"]}
 
 
+def listed_name(path: str | os.PathLike, manifest: dict | None = None) -> str | None:
+    """The manifest name of the file at ``path``, or None when the manifest does not list it."""
+    manifest = load_manifest() if manifest is None else manifest
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return next((n for n, e in manifest.items() if (WEIGHTS_DIR / e["file"]).resolve() == path.resolve()), None)
+
+
 def resolve(name_or_path: str | os.PathLike, manifest: dict | None = None, verify: bool = True) -> Path:
     """Path of a checkpoint given by manifest name or path, sha256-checked against the manifest.
 
@@ -49,8 +58,7 @@ def resolve(name_or_path: str | os.PathLike, manifest: dict | None = None, verif
     entry = manifest.get(str(name_or_path))
     if entry is None:
         path = Path(name_or_path)
-        entry = next((e for e in manifest.values()
-                      if path.is_file() and (WEIGHTS_DIR / e["file"]).resolve() == path.resolve()), None)
+        entry = manifest.get(listed_name(path, manifest))
     else:
         path = WEIGHTS_DIR / entry["file"]
     if not path.is_file():

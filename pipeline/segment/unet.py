@@ -767,7 +767,7 @@ def with_borrowed_coarse(ckpt: dict) -> dict:
     ref = meta.get("coarse_from")
     if not ref or "coarse" in ckpt:
         return ckpt
-    path = resolve(ref["name"])
+    path = resolve(ref["name"], verify=False)  # the pinned sha256 is the stricter check, and one hash is enough
     actual = sha256_file(path)
     if actual != ref["sha256"]:
         raise WeightsError(f"{path}: sha256 {actual}, but the cascade that borrows its coarse stage pinned "
@@ -780,17 +780,6 @@ def with_borrowed_coarse(ckpt: dict) -> dict:
                                                                          meta["size"]):
         raise WeightsError(f"{path}: its coarse stage is not the network the borrowing cascade describes")
     return {**ckpt, "coarse": donor["coarse"]}
-
-
-def _manifest_name(path: str | os.PathLike) -> str:
-    """The manifest name of a shipped file, else the path as given."""
-    from pipeline.weights import WEIGHTS_DIR, load_manifest
-
-    path = Path(path)
-    for name, entry in load_manifest().items():
-        if entry.get("file") and path.is_file() and (WEIGHTS_DIR / entry["file"]).resolve() == path.resolve():
-            return name
-    return str(path)
 
 
 def _run_like(ckpt: dict, stage: str) -> dict:
@@ -852,10 +841,11 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
                       "min_area": int(area), "epoch": g["meta"]["epoch"]}
         parts[part] = pack(g["state_dict"])
     if borrow_coarse:
-        from pipeline.weights import sha256_file
+        from pipeline.weights import listed_name, sha256_file
 
         del parts["coarse"]
-        meta["coarse_from"] = {"name": _manifest_name(coarse_best), "sha256": sha256_file(coarse_best)}
+        meta["coarse_from"] = {"name": listed_name(coarse_best) or str(coarse_best),
+                               "sha256": sha256_file(coarse_best)}
         meta.setdefault("coarse_net", c["meta"]["net"])
     torch.save({**parts, "meta": meta}, dest)
     return meta
