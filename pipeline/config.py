@@ -75,6 +75,33 @@ def resolve_device(name: str = "auto") -> str:
     raise ConfigError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
 
 
+def environment() -> dict:
+    """What a run's numbers may depend on besides its command and seed: library versions, the CPU and
+    torch's thread count. Recorded in training summaries because a run repeated on another machine
+    can differ by a few slices even though it repeats bit for bit on one."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    def version(dist: str) -> str | None:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            **{name: version(name) for name in ("torchvision", "timm", "monai", "numpy", "opencv-python")},
+            "cpu": cpu, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) for repeatable runs."""
     import numpy as np

@@ -9,6 +9,7 @@ import copy
 import csv
 import io
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -325,6 +326,8 @@ def test_train_cls_resume_refuses_other_settings_and_continues_with_same(tmp_pat
     summary = train_mod.train(str(tr), str(va), str(out), **kw)
     state = torch.load(last, weights_only=True)
     assert state["epoch"] == 1
+    # the summary says what the numbers may depend on beyond the command: library versions, CPU, threads
+    assert json.loads((out / "summary.json").read_text())["environment"]["torch"] == torch.__version__
     assert [h["epoch"] for h in state["history"]] == [0, 1]
     assert state["history"][0] == torch.load(io.BytesIO(saved), weights_only=True)["history"][0]
     with (out / "curves.csv").open(newline="") as fh:
@@ -511,3 +514,17 @@ def test_train_cls_cli_passes_refit_through(tmp_path, monkeypatch):
     base = ["train-cls", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--device", "cpu"]
     assert main(base) == 0 and main(base + ["--refit"]) == 0
     assert [kw["refit"] for kw in calls] == [False, True]
+
+
+def test_environment_names_the_libraries_and_the_cpu():
+    """Runs that repeat bit for bit on one machine can differ on another: the summary records why."""
+    import importlib.metadata
+
+    from pipeline.config import environment
+
+    env = environment()
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == torch.get_num_threads()
+    assert env["numpy"] == importlib.metadata.version("numpy") and env["timm"] == importlib.metadata.version("timm")
+    assert isinstance(env["cpu"], str) and env["cpu"]
+    assert env["cuda"] is None or isinstance(env["cuda"], str)
+    json.dumps(env)  # it goes into summary.json as is

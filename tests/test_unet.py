@@ -87,6 +87,7 @@ def test_train_both_stages_export_and_segment(tmp_path):
         summary = unet.train_stage(cache, tmp_path / stage, stage=stage, size=size, epochs=2, batch_size=8,
                                    net=TINY, threads=1)
         assert [r["epoch"] for r in summary["history"]] == [1, 2]
+        assert summary["environment"]["torch_threads"] == 1 and summary["environment"]["torch"] == torch.__version__
         rows = (tmp_path / stage / "curves.csv").read_text().splitlines()
         assert rows[0].startswith("epoch,train_loss,val_dice") and len(rows) == 3
         runs[stage] = tmp_path / stage / "best.pt"

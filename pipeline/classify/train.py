@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline import CLASSES
 from pipeline.classify.data import Augment, load_cache
 from pipeline.classify.models import INPUT_MEAN, INPUT_STD, create_model
-from pipeline.config import seed_everything
+from pipeline.config import environment, seed_everything
 from pipeline.evaluate import classification_metrics
 from pipeline.weights import sha256_file
 
@@ -203,7 +203,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
                       "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "meta": meta}, last_path)
         write_curves(history, out)
     summary = {**meta, "best_epoch": best["epoch"] if best else None, "best": best, "train_seconds": elapsed,
-               "best_sha256": sha256_file(out / "best.pt") if (out / "best.pt").is_file() else None}
+               "best_sha256": sha256_file(out / "best.pt") if (out / "best.pt").is_file() else None,
+               "environment": environment()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 

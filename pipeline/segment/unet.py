@@ -600,7 +600,7 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     is fully convolutional, so it then reads whole slices at ``size``: a finer scale for small lesions at
     the training cost of ``patch``.
     """
-    from pipeline.config import seed_everything
+    from pipeline.config import environment, seed_everything
 
     if stage not in ("coarse", "fine"):
         raise ValueError(f"stage must be coarse or fine, got {stage!r}")
@@ -727,7 +727,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
             print(f"stopping after epoch {epoch + 1}: time cap of {time_hours} h reached", flush=True)
             break
     summary = {"stage": stage, "best": best, "history": history,
-               "best_epoch": torch.load(out / "best.pt", weights_only=True)["meta"]["epoch"]}
+               "best_epoch": torch.load(out / "best.pt", weights_only=True)["meta"]["epoch"],
+               "environment": environment()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
