@@ -517,7 +517,7 @@ def test_train_cls_cli_passes_refit_through(tmp_path, monkeypatch):
 
 
 def test_environment_names_the_libraries_and_the_cpu():
-    """Runs that repeat bit for bit on one machine can differ on another: the summary records why."""
+    """Runs that repeat bit for bit on one machine can differ on another: the summary records the machine."""
     import importlib.metadata
 
     from pipeline.config import environment
