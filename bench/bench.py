@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -182,12 +181,9 @@ def run_child(job: dict, tmp: Path, python: str | None = None, timeout: float = 
 
 
 def machine() -> dict:
-    import torch
+    from pipeline.config import environment
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    info = {**environment(), "cores": os.cpu_count()}
     try:
         import onnxruntime
 
