@@ -97,7 +97,10 @@ def environment() -> dict:
     except OSError:
         pass
     return {"python": platform.python_version(), "torch": torch.__version__,
-            **{name: version(name) for name in ("torchvision", "timm", "monai", "numpy", "opencv-python")},
+            **{name: version(name) for name in ("torchvision", "timm", "monai", "numpy")},
+            # one OpenCV, under whichever of its distributions is installed (GPU images ship -headless)
+            "opencv-python": next(filter(None, map(version, ("opencv-python", "opencv-python-headless",
+                                                             "opencv-contrib-python"))), None),
             "cpu": cpu, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 

@@ -84,3 +84,10 @@ def test_bench_rows_name_each_member_at_its_own_size(tmp_path):
     assert pair == "smallcnn, full 48 px + crop 32 px"
     assert bench.classifier_what(load_classifier(str(paths[1]))) == "smallcnn, crop 32 px"
     assert bench.describe({"stage": "classify"}, pair) == pair
+
+
+@pytest.mark.parametrize("n, batch, want", [(400, 64, [16, 64]), (400, 1024, [400]), (128, 64, [64]), (0, 8, [])])
+def test_warmup_meets_every_batch_shape_the_timed_loop_will(n, batch, want):
+    assert bench.warmup_sizes(n, batch) == want
+    seen = {min(batch, n - i) for i in range(0, n, batch)}
+    assert seen == set(want)

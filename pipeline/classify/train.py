@@ -141,7 +141,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
     start_epoch, best, history, elapsed = 0, None, [], 0.0
     last_path = out / "last.pt"
     if resume and last_path.is_file():
-        state = torch.load(last_path, map_location=device, weights_only=True)
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
         if state.get("meta") != meta:
             changed = sorted(k for k in meta if (state.get("meta") or {}).get(k) != meta[k])
             raise RuntimeError(f"{last_path}: was trained with other settings ({', '.join(changed)}); "
