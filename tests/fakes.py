@@ -20,3 +20,22 @@ class BrightBlobSegmenter:
             found = bool(mask.any())
             out.append(SegResult(mask, np.zeros((int(found), 4), np.float32), np.ones(int(found), np.float32)))
         return out
+
+
+def phantom_cls_caches(root, per_class: dict[str, int], size: int, seed: int = 0):
+    """Classifier caches of phantoms, one ``root/<split>.npz`` per entry (``{"train": 6, ...}``
+    slices per class), in the format ``crop`` writes for ``full`` inputs. Returns ``root``."""
+    from pathlib import Path
+
+    from pipeline import CLASSES
+    from pipeline.phantoms import make_phantom
+
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for split, n in per_class.items():
+        labels = np.repeat(np.arange(len(CLASSES)), n)
+        images = np.stack([make_phantom(CLASSES[k], size, rng)[0] for k in labels])
+        np.savez(root / f"{split}.npz", images=images, labels=labels,
+                 paths=np.array([f"{split}/{CLASSES[k]}/{i}.png" for i, k in enumerate(labels)]),
+                 found=np.zeros(len(labels), bool), mode=np.array("full"), size=np.array(size))
+    return root

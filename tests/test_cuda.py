@@ -15,6 +15,7 @@ import torch
 
 from pipeline import CLASSES
 from pipeline.phantoms import make_phantom, write_phantom_dataset
+from tests.fakes import phantom_cls_caches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -51,15 +52,7 @@ def test_auto_device_is_cuda_and_a_missing_index_is_refused():
 
 @pytest.fixture(scope="module")
 def tiny_cls_caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cls_cache")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 24), ("val", 8)):
-        labels = np.repeat(np.arange(4), n)
-        images = np.stack([make_phantom(CLASSES[k], 48, rng)[0] for k in labels])
-        np.savez(root / f"{split}.npz", images=images, labels=labels,
-                 paths=np.array([f"{split}/{CLASSES[k]}/{i}.png" for i, k in enumerate(labels)]),
-                 found=np.zeros(len(labels), bool), mode=np.array("full"), size=np.array(48))
-    return root
+    return phantom_cls_caches(tmp_path_factory.mktemp("cls_cache"), {"train": 24, "val": 8}, 48)
 
 
 def test_train_cls_with_amp_on_cuda_gives_a_checkpoint_the_cpu_reads_alike(tiny_cls_caches, tmp_path):

@@ -5,20 +5,12 @@ import pytest
 
 from pipeline import CLASSES
 from pipeline.classify.yolo_cls import export_cache_as_folders, predict_yolo_cls, train_yolo_cls
-from pipeline.phantoms import make_phantom
+from tests.fakes import phantom_cls_caches
 
 
 @pytest.fixture(scope="module")
 def tiny_caches(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 6), ("val", 2), ("testing", 3)):
-        labels = np.repeat(np.arange(4), n)
-        images = np.stack([make_phantom(CLASSES[k], 32, rng)[0] for k in labels])
-        np.savez(root / f"{split}.npz", images=images, labels=labels,
-                 paths=np.array([f"{split}/{CLASSES[k]}/{i}.png" for i, k in enumerate(labels)]),
-                 found=np.zeros(len(labels), bool), mode=np.array("full"), size=np.array(32))
-    return root
+    return phantom_cls_caches(tmp_path_factory.mktemp("cache"), {"train": 6, "val": 2, "testing": 3}, 32)
 
 
 def test_cache_exported_as_class_folders(tiny_caches, tmp_path):
