@@ -116,9 +116,11 @@ def measure(job: dict) -> dict:
 def warmup_sizes(n: int, batch: int) -> list[int]:
     """The batch sizes a timed loop over ``n`` items will see: full batches and the last, shorter one.
 
-    Why both: on CUDA each new input shape costs seconds once (measured on an H200: 400 slices in
-    batches of 64 took 4.9 s after a warm-up at 64 alone, and 0.02 s as one warmed-up batch), so
-    the timed loop must not be the first to meet the last batch's shape.
+    Why both: on an H200, 400 slices through the classifier pair in batches of 64, after a warm-up
+    at 64 alone, took 4.9 s, and as one batch the warm-up had already met, 0.022 s. A one-time cost
+    per new input shape is the likeliest reading (not measured apart). The U-Net cascade splits
+    its work into chunks of its own, whose sizes vary with what it finds, so for the segmenter
+    this covers the outer batches only.
     """
     return sorted({min(batch, n), n % batch} - {0})
 
@@ -212,8 +214,10 @@ def plan(args, sample: list[str], sample_dir: Path, full_dir: Path, x10_dir: Pat
     cores = os.cpu_count() or 1
     import torch
 
-    devices = set(args.devices.split(",")) if args.devices != "auto" else \
+    devices = {d.strip() for d in args.devices.split(",")} if args.devices != "auto" else \
         {"cpu"} | ({"cuda"} if torch.cuda.is_available() else set())
+    if devices - {"cpu", "cuda"}:
+        raise SystemExit(f"bench: --devices {args.devices}: expected cpu, cuda or cpu,cuda")
     jobs = _cpu_plan(args, sample, sample_dir, full_dir, x10_dir, cores) if "cpu" in devices else []
     if "cuda" in devices:
         if not torch.cuda.is_available():
@@ -340,7 +344,8 @@ def main(argv=None) -> int:
         full_dir = link_folder(all_files, tmp / "all")
         x10_dir = link_folder(all_files, tmp / "x10", copies=10)
         jobs = plan(args, sample, sample_dir, full_dir, x10_dir)
-        machine_info, md = machine(), ""
+        machine_info = machine()
+        md = write_report(out, results, machine_info, sample, args, data, planned=len(jobs))
         if args.peer_python and "cpu" in {j["device"] for j in jobs}:
             jobs.insert(0, {"stage": "peer", "files": sample, "threads": os.cpu_count(), "batch": 1,
                             "device": "cpu", "backend": "onnxruntime", "python": args.peer_python})
@@ -350,19 +355,22 @@ def main(argv=None) -> int:
             res = run_child(job, tmp, python=job.get("python"), timeout=args.job_timeout)
             results.append({**shown, "what": describe(job, cls_what), **res})
             # after every measurement, so a run cut short keeps what it measured
-            md = write_report(out, results, machine_info, sample, args, data, peer=bool(args.peer_python))
+            md = write_report(out, results, machine_info, sample, args, data, planned=len(jobs))
     print(md)
     return 0
 
 
 def write_report(out: Path, results: list[dict], machine_info: dict, sample: list[str], args, data: Path,
-                 peer: bool) -> str:
-    """Write ``out/bench.json`` and ``out/bench.md`` from the results so far; returns the markdown."""
-    if not peer:
+                 planned: int) -> str:
+    """Write ``out/bench.json`` and ``out/bench.md`` from the results so far (``planned`` in all);
+    returns the markdown. A report written before the last measurement says it is partial."""
+    measured = len(results)
+    if not args.peer_python:
         results = [{"stage": "peer", "what": "detect-tumor", "error": "not run: pass --peer-python "
                     "(make bench installs it in bench/.venv-peer)"}] + results
     report = {"machine": machine_info, "sample": {"n": len(sample), "seed": args.seed, "data": str(data)},
-              "results": results, "ratios": ratios(results), "date": time.strftime("%Y-%m-%d")}
+              "results": results, "ratios": ratios(results), "date": time.strftime("%Y-%m-%d"),
+              "planned": planned, "measured": measured, "complete": measured == planned}
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     md = markdown(report)
     (out / "bench.md").write_text(md)
@@ -406,6 +414,9 @@ def markdown(report: dict) -> str:
              f"onnxruntime {m['onnxruntime']}; GPU: {m['cuda'] or 'none'}.",
              f"Sample: {report['sample']['n']} Testing scans (seed {report['sample']['seed']}, stratified); "
              "`all` and `10x` rows run `predict` on the whole folder and on 10 linked copies of it.", ""]
+    if not report.get("complete", True):
+        lines += [f"**Partial: {report['measured']} of {report['planned']} measurements** (the run stopped "
+                  "before the rest; the figures below cover only what was measured).", ""]
     if r.get("predict_vs_peer"):
         lines += [f"- `predict` end to end: **{r['predict_images_per_s']:.1f} images/s** "
                   f"({r['predict_vs_peer']:.1f}x detect-tumor's {r['peer_images_per_s']:.1f}), accuracy on the sample "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from argparse import Namespace
 from pathlib import Path
 
@@ -91,3 +92,22 @@ def test_warmup_meets_every_batch_shape_the_timed_loop_will(n, batch, want):
     assert bench.warmup_sizes(n, batch) == want
     seen = {min(batch, n - i) for i in range(0, n, batch)}
     assert seen == set(want)
+
+
+@pytest.mark.parametrize("devices", ["cuda:0", "gpu", "cpu,tpu"])
+def test_unknown_device_names_are_refused_not_dropped(devices):
+    with pytest.raises(SystemExit, match="expected cpu, cuda"):
+        bench.plan(_args("full", devices=devices), ["a.jpg"], Path("s"), Path("a"), Path("x"))
+
+
+def test_a_report_written_before_the_last_measurement_says_it_is_partial(tmp_path):
+    args = Namespace(seed=0, peer_python=None)
+    info = {"cpu": "x", "cores": 2, "python": "3", "torch": "2", "onnxruntime": None, "cuda": None}
+    row = {"stage": "classify", "what": "smallcnn", "images": 4, "images_per_s": 8.0, "peak_rss_mb": 100.0}
+    md = bench.write_report(tmp_path, [row], info, ["a.jpg"], args, tmp_path, planned=3)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert (report["measured"], report["planned"], report["complete"]) == (1, 3, False)
+    assert "Partial: 1 of 3 measurements" in md and md == (tmp_path / "bench.md").read_text()
+    assert report["results"][0]["stage"] == "peer" and report["results"][1] == row
+    md = bench.write_report(tmp_path, [row] * 3, info, ["a.jpg"], args, tmp_path, planned=3)
+    assert json.loads((tmp_path / "bench.json").read_text())["complete"] and "Partial" not in md

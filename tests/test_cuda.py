@@ -55,28 +55,45 @@ def tiny_cls_caches(tmp_path_factory):
     return phantom_cls_caches(tmp_path_factory.mktemp("cls_cache"), {"train": 24, "val": 8}, 48)
 
 
-def test_train_cls_with_amp_on_cuda_gives_a_checkpoint_the_cpu_reads_alike(tiny_cls_caches, tmp_path):
-    from pipeline.classify.predict import Classifier
-    from pipeline.classify.train import train
+class _Stopped(Exception):
+    pass
 
-    summary = train(str(tiny_cls_caches / "train.npz"), str(tiny_cls_caches / "val.npz"), str(tmp_path / "run"),
-                    model_name="smallcnn", pretrained=False, epochs=3, batch_size=16, lr=3e-3, device="cuda",
-                    patience=10)
-    curves = np.genfromtxt(tmp_path / "run" / "curves.csv", delimiter=",", names=True)
-    assert len(curves) == 3 and np.isfinite(curves["train_loss"]).all()
+
+def test_train_cls_with_amp_on_cuda_resumes_and_gives_a_checkpoint_the_cpu_reads_alike(tiny_cls_caches, tmp_path,
+                                                                                        monkeypatch):
+    import pipeline.classify.train as train_mod
+    from pipeline.classify.predict import Classifier
+
+    run = tmp_path / "run"
+    where = (str(tiny_cls_caches / "train.npz"), str(tiny_cls_caches / "val.npz"), str(run))
+    kw = dict(model_name="smallcnn", pretrained=False, epochs=3, batch_size=16, lr=3e-3, device="cuda",
+              patience=10, ema=0.9)
+    real_curves = train_mod.write_curves
+
+    def curves_then_stop(history, out_dir):  # stopped right after epoch 0's last.pt is written
+        real_curves(history, out_dir)
+        raise _Stopped
+
+    monkeypatch.setattr(train_mod, "write_curves", curves_then_stop)
+    torch.cuda.reset_peak_memory_stats()
+    with pytest.raises(_Stopped):
+        train_mod.train(*where, **kw)
+    assert torch.cuda.max_memory_allocated() > 0
+    last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0 and last["cuda_rng"] is not None and last["scaler"]["scale"] > 0
+    monkeypatch.setattr(train_mod, "write_curves", real_curves)
+    summary = train_mod.train(*where, **kw)  # resumes at epoch 1, optimizer, EMA and scaler state on the GPU
+
+    curves = np.genfromtxt(run / "curves.csv", delimiter=",", names=True)
+    assert curves["epoch"].tolist() == [0, 1, 2] and np.isfinite(curves["train_loss"]).all()
     assert curves["train_loss"][-1] < curves["train_loss"][0]
     assert summary["environment"]["cuda"] == torch.cuda.get_device_name(0)
-    state = torch.load(tmp_path / "run" / "best.pt", map_location="cpu", weights_only=True)
-    assert all(v.device.type == "cpu" for v in state["state_dict"].values())
-    # resuming on CUDA reads the CPU-mapped optimizer state back onto the GPU
-    again = train(str(tiny_cls_caches / "train.npz"), str(tiny_cls_caches / "val.npz"), str(tmp_path / "run"),
-                  model_name="smallcnn", pretrained=False, epochs=3, batch_size=16, lr=3e-3, device="cuda",
-                  patience=10)
-    assert again["best"] == summary["best"] and again["best_sha256"] == summary["best_sha256"]
+    saved = torch.load(run / "best.pt", weights_only=True)  # tensors come back on the device they were saved from
+    assert all(v.device.type == "cuda" for v in saved["state_dict"].values())
 
     images = np.load(tiny_cls_caches / "val.npz")["images"]
-    on_gpu = Classifier(tmp_path / "run" / "best.pt", device="cuda").predict_proba(images)
-    on_cpu = Classifier(tmp_path / "run" / "best.pt", device="cpu").predict_proba(images)
+    on_gpu = Classifier(run / "best.pt", device="cuda").predict_proba(images)
+    on_cpu = Classifier(run / "best.pt", device="cpu").predict_proba(images)
     np.testing.assert_allclose(on_gpu, on_cpu, atol=2e-2)
     assert (on_gpu.argmax(1) == on_cpu.argmax(1)).mean() >= 0.95
 
@@ -144,10 +161,11 @@ def test_unet_stage_trains_on_cuda_and_its_cascade_segments_there(tmp_path):
     cache = synthetic_cache(tmp_path / "cache.npz")
     runs = {}
     for stage in ("coarse", "fine"):
+        torch.cuda.reset_peak_memory_stats()
         summary = unet.train_stage(cache, tmp_path / stage, stage=stage, size=32, epochs=2, batch_size=8,
                                    net=TINY, device="cuda")
+        assert torch.cuda.max_memory_allocated() > 0
         assert all(np.isfinite(h["train_loss"]) for h in summary["history"])
-        assert summary["environment"]["cuda"] == torch.cuda.get_device_name(0)
         runs[stage] = tmp_path / stage / "best.pt"
     dest = tmp_path / "cascade.pt"
     unet.export_cascade(runs["coarse"], runs["fine"], dest, threshold=0.4, min_area=2)

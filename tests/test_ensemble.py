@@ -20,19 +20,34 @@ from tests.fakes import BrightBlobSegmenter
 from tests.scan_fixtures import write_png
 
 
-def _tiny(path, mode, size, seed, margin=None):
+def _tiny(path, mode, size, seed, margin=None, steps=0):
+    """A smallcnn checkpoint; ``steps`` of training on phantoms make its output depend on the input
+    (a random one gives near-uniform probabilities whatever it reads)."""
     torch.manual_seed(seed)
     meta = {"model": "smallcnn", "mode": mode, "size": size, "classes": list(CLASSES)}
     if margin is not None:
         meta["margin"] = margin
-    torch.save({"state_dict": create_model("smallcnn").state_dict(), "meta": meta}, path)
+    model = create_model("smallcnn")
+    if steps:
+        from pipeline.classify.models import INPUT_MEAN, INPUT_STD
+
+        rng = np.random.default_rng(seed)
+        labels = np.arange(32) % len(CLASSES)
+        x = torch.from_numpy(np.stack([make_phantom(CLASSES[k], size, rng)[0] for k in labels])).float()
+        x, y = ((x - INPUT_MEAN) / INPUT_STD).unsqueeze(1), torch.from_numpy(labels)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    torch.save({"state_dict": model.eval().state_dict(), "meta": meta}, path)
     return path
 
 
 @pytest.fixture(scope="module")
 def members(tmp_path_factory):
     d = tmp_path_factory.mktemp("ens")
-    return _tiny(d / "full.pt", "full", 32, 1), _tiny(d / "crop.pt", "crop", 48, 2)
+    return _tiny(d / "full.pt", "full", 32, 1, steps=10), _tiny(d / "crop.pt", "crop", 48, 2, steps=10)
 
 
 def _scans(n=6):
@@ -197,10 +212,12 @@ def test_evaluate_cls_scores_an_ensemble_from_one_cache_per_view(tmp_path, membe
                  "--out", str(tmp_path / "eval"), "--n-boot", "20"]) == 0
     with open(tmp_path / "eval" / "predictions.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    # random members give near-uniform probabilities (slices in the wrong order move them by only
-    # about 3e-6, as much as float sums differ between machines), so the row order is checked by path
     assert [r["path"] for r in rows] == paths.tolist()
     want = ens.predict_views({v: np.load(f)["images"] for v, f in zip(ens.views, files)})
+    # 1e-5: float sums differ by a few 1e-6 between machines; slices out of order move these members
+    # by far more than that
+    wrong = ens.predict_views({v: np.load(f)["images"][::-1] for v, f in zip(ens.views, files)})
+    assert np.abs(wrong - want).max() > 1e-3
     np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in CLASSES] for r in rows], want, atol=1e-5)
     assert [r["found"] for r in rows] == [str(bool(r.found)).lower() for r in masks]  # stage 1's, from the crop cache
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

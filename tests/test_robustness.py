@@ -528,3 +528,20 @@ def test_environment_names_the_libraries_and_the_cpu():
     assert isinstance(env["cpu"], str) and env["cpu"]
     assert env["cuda"] is None or isinstance(env["cuda"], str)
     json.dumps(env)  # it goes into summary.json as is
+
+
+def test_environment_finds_opencv_under_its_headless_distribution(monkeypatch):
+    """GPU images often ship opencv-python-headless rather than opencv-python (seen on the lent H200)."""
+    import importlib.metadata
+
+    from pipeline.config import environment
+
+    real = importlib.metadata.version
+
+    def only_headless(dist):
+        if dist == "opencv-python":
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return "4.99.0" if dist == "opencv-python-headless" else real(dist)
+
+    monkeypatch.setattr(importlib.metadata, "version", only_headless)
+    assert environment()["opencv-python"] == "4.99.0"

@@ -153,6 +153,12 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history, elapsed = state["epoch"] + 1, state["best"], state["history"], state["elapsed"]
         torch.set_rng_state(state["torch_rng"])
+        # on CUDA the batch augmentation draws from the GPU's generator, and AMP's loss scale has been
+        # learned: both continue where they stopped rather than restart
+        if state.get("cuda_rng") is not None and device.startswith("cuda"):
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         print(f"resumed from {last_path} at epoch {start_epoch}")
 
     stale = 0 if best is None else sum(1 for h in history[::-1] if h["epoch"] > best["epoch"])
@@ -200,7 +206,9 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
         _save_atomic({"model": model.state_dict(), **({"ema": averaged.state_dict()} if averaged is not None else {}),
                       "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                      "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "meta": meta}, last_path)
+                      "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "meta": meta,
+                      "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
+                      "scaler": scaler.state_dict()}, last_path)
         write_curves(history, out)
     summary = {**meta, "best_epoch": best["epoch"] if best else None, "best": best, "train_seconds": elapsed,
                "best_sha256": sha256_file(out / "best.pt") if (out / "best.pt").is_file() else None,
