@@ -4,6 +4,8 @@
 #   2. `predict --device cuda` on a whole folder, compared row by row with a CPU run of the same folder;
 #   3. bench.py --devices cuda --quick: throughput on the GPU;
 #   4. the whole test suite under that machine's library versions.
+# bench/prepare_device.sh stages its inputs (wheels, a copy of Testing, the CPU predictions) and
+# says how to call it on a machine with no internet.
 # usage: bench/cuda_check.sh TESTING_DIR CPU_PREDICTIONS_CSV OUT_DIR [STEPS]
 #   STEPS: some of "tests predict bench suite" (default: all four)
 # Each step has its own time limit, so one that hangs cannot take the others' results with it.
