@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import CLASSES
-from pipeline.folders import Item, iter_batches, start_folder_run
+from pipeline.folders import Item, iter_batches, start_folder_run, write_png_atomic
 from pipeline.roi import make_views, view_of
 
 COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASSES], "found", "x0", "y0", "x1", "y1",
@@ -53,6 +53,9 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     settings = {"mode": mode, "margin": margins[0] if len(margins) == 1 else (margins or margin),
                 "classifier": getattr(classifier, "fingerprint", None),
                 "segmenter": getattr(segmenter, "fingerprint", None) if segmenter is not None else "none"}
+    # recorded only when on, so folders made before these keys existed still resume: a rerun that
+    # adds --overlays to a finished folder is refused rather than silently writing none
+    settings.update({k: True for k, on in (("overlays", overlays), ("gradcam", gradcam)) if on})
     run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0}
@@ -97,6 +100,8 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
         counts["rows_written"] += len(ordered)
         counts["errors"] += sum(r["status"] == "error" for r in ordered)
 
+    if run.unlisted:
+        flush(run.unlisted)
     for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update):
         flush(batch)
     bar.close()
@@ -114,12 +119,10 @@ def _write_gradcam(path: Path, classifier, x: np.ndarray, target: int) -> None:
     scale = max(1, 256 // x.shape[0])
     blend = cv2.resize(blend, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
     cv2.putText(blend, CLASSES[target], (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cv2.imwrite(str(path), blend)
+    write_png_atomic(path, blend)  # not cv2.imwrite: it crashes on a file name that is not UTF-8
 
 
 def _write_overlay(path: Path, image: np.ndarray, mask: np.ndarray | None, label: str, confidence: float) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     canvas = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
     if mask is not None and mask.any():
         contours, _ = cv2.findContours((mask > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
@@ -127,4 +130,4 @@ def _write_overlay(path: Path, image: np.ndarray, mask: np.ndarray | None, label
     scale = max(0.4, image.shape[0] / 700)
     cv2.putText(canvas, f"{label} {confidence:.2f}", (8, int(28 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale,
                 (0, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
-    cv2.imwrite(str(path), canvas)
+    write_png_atomic(path, canvas)

@@ -24,13 +24,16 @@ from pipeline.scans import Scan, ScanReadError, read_scans
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
 
 
-def iter_input_files(root: Path, exclude: Path | None = None) -> Iterator[Path]:
+def iter_input_files(root: Path, exclude: Path | None = None,
+                     unlisted: list[OSError] | None = None) -> Iterator[Path]:
     """Every non-hidden file under ``root``, sorted, except those under ``exclude`` (the output).
 
-    Linked folders are followed (a study tree often links series in), each real folder once.
+    Linked folders are followed (a study tree often links series in), each real folder once. A
+    folder that cannot be listed (permissions) is appended to ``unlisted`` when given, else skipped.
     """
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
+                                                onerror=unlisted.append if unlisted is not None else None):
         here = Path(dirpath)
         real = os.path.realpath(here)
         if real in seen:
@@ -42,6 +45,16 @@ def iter_input_files(root: Path, exclude: Path | None = None) -> Iterator[Path]:
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield here / name
+
+
+def csv_key(key: str) -> str:
+    """``key`` as a result CSV stores it: one line, so a torn write can only lose whole lines.
+
+    Line breaks in a file name become spaces; lookups go through this too, so such a file still
+    finds its row on a rerun. (Were ``a b.png`` beside ``a<newline>b.png``, the second would count
+    as done: a trade for never tearing a record.)
+    """
+    return " ".join(key.splitlines()) if isinstance(key, str) else key
 
 
 class ResultsCSV:
@@ -78,7 +91,7 @@ class ResultsCSV:
         """
         todo = []
         for p in files:
-            rel = p.relative_to(root).as_posix()
+            rel = csv_key(p.relative_to(root).as_posix())
             if rel in self.done:
                 continue
             if rel in self.done_files and not rel.lower().endswith(VOLUME_SUFFIXES):
@@ -98,7 +111,7 @@ class ResultsCSV:
         writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n", extrasaction="ignore")
         for row in rows:
             # One record per line, always: a torn write can then only lose whole lines.
-            row = {k: (" ".join(v.splitlines()) if isinstance(v, str) else v) for k, v in row.items()}
+            row = {k: csv_key(v) for k, v in row.items()}
             writer.writerow(row)
             self.done.add(row["path"])
         if rows:
@@ -125,7 +138,11 @@ def read_items(path: Path, root: Path, nifti_slices) -> list[Item]:
     items = []
     for scan in scans:
         suffix = scan.key[len(str(path)):] if scan.key.startswith(str(path)) else ""
-        items.append(Item(rel + suffix, scan))
+        if scan.image.size == 0 or scan.image.min() == scan.image.max():
+            # nothing to segment or classify; a label here would be a guess about nothing
+            items.append(Item(rel + suffix, None, "blank image: every pixel has the same value"))
+        else:
+            items.append(Item(rel + suffix, scan))
     return items
 
 
@@ -193,7 +210,7 @@ def iter_batches(files: Sequence[Path], root: Path, done: set[str], batch_size: 
     for items in iter_read(files, root, nifti_slices, workers, 2 * batch_size):
         if on_file:
             on_file(1)
-        pending.extend(it for it in items if it.key not in done)
+        pending.extend(it for it in items if csv_key(it.key) not in done)
         while len(pending) >= batch_size:
             yield pending[:batch_size]
             pending = pending[batch_size:]
@@ -210,6 +227,8 @@ class FolderRun:
     results: ResultsCSV
     files: list[Path]
     todo: list[Path]
+    #: folders under ``root`` that could not be listed and have no row yet: write them as error rows
+    unlisted: list[Item]
 
 
 def check_settings(out: Path, csv_name: str, settings: dict) -> None:
@@ -247,5 +266,15 @@ def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str],
     if settings:
         check_settings(out, csv_name, settings)
     results = ResultsCSV(out / csv_name, columns)
-    files = list(iter_input_files(root, exclude=out if root in out.parents else None))
-    return FolderRun(root, out, results, files, results.pending(files, root))
+    # the output is excluded wherever it is: a linked-in folder can reach it from outside the input
+    failed: list[OSError] = []
+    files = list(iter_input_files(root, exclude=out, unlisted=failed))
+    unlisted = []
+    for exc in failed:
+        folder = Path(exc.filename or root)
+        if folder == root:
+            raise PermissionError(f"{input_dir}: cannot list the input folder ({exc.strerror or exc})")
+        key = folder.relative_to(root).as_posix()
+        if csv_key(key) not in results.done:
+            unlisted.append(Item(key, None, f"cannot list this folder: {exc.strerror or exc}; its scans were not read"))
+    return FolderRun(root, out, results, files, results.pending(files, root), unlisted)

@@ -3,7 +3,8 @@
 Everything the pipeline reads goes through :func:`read_scans` (or the
 single-image :func:`read_scan`).  Supported inputs:
 
-* raster images (``.jpg .jpeg .png .tif .tiff .bmp``) via Pillow,
+* raster images (``.jpg .jpeg .png .tif .tiff .bmp``) via Pillow; of a multi-page TIFF (a slice
+  stack), the middle page,
 * DICOM (``.dcm .dicom`` or any file with the ``DICM`` magic at byte 128) via pydicom,
 * NIfTI (``.nii .nii.gz``) via nibabel -- a 3D volume yields one Scan per axial slice,
 * figshare (Cheng et al. 2017) MATLAB v7.3 ``.mat`` files via h5py.
@@ -226,13 +227,18 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds
         raise ScanReadError(key, f"cannot open image: {type(e).__name__}: {e}") from e
     with im:
+        n_frames = int(getattr(im, "n_frames", 1) or 1)
+        # a TIFF of several pages is a slice stack (ImageJ, Fiji): its middle page, as for
+        # multi-frame DICOM; other formats' extra frames are previews or animation
+        frame = n_frames // 2 if n_frames > 1 and im.format == "TIFF" else 0
         try:
+            if frame:
+                im.seek(frame)
             im.load()  # decodes now, so a truncated file fails here
         except Exception as e:  # noqa: BLE001
             raise ScanReadError(key, f"truncated or corrupt image: {e}") from e
         mode = im.mode
         fmt = _PIL_FORMATS.get(im.format or "", (im.format or "unknown").lower())
-        n_frames = int(getattr(im, "n_frames", 1) or 1)
         try:
             raw = np.asarray(im)
         except Exception:  # noqa: BLE001 - exotic modes numpy can't view directly
@@ -245,7 +251,7 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
         }
         if n_frames > 1:
             meta["n_frames"] = n_frames
-            meta["frame_index"] = 0
+            meta["frame_index"] = frame
         dpi = im.info.get("dpi")
         try:
             if mode in _EIGHT_BIT_MODES:

@@ -119,6 +119,8 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
 
     bar = tqdm(total=len(todo), desc="segment", unit="file", disable=None if progress is None else not progress,
                smoothing=0.1)
+    if run.unlisted:
+        flush(run.unlisted)
     for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update):
         flush(batch)
     bar.close()

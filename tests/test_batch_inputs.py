@@ -1,0 +1,133 @@
+"""Inputs a user's own folder holds that once broke `predict` (a bug hunt of session 21): each test
+failed before its fix."""
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import CLASSES
+from pipeline.batch import run_predict
+from pipeline.classify.predict import Classifier
+from pipeline.phantoms import make_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rows(out: Path) -> list[dict]:
+    with (out / "predictions.csv").open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return list(csv.DictReader(fh))
+
+
+def head(i=0) -> np.ndarray:
+    return make_phantom(CLASSES[i % 4], 96, i)[0]
+
+
+@pytest.mark.parametrize("flag", ["overlays", "gradcam"])
+def test_a_file_name_that_is_not_utf8_does_not_kill_a_run_with_pictures(tmp_path, tiny_classifier, flag):
+    """cv2.imwrite crashed the process (no row written, every rerun the same) on such a name."""
+    src = tmp_path / "scans"
+    src.mkdir()
+    Image.fromarray(head(0)).save(src / "ok.png")
+    Image.fromarray(head(1)).save(os.fsencode(src) + b"/caf\xe9.png")  # a Latin-1 name from an old archive
+    code = textwrap.dedent(f"""
+        from pipeline.batch import run_predict
+        from pipeline.classify.predict import Classifier
+        run_predict({str(src)!r}, {str(tmp_path / 'out')!r}, Classifier({str(tiny_classifier)!r}), None,
+                    progress=False, {flag}=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    assert len(rows(tmp_path / "out")) == 2
+    folder = tmp_path / "out" / ("overlays" if flag == "overlays" else "gradcam")
+    assert sorted(os.listdir(os.fsencode(folder))) == [b"caf\xe9.png.png", b"ok.png.png"]
+
+
+def test_a_folder_that_cannot_be_listed_gets_an_error_row(tmp_path, tiny_classifier, monkeypatch):
+    src = tmp_path / "scans"
+    (src / "locked").mkdir(parents=True)
+    Image.fromarray(head(0)).save(src / "a.png")
+    Image.fromarray(head(1)).save(src / "locked" / "b.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a chmod 000 folder does for a user other than root
+        if Path(os.fsdecode(path)).name == "locked":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    clf = Classifier(tiny_classifier)
+    run_predict(src, tmp_path / "out", clf, None, progress=False)
+    got = {r["path"]: r for r in rows(tmp_path / "out")}
+    assert got["a.png"]["status"] == "ok"
+    assert got["locked"]["status"] == "error" and "Permission denied" in got["locked"]["error"]
+    assert run_predict(src, tmp_path / "out", clf, None, progress=False)["rows_written"] == 0  # once only
+    monkeypatch.setattr(os, "scandir", real_scandir)  # readable again: its scans are read now
+    run_predict(src, tmp_path / "out", clf, None, progress=False)
+    assert {r["path"] for r in rows(tmp_path / "out")} == {"a.png", "locked", "locked/b.png"}
+
+
+def test_the_output_reached_through_a_linked_folder_is_not_read_as_input(tmp_path, tiny_classifier):
+    src, series = tmp_path / "study", tmp_path / "series"
+    src.mkdir()
+    series.mkdir()
+    Image.fromarray(head(0)).save(src / "a.png")
+    Image.fromarray(head(1)).save(series / "b.png")
+    (src / "series").symlink_to(series, target_is_directory=True)
+    out = series / "results"
+    clf = Classifier(tiny_classifier)
+    run_predict(src, out, clf, None, progress=False, overlays=True)
+    run_predict(src, out, clf, None, progress=False, overlays=True)
+    assert sorted(r["path"] for r in rows(out)) == ["a.png", "series/b.png"]
+
+
+def test_a_multipage_tiff_is_read_at_its_middle_page(tmp_path):
+    from pipeline.scans import read_scans
+
+    pages = [np.zeros((96, 96), np.uint8), head(0), np.full((96, 96), 7, np.uint8)]
+    path = tmp_path / "stack.tif"
+    Image.fromarray(pages[0]).save(path, save_all=True, append_images=[Image.fromarray(x) for x in pages[1:]])
+    (scan,) = read_scans(path)
+    np.testing.assert_array_equal(scan.image, pages[1])
+    assert scan.meta["n_frames"] == 3 and scan.meta["frame_index"] == 1
+
+
+@pytest.mark.parametrize("image", [np.zeros((256, 256), np.uint8), np.full((256, 256), 200, np.uint8),
+                                   np.zeros((1, 1), np.uint8)], ids=["zeros", "constant", "1px"])
+def test_a_blank_image_is_an_error_row_not_a_label(tmp_path, tiny_classifier, image):
+    src = tmp_path / "scans"
+    src.mkdir()
+    Image.fromarray(image).save(src / "blank.png")
+    Image.fromarray(head(0)).save(src / "brain.png")
+    run_predict(src, tmp_path / "out", Classifier(tiny_classifier), None, progress=False)
+    got = {r["path"]: r for r in rows(tmp_path / "out")}
+    assert got["blank.png"]["status"] == "error" and not got["blank.png"]["label"]
+    assert "blank" in got["blank.png"]["error"] and got["brain.png"]["status"] == "ok"
+
+
+def test_a_line_break_in_a_file_name_is_not_redone_on_a_rerun(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    src.mkdir()
+    Image.fromarray(head(0)).save(src / "a\nb.png")
+    clf = Classifier(tiny_classifier)
+    run_predict(src, tmp_path / "out", clf, None, progress=False)
+    again = run_predict(src, tmp_path / "out", clf, None, progress=False)
+    assert again["rows_written"] == 0 and [r["path"] for r in rows(tmp_path / "out")] == ["a b.png"]
+
+
+def test_adding_overlays_to_a_finished_folder_is_refused_not_silently_skipped(tmp_path, tiny_classifier):
+    src = tmp_path / "scans"
+    src.mkdir()
+    Image.fromarray(head(0)).save(src / "a.png")
+    clf = Classifier(tiny_classifier)
+    run_predict(src, tmp_path / "out", clf, None, progress=False)
+    with pytest.raises(ValueError, match="overlays"):
+        run_predict(src, tmp_path / "out", clf, None, progress=False, overlays=True)
+    assert run_predict(src, tmp_path / "out", clf, None, progress=False)["rows_written"] == 0  # as before
