@@ -258,6 +258,9 @@ def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str],
     """
     root = Path(input_dir).resolve()
     out = Path(out_dir).resolve()
+    if root.is_file():
+        raise NotADirectoryError(f"{input_dir}: is a file; --input takes a folder (put the file in one, or check "
+                                 f"a single file with `python -m pipeline read {input_dir}`)")
     if not root.is_dir():
         raise FileNotFoundError(f"{input_dir}: input folder not found")
     if out == root:

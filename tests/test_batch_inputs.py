@@ -131,3 +131,10 @@ def test_adding_overlays_to_a_finished_folder_is_refused_not_silently_skipped(tm
     with pytest.raises(ValueError, match="overlays"):
         run_predict(src, tmp_path / "out", clf, None, progress=False, overlays=True)
     assert run_predict(src, tmp_path / "out", clf, None, progress=False)["rows_written"] == 0  # as before
+
+
+def test_a_single_file_as_input_is_told_to_use_a_folder(tmp_path, tiny_classifier):
+    scan = tmp_path / "scan.png"
+    Image.fromarray(head(0)).save(scan)
+    with pytest.raises(NotADirectoryError, match="is a file; --input takes a folder"):
+        run_predict(scan, tmp_path / "out", Classifier(tiny_classifier), None, progress=False)
