@@ -88,7 +88,9 @@ def _read_gray(path: str) -> np.ndarray:
     try:
         import cv2
 
-        img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+        from pipeline.folders import read_image_file
+
+        img = read_image_file(path, cv2.IMREAD_GRAYSCALE)
     except ImportError:  # pragma: no cover - cv2 is a hard dependency of the project
         pass
     except Exception:  # cv2 can raise on odd inputs; let PIL have a go

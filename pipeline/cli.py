@@ -135,7 +135,11 @@ def cmd_read(a):
     status = 0
     for f in a.files:
         try:
-            for scan in read_scans(f):
+            scans = read_scans(f)
+            if not scans:  # what predict records as an error row
+                print(f"error: {f}: no slice selected (volume is blank)", file=sys.stderr)
+                status = 1
+            for scan in scans:
                 print(json.dumps({"key": scan.key, "shape": list(scan.image.shape),
                                   **{k: v for k, v in scan.meta.items() if isinstance(v, (str, int, float))}}))
         except ScanReadError as exc:

@@ -52,7 +52,7 @@ def write_predictions(path: str | os.PathLike, paths: Sequence[str], y_true: Seq
     probs = np.asarray(probs, np.float64)
     pred = probs.argmax(1)
     tmp = path.with_suffix(".tmp.csv")
-    with open(tmp, "w", newline="") as fh:
+    with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(PRED_COLUMNS)
         for i, p in enumerate(paths):
@@ -71,31 +71,37 @@ def read_predictions(path: str | os.PathLike) -> dict:
         path = path / "predictions.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: predictions CSV not found (write it with `evaluate-cls`)")
-    with open(path, newline="") as fh:
+    # predict writes a file name that is not UTF-8 byte for byte; read it back the same way
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         rows = list(reader)
-    from_label = "true" not in cols and "label" in cols and "pred" not in cols
-    if not from_label:
+    # the prediction: `pred`, or predict's `label`; the truth: `true`, or the class folder of `path`
+    pred_col = "pred" if "pred" in cols else "label" if "label" in cols else None
+    from_folder = "true" not in cols
+    if pred_col is None or "path" not in cols or (from_folder and pred_col != "label"):
         missing = [c for c in REQUIRED_COLUMNS if c not in cols]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(PRED_COLUMNS)}")
-    paths, y_true, y_pred = [], [], []
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(PRED_COLUMNS)}, "
+                         f"or predict's columns (path,label,...) with or without a `true` column")
+
+    def scored(row: dict) -> bool:  # rows `predict` could not read carry no prediction
+        return row.get("status", "ok") in ("ok", "", None) and bool(row.get(pred_col))
+
+    paths, y_true, y_pred, kept = [], [], [], []
     for i, row in enumerate(rows, start=2):
-        if from_label:
-            if row.get("status", "ok") not in ("ok", "", None) or not row.get("label"):
-                continue  # rows `predict` could not read
+        if not scored(row):
+            continue
+        if from_folder:
             parent = Path(row["path"]).parent.name
             if parent not in CLASSES:
                 raise ValueError(f"{path}: no `true` column and the parent folder {parent!r} of line {i} is not "
                                  f"a class; add a `true` column")
             y_true.append(CLASSES.index(parent))
-            y_pred.append(_class_index(row["label"], f"{path}:{i}"))
         else:
             y_true.append(_class_index(row["true"], f"{path}:{i}"))
-            y_pred.append(_class_index(row["pred"], f"{path}:{i}"))
+        y_pred.append(_class_index(row[pred_col], f"{path}:{i}"))
         paths.append(row["path"])
-    kept = [r for r in rows if not from_label or (r.get("status", "ok") in ("ok", "", None) and r.get("label"))]
+        kept.append(row)
     prob_cols = [f"p_{c}" for c in CLASSES]
     probs = None
     if all(c in cols for c in prob_cols) and all(r[c] not in ("", None) for r in kept for c in prob_cols):
@@ -119,17 +125,21 @@ def clean_mask(paths: Sequence[str], clean: set[str]) -> tuple[np.ndarray, str]:
 
     Paths are resolved against the current directory. If none matches that way (the CSV was
     written from another directory), the last three components (``Testing/<class>/<file>``)
-    are compared instead; the second value says which match was used.
+    are compared instead, then the last two (``<class>/<file>``, as ``predict`` writes paths
+    relative to its input); the second value says which match was used.
     """
     mask = np.array([_resolved(p) in clean for p in paths], bool)
     if mask.any() or not paths or not clean:
         return mask, "resolved path"
-    tails = {_tail(c) for c in clean}
-    tail_mask = np.array([_tail(p) in tails for p in paths], bool)
-    if tail_mask.any():
-        print(f"warning: no path matched the clean list after resolving against {Path.cwd()}; matched "
-              f"{int(tail_mask.sum())} by their last three components instead", file=sys.stderr)
-        return tail_mask, "last three path components"
+    for k, words in ((3, "three"), (2, "two")):  # Testing/<class>/<file>; <class>/<file> as predict writes it
+        tails = {_tail(c, k) for c in clean}
+        tail_mask = np.array([_tail(p, k) in tails for p in paths], bool)
+        if tail_mask.any():
+            print(f"warning: no path matched the clean list after resolving against {Path.cwd()}; matched "
+                  f"{int(tail_mask.sum())} by their last {words} components instead", file=sys.stderr)
+            return tail_mask, f"last {words} path components"
+    print(f"warning: none of the {len(paths)} paths is in the clean list (compared as resolved paths and by "
+          f"their last three or two components): the clean subset is empty", file=sys.stderr)
     return mask, "resolved path"
 
 
@@ -310,7 +320,7 @@ def run(args) -> int:
 def _write_rows(dest: Path, pred: dict, probs: np.ndarray) -> None:
     """Re-write a foreign predictions CSV in our column layout (pred kept as given, not re-derived)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest, "w", newline="") as fh:
+    with open(dest, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(PRED_COLUMNS)
         for i, p in enumerate(pred["paths"]):

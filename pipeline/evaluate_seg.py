@@ -8,7 +8,8 @@ mask without a prediction is reported (``status=missing_pred`` in per_image.csv,
 metrics.json) and left out of every metric; a prediction without a truth mask is only counted.
 
 Masks: a pixel is tumor when its value is ``> threshold`` (default 127, for 0/255 masks); a mask
-whose largest value is 1 (a 0/1 label image) is read as ``> 0``.
+whose values are all ``<= threshold`` (a label image: 0/1, or BraTS-style 0/1/2/4) is read as ``> 0``.
+Linked sub-folders are followed, as ``segment`` follows them in its input.
 
 Per-image metrics use MONAI (``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric(percentile=95)``,
 symmetric, in pixels, on mask edges). Empty-mask conventions:
@@ -44,6 +45,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from pipeline.folders import read_image_file
+
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 PER_IMAGE_COLUMNS = ["set", "path", "status", "tumor", "found", "truth_px", "pred_px", "dice", "iou", "hd95", "error"]
 
@@ -69,7 +72,13 @@ def list_masks(folder: str | os.PathLike) -> dict[str, Path]:
     """
     root = Path(folder)
     out: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link loop, or one folder linked in twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith(".") or Path(name).suffix.lower() not in MASK_SUFFIXES:
@@ -83,12 +92,12 @@ def list_masks(folder: str | os.PathLike) -> dict[str, Path]:
 
 def read_mask(path: str | os.PathLike, threshold: int = 127) -> np.ndarray:
     """(H, W) bool tumor mask; ValueError when the file is not a readable image."""
-    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    raw = read_image_file(path, cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0:
         raise ValueError(f"{path}: not a readable mask image")
     if raw.ndim == 3:
         raw = raw[..., :3].max(axis=-1)
-    return raw > (0 if raw.max() == 1 else threshold)
+    return raw > (threshold if raw.max() > threshold else 0)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -173,6 +182,11 @@ def evaluate_segmentation(pred_dir: str | os.PathLike, truth_dir: str | os.PathL
     preds, truths = list_masks(pred_root), list_masks(truth_root)
     if not truths:
         raise ValueError(f"{truth_dir}: no mask images ({', '.join(MASK_SUFFIXES)}) found")
+    if not set(truths) & set(preds):
+        raise ValueError(f"no predicted mask in {pred_root} has the relative path of a truth mask in {truth_dir} "
+                         f"(e.g. truth {next(iter(truths))!r}"
+                         + (f", prediction {next(iter(preds))!r}" if preds else ", and no prediction at all")
+                         + "); pairs are matched by path relative to each folder, without the suffix")
     metrics = MaskMetrics()
     rows: list[_Row] = []
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -236,7 +250,7 @@ def evaluate_segmentation(pred_dir: str | os.PathLike, truth_dir: str | os.PathL
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "per_image.csv", "w", newline="") as fh:
+    with open(out / "per_image.csv", "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.DictWriter(fh, fieldnames=PER_IMAGE_COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(r.csv() for r in rows + no_tumor_rows)
@@ -320,7 +334,8 @@ def plot_worst_cases(path: str | os.PathLike, cases: list[tuple[str, float, np.n
         for mask, color in ((truth, "lime"), (pred, "red")):
             if mask.any():
                 ax.contour(mask.astype(np.float32), levels=[0.5], colors=color, linewidths=1.0)
-        title = key if len(key) <= 34 else "..." + key[-31:]
+        shown = key.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # a name that is not UTF-8
+        title = shown if len(shown) <= 34 else "..." + shown[-31:]
         ax.set_title(f"{title}\nDice {dice:.3f}", fontsize=8)
         ax.set_xticks([])
         ax.set_yticks([])

@@ -186,6 +186,20 @@ def savez_atomic(path: Path, **arrays: np.ndarray) -> Path:
     return path
 
 
+def read_image_file(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray | None:
+    """``cv2.imread`` for any file name: None when the file is missing or not an image.
+
+    Why not ``cv2.imread``: it crashes the process on a name that is not valid UTF-8 (such names
+    come back from ``os.walk`` as surrogate escapes); Python's ``open`` reads them byte for byte.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = np.frombuffer(fh.read(), np.uint8)
+    except OSError:
+        return None
+    return cv2.imdecode(data, flags) if data.size else None
+
+
 def write_png_atomic(path: Path, image: np.ndarray) -> None:
     """Write a PNG so that ``path`` is either absent, the old file, or the complete new one."""
     ok, buf = cv2.imencode(".png", image)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from pipeline import CLASSES
 from pipeline.datasets import Sample
-from pipeline.folders import savez_atomic
+from pipeline.folders import read_image_file, savez_atomic
 from pipeline.roi import make_input
 from pipeline.scans import read_scan
 
@@ -49,7 +49,7 @@ def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "
         image = read_scan(sample.path).image
         mask = None
         if mpath is not None:
-            mask = cv2.imread(str(mpath), cv2.IMREAD_GRAYSCALE)
+            mask = read_image_file(mpath, cv2.IMREAD_GRAYSCALE)
             if mask is None:
                 raise FileNotFoundError(f"{mpath}: mask missing (run `segment` on {image_root} first)")
         x, roi = make_input(image, mode, size, mask, margin=margin)

@@ -26,6 +26,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from pipeline.folders import read_image_file
 from pipeline.scans import read_scan
 
 CATEGORIES = ("elsewhere", "over", "under", "misplaced")
@@ -136,7 +137,7 @@ def diagnose(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: s
     images, truths, names = [], [], []
     for path in sorted(folder.iterdir()):
         mask_path = data_dir / "masks" / split / f"{path.stem}.png"
-        truth = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) if mask_path.is_file() else None
+        truth = read_image_file(mask_path, cv2.IMREAD_GRAYSCALE) if mask_path.is_file() else None
         if truth is None or not (truth > 127).any():
             continue  # no-tumor slices: tune-seg and evaluate-seg count their false masks
         images.append(read_scan(path).image)

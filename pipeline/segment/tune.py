@@ -13,6 +13,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from pipeline.folders import read_image_file
 from pipeline.scans import read_scan
 
 
@@ -50,7 +51,7 @@ def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: 
     if not images:
         raise FileNotFoundError(f"{data_dir}/images/val: no validation images (run `seg-data`)")
     mask_paths = [data_dir / "masks" / "val" / f"{p.stem}.png" for p in images]  # background slices have none
-    truths = [cv2.imread(str(m), cv2.IMREAD_GRAYSCALE) if m.is_file() else None for m in mask_paths]
+    truths = [read_image_file(m, cv2.IMREAD_GRAYSCALE) if m.is_file() else None for m in mask_paths]
     seen, extra = {p.resolve() for p in images}, []
     for p in _scan_paths(extra_no_tumor):
         if p.resolve() not in seen:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.folders import savez_atomic
+from pipeline.folders import read_image_file, savez_atomic
 from pipeline.segment.yolo import SegResult
 
 CACHE_SIZE = 512
@@ -372,7 +372,7 @@ def build_cache(data_dir: str | os.PathLike, out: str | os.PathLike, size: int =
             raise FileNotFoundError(f"{folder}/{row['name']}.*: listed in split.csv but missing")
         image = read_scan(matches[0]).image
         mask_path = data_dir / "masks" / row["split"] / f"{row['name']}.png"
-        mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) if mask_path.is_file() else None
+        mask = read_image_file(mask_path, cv2.IMREAD_GRAYSCALE) if mask_path.is_file() else None
         if mask is None:
             mask = np.zeros(image.shape[:2], np.uint8)
         image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)

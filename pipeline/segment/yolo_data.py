@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from pipeline.datasets import list_mask_dataset, read_split
+from pipeline.folders import read_image_file
 
 
 def mask_to_polygons(mask: np.ndarray, min_area: float = 16.0, epsilon_frac: float = 0.004
@@ -117,7 +118,7 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
         for s in samples:
             part = split[s.image.stem]
             name = f"{source}_{s.image.stem}"
-            mask = cv2.imread(str(s.mask), cv2.IMREAD_GRAYSCALE)
+            mask = read_image_file(s.mask, cv2.IMREAD_GRAYSCALE)
             if mask is None:
                 raise FileNotFoundError(f"{s.mask}: unreadable mask")
             _link(s.image, out / "images" / part / f"{name}{s.image.suffix.lower()}")
