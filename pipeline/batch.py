@@ -30,6 +30,11 @@ class ClassifierLike(Protocol):
     def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
 
 
+def is_blank(image: np.ndarray) -> bool:
+    """True when the (H, W) uint8 slice, as the networks would see it, has one value everywhere."""
+    return image.size == 0 or int(image.min()) == int(image.max())
+
+
 def _fmt(x: float) -> str:
     return f"{x:.6f}"
 
@@ -56,6 +61,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     # recorded only when on, so folders made before these keys existed still resume: a rerun that
     # adds --overlays to a finished folder is refused rather than silently writing none
     settings.update({k: True for k, on in (("overlays", overlays), ("gradcam", gradcam)) if on})
+    _adopt_older_picture_settings(Path(out_dir), settings)
     run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0}
@@ -63,6 +69,9 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     bar = tqdm(total=len(todo), desc="predict", unit="file", disable=None if progress is None else not progress, smoothing=0.1)
 
     def flush(items: list[Item]) -> None:
+        # a blank slice has nothing to classify: a label there would be a guess about nothing
+        items = [Item(it.key, None, "blank image: every pixel has the same value after the intensity window")
+                 if it.scan is not None and is_blank(it.scan.image) else it for it in items]
         ok = [it for it in items if it.scan is not None]
         rows = {it.key: {"path": it.key, "mode": mode, "status": "error", "error": it.error}
                 for it in items if it.scan is None}
@@ -106,6 +115,20 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
         flush(batch)
     bar.close()
     return counts
+
+
+def _adopt_older_picture_settings(out: Path, settings: dict) -> None:
+    """A folder made before --overlays/--gradcam were recorded, with them on (its ``overlays/`` or
+    ``gradcam/`` exists), resumes under the same command: the keys are added to its record."""
+    import json
+
+    path = out / "predictions.csv.settings.json"
+    if not path.is_file():
+        return
+    old = json.loads(path.read_text())
+    added = {k: True for k in ("overlays", "gradcam") if settings.get(k) and k not in old and (out / k).is_dir()}
+    if added:
+        path.write_text(json.dumps({**old, **added}, indent=2, sort_keys=True))
 
 
 def _write_gradcam(path: Path, classifier, x: np.ndarray, target: int) -> None:

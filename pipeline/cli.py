@@ -140,7 +140,8 @@ def cmd_read(a):
                 print(f"error: {f}: no slice selected (volume is blank)", file=sys.stderr)
                 status = 1
             for scan in scans:
-                print(json.dumps({"key": scan.key, "shape": list(scan.image.shape),
+                blank = {"blank": True} if scan.image.size == 0 or scan.image.min() == scan.image.max() else {}
+                print(json.dumps({"key": scan.key, "shape": list(scan.image.shape), **blank,
                                   **{k: v for k, v in scan.meta.items() if isinstance(v, (str, int, float))}}))
         except ScanReadError as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -84,8 +84,12 @@ def read_predictions(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(PRED_COLUMNS)}, "
                          f"or predict's columns (path,label,...) with or without a `true` column")
 
-    def scored(row: dict) -> bool:  # rows `predict` could not read carry no prediction
-        return row.get("status", "ok") in ("ok", "", None) and bool(row.get(pred_col))
+    def scored(row: dict) -> bool:
+        """Rows `predict` could not read (status error, no label) are skipped; an ok row without
+        its `pred` is a damaged file, refused below by the class check."""
+        if row.get("status", "ok") not in ("ok", "", None):
+            return False
+        return pred_col != "label" or bool(row.get("label"))
 
     paths, y_true, y_pred, kept = [], [], [], []
     for i, row in enumerate(rows, start=2):

@@ -8,7 +8,7 @@ mask without a prediction is reported (``status=missing_pred`` in per_image.csv,
 metrics.json) and left out of every metric; a prediction without a truth mask is only counted.
 
 Masks: a pixel is tumor when its value is ``> threshold`` (default 127, for 0/255 masks); a mask
-whose values are all ``<= threshold`` (a label image: 0/1, or BraTS-style 0/1/2/4) is read as ``> 0``.
+whose values are all ``<= LABEL_MAX`` (8: a label image, 0/1 or BraTS-style 0/1/2/4) is read as ``> 0``.
 Linked sub-folders are followed, as ``segment`` follows them in its input.
 
 Per-image metrics use MONAI (``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric(percentile=95)``,
@@ -90,6 +90,10 @@ def list_masks(folder: str | os.PathLike) -> dict[str, Path]:
     return dict(sorted(out.items()))
 
 
+#: a mask whose largest value is at most this is a label image (0/1, 0/1/2/4), not a 0-255 map
+LABEL_MAX = 8
+
+
 def read_mask(path: str | os.PathLike, threshold: int = 127) -> np.ndarray:
     """(H, W) bool tumor mask; ValueError when the file is not a readable image."""
     raw = read_image_file(path, cv2.IMREAD_UNCHANGED)
@@ -97,7 +101,7 @@ def read_mask(path: str | os.PathLike, threshold: int = 127) -> np.ndarray:
         raise ValueError(f"{path}: not a readable mask image")
     if raw.ndim == 3:
         raw = raw[..., :3].max(axis=-1)
-    return raw > (threshold if raw.max() > threshold else 0)
+    return raw > (0 if raw.max() <= LABEL_MAX else threshold)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -351,7 +355,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: metrics.json, per_image.csv, worst_cases.png")
     p.add_argument("--images", help="scans folder (the `segment` input) to draw under the worst cases")
     p.add_argument("--no-tumor", help="predicted masks of slices known to hold no tumor (false-mask rate)")
-    p.add_argument("--threshold", type=int, default=127, help="a pixel is tumor when its value is above this")
+    p.add_argument("--threshold", type=int, default=127, help="a pixel is tumor when its value is above this (in a mask whose largest value is "
+                   "at most 8, a label image, any value above 0)")
     p.add_argument("--n-worst", type=int, default=8, help="how many lowest-Dice slices to draw")
 
 

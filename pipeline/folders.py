@@ -30,6 +30,7 @@ def iter_input_files(root: Path, exclude: Path | None = None,
 
     Linked folders are followed (a study tree often links series in), each real folder once. A
     folder that cannot be listed (permissions) is appended to ``unlisted`` when given, else skipped.
+    ValueError when ``exclude`` is reached and holds scans of its own: they would be skipped.
     """
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True,
@@ -40,6 +41,8 @@ def iter_input_files(root: Path, exclude: Path | None = None,
             dirnames[:] = []
             continue
         seen.add(real)
+        if exclude and any((here / d).resolve() == exclude for d in dirnames):
+            _refuse_output_with_scans(exclude, root)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
                              and not (exclude and (here / d).resolve() == exclude))
         for name in sorted(filenames):
@@ -47,12 +50,25 @@ def iter_input_files(root: Path, exclude: Path | None = None,
                 yield here / name
 
 
+def _refuse_output_with_scans(out: Path, root: Path) -> None:
+    """The output folder lies in the input tree (directly or through a link): fine while it holds
+    only what the stages write (CSVs, masks/, overlays/, gradcam/); scans of its own would be
+    skipped without a row, so they are refused."""
+    from pipeline.scans import is_scan_file
+
+    scans = sorted(f.name for f in out.iterdir() if f.is_file() and not f.name.startswith(".") and is_scan_file(f))
+    if scans:
+        raise ValueError(f"--out {out} is inside the input {root} and holds scans ({', '.join(scans[:3])}"
+                         f"{', ...' if len(scans) > 3 else ''}), which would be skipped; choose an --out that holds "
+                         f"no scans, or one outside the input")
+
+
 def csv_key(key: str) -> str:
     """``key`` as a result CSV stores it: one line, so a torn write can only lose whole lines.
 
-    Line breaks in a file name become spaces; lookups go through this too, so such a file still
-    finds its row on a rerun. (Were ``a b.png`` beside ``a<newline>b.png``, the second would count
-    as done: a trade for never tearing a record.)
+    Line breaks in a file name become spaces (a trailing one is dropped); lookups go through this
+    too, so such a file still finds its row on a rerun. The price, for never tearing a record:
+    ``a b.png`` beside ``a<newline>b.png`` share one key.
     """
     return " ".join(key.splitlines()) if isinstance(key, str) else key
 
@@ -138,11 +154,7 @@ def read_items(path: Path, root: Path, nifti_slices) -> list[Item]:
     items = []
     for scan in scans:
         suffix = scan.key[len(str(path)):] if scan.key.startswith(str(path)) else ""
-        if scan.image.size == 0 or scan.image.min() == scan.image.max():
-            # nothing to segment or classify; a label here would be a guess about nothing
-            items.append(Item(rel + suffix, None, "blank image: every pixel has the same value"))
-        else:
-            items.append(Item(rel + suffix, scan))
+        items.append(Item(rel + suffix, scan))
     return items
 
 

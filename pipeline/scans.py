@@ -3,8 +3,8 @@
 Everything the pipeline reads goes through :func:`read_scans` (or the
 single-image :func:`read_scan`).  Supported inputs:
 
-* raster images (``.jpg .jpeg .png .tif .tiff .bmp``) via Pillow; of a multi-page TIFF (a slice
-  stack), the middle page,
+* raster images (``.jpg .jpeg .png .tif .tiff .bmp``) via Pillow; of a multi-page TIFF whose pages
+  share one size and mode (a slice stack), the middle page, else the first,
 * DICOM (``.dcm .dicom`` or any file with the ``DICM`` magic at byte 128) via pydicom,
 * NIfTI (``.nii .nii.gz``) via nibabel -- a 3D volume yields one Scan per axial slice,
 * figshare (Cheng et al. 2017) MATLAB v7.3 ``.mat`` files via h5py.
@@ -214,6 +214,19 @@ def _pil_open():
     return Image.open
 
 
+def _middle_of_stack(im, n_frames: int) -> int:
+    """The page a multi-page TIFF is read at: the middle one when every page has the first one's
+    size and mode (a slice stack from ImageJ or Fiji, like multi-frame DICOM), else the first
+    (an image plus thumbnails or masks). Leaves ``im`` at the first page."""
+    first = (im.size, im.mode)
+    same = True
+    for i in range(1, n_frames):
+        im.seek(i)
+        same = same and (im.size, im.mode) == first
+    im.seek(0)
+    return n_frames // 2 if same else 0
+
+
 def _read_raster(path: Path, key: str, window) -> list[Scan]:
     from PIL import Image, UnidentifiedImageError
 
@@ -228,10 +241,10 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
         raise ScanReadError(key, f"cannot open image: {type(e).__name__}: {e}") from e
     with im:
         n_frames = int(getattr(im, "n_frames", 1) or 1)
-        # a TIFF of several pages is a slice stack (ImageJ, Fiji): its middle page, as for
-        # multi-frame DICOM; other formats' extra frames are previews or animation
-        frame = n_frames // 2 if n_frames > 1 and im.format == "TIFF" else 0
+        frame = 0
         try:
+            if n_frames > 1 and im.format == "TIFF":
+                frame = _middle_of_stack(im, n_frames)
             if frame:
                 im.seek(frame)
             im.load()  # decodes now, so a truncated file fails here
@@ -478,8 +491,10 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
         sl = np.flipud(vol[:, :, z].T)
         meta = dict(meta_base)
         meta["slice_index"] = int(z)
-        scans.append(Scan(image=np.ascontiguousarray(_linear_window(sl, lo, hi)),
-                          key=key if is_2d else f"{key}#z={z:02d}", meta=meta))
+        image = _linear_window(sl, lo, hi)
+        if nifti_slices == "nonempty" and not is_2d and image.min() == image.max():
+            continue  # an edge slice whose few voxels all fall outside the volume's window
+        scans.append(Scan(image=np.ascontiguousarray(image), key=key if is_2d else f"{key}#z={z:02d}", meta=meta))
     return scans
 
 
@@ -551,8 +566,8 @@ def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "non
     2D formats give exactly one Scan.  A 3D NIfTI volume (axes reoriented with
     ``nib.as_closest_canonical``) gives one Scan per selected axial slice (axis 2),
     displayed radiology-style as ``np.flipud(vol[:, :, z].T)``; ``nifti_slices`` is
-    "all", "middle", "nonempty" (slices with max > min; may give an empty list for a
-    blank volume) or a sequence of slice indices.  A 2D NIfTI gives one Scan keyed by
+    "all", "middle", "nonempty" (slices that are not one value after the volume's window;
+    may give an empty list for a blank volume) or a sequence of slice indices.  A 2D NIfTI gives one Scan keyed by
     the plain path; a 4D NIfTI with last dim 1 is squeezed.
 
     ``window=(center, width)``, in the file's intensity units (after DICOM rescale),

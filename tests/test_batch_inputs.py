@@ -30,6 +30,14 @@ def head(i=0) -> np.ndarray:
     return make_phantom(CLASSES[i % 4], 96, i)[0]
 
 
+def folder_of_one(tmp_path: Path, name: str) -> Path:
+    """``tmp_path/scans`` holding one phantom slice saved as ``name``."""
+    src = tmp_path / "scans"
+    src.mkdir()
+    Image.fromarray(head(0)).save(src / name)
+    return src
+
+
 @pytest.mark.parametrize("flag", ["overlays", "gradcam"])
 def test_a_file_name_that_is_not_utf8_does_not_kill_a_run_with_pictures(tmp_path, tiny_classifier, flag):
     """cv2.imwrite crashed the process (no row written, every rerun the same) on such a name."""
@@ -113,24 +121,95 @@ def test_a_blank_image_is_an_error_row_not_a_label(tmp_path, tiny_classifier, im
 
 
 def test_a_line_break_in_a_file_name_is_not_redone_on_a_rerun(tmp_path, tiny_classifier):
-    src = tmp_path / "scans"
-    src.mkdir()
-    Image.fromarray(head(0)).save(src / "a\nb.png")
+    src = folder_of_one(tmp_path, "a\nb.png")
     clf = Classifier(tiny_classifier)
     run_predict(src, tmp_path / "out", clf, None, progress=False)
     again = run_predict(src, tmp_path / "out", clf, None, progress=False)
     assert again["rows_written"] == 0 and [r["path"] for r in rows(tmp_path / "out")] == ["a b.png"]
 
 
-def test_adding_overlays_to_a_finished_folder_is_refused_not_silently_skipped(tmp_path, tiny_classifier):
-    src = tmp_path / "scans"
-    src.mkdir()
-    Image.fromarray(head(0)).save(src / "a.png")
+@pytest.mark.parametrize("flag", ["overlays", "gradcam"])
+def test_adding_pictures_to_a_finished_folder_is_refused_not_silently_skipped(tmp_path, tiny_classifier, flag):
+    src = folder_of_one(tmp_path, "a.png")
     clf = Classifier(tiny_classifier)
     run_predict(src, tmp_path / "out", clf, None, progress=False)
-    with pytest.raises(ValueError, match="overlays"):
-        run_predict(src, tmp_path / "out", clf, None, progress=False, overlays=True)
+    with pytest.raises(ValueError, match=flag):
+        run_predict(src, tmp_path / "out", clf, None, progress=False, **{flag: True})
     assert run_predict(src, tmp_path / "out", clf, None, progress=False)["rows_written"] == 0  # as before
+
+
+def test_a_folder_made_with_overlays_before_they_were_recorded_resumes_with_them(tmp_path, tiny_classifier):
+    import json
+
+    src = folder_of_one(tmp_path, "a.png")
+    Image.fromarray(head(1)).save(src / "b.png")
+    out = tmp_path / "out"
+    clf = Classifier(tiny_classifier)
+    run_predict(src, out, clf, None, progress=False, overlays=True)
+    record = out / "predictions.csv.settings.json"
+    older = {k: v for k, v in json.loads(record.read_text()).items() if k != "overlays"}
+    record.write_text(json.dumps(older))  # as written before this session
+    lines = (out / "predictions.csv").read_text().splitlines()
+    (out / "predictions.csv").write_text("\n".join(lines[:2]) + "\n")  # b.png not done yet
+    assert run_predict(src, out, clf, None, progress=False, overlays=True)["rows_written"] == 1
+    assert (out / "overlays" / "b.png.png").is_file() and json.loads(record.read_text())["overlays"] is True
+
+
+def test_a_line_break_in_a_volume_name_is_not_redone_on_a_rerun(tmp_path, tiny_classifier):
+    from tests.scan_fixtures import write_nifti
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    vol = np.stack([head(i) for i in range(3)], axis=-1).astype(np.float32)
+    write_nifti(src / "a\nb.nii.gz", vol)
+    clf = Classifier(tiny_classifier)
+    first = run_predict(src, tmp_path / "out", clf, None, progress=False)
+    assert first["rows_written"] == 3
+    assert run_predict(src, tmp_path / "out", clf, None, progress=False)["rows_written"] == 0
+
+
+def test_an_output_folder_in_the_input_that_holds_scans_is_refused(tmp_path, tiny_classifier):
+    src = folder_of_one(tmp_path, "a.png")
+    series = tmp_path / "series"
+    series.mkdir()
+    Image.fromarray(head(1)).save(series / "b.png")
+    (src / "series").symlink_to(series, target_is_directory=True)
+    with pytest.raises(ValueError, match="holds scans"):  # its b.png would be skipped without a row
+        run_predict(src, series, Classifier(tiny_classifier), None, progress=False)
+
+
+def test_a_tiff_of_an_image_and_its_thumbnail_is_read_at_the_image(tmp_path):
+    from pipeline.scans import read_scans
+
+    image, thumb = head(0), np.full((24, 24), 9, np.uint8)
+    path = tmp_path / "with_thumb.tif"
+    Image.fromarray(image).save(path, save_all=True, append_images=[Image.fromarray(thumb)] * 2)
+    (scan,) = read_scans(path)
+    np.testing.assert_array_equal(scan.image, image)
+    assert scan.meta["frame_index"] == 0
+
+
+def test_segment_gives_a_blank_image_an_empty_mask_and_an_unlistable_folder_a_row(tmp_path, monkeypatch):
+    from pipeline.segment.run import run_segment
+    from tests.fakes import BrightBlobSegmenter
+
+    src = folder_of_one(tmp_path, "brain.png")
+    Image.fromarray(np.zeros((64, 64), np.uint8)).save(src / "blank.png")
+    (src / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)).name == "locked":
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    run_segment(src, tmp_path / "seg", BrightBlobSegmenter(), progress=False)
+    with (tmp_path / "seg" / "segments.csv").open(newline="") as fh:
+        got = {r["path"]: r for r in csv.DictReader(fh)}
+    assert got["blank.png"]["status"] == "ok" and got["blank.png"]["found"] == "false"
+    assert (tmp_path / "seg" / "masks" / "blank.png").is_file()  # crop reads it like any other
+    assert got["locked"]["status"] == "error" and "Permission denied" in got["locked"]["error"]
 
 
 def test_a_single_file_as_input_is_told_to_use_a_folder(tmp_path, tiny_classifier):
@@ -138,3 +217,16 @@ def test_a_single_file_as_input_is_told_to_use_a_folder(tmp_path, tiny_classifie
     Image.fromarray(head(0)).save(scan)
     with pytest.raises(NotADirectoryError, match="is a file; --input takes a folder"):
         run_predict(scan, tmp_path / "out", Classifier(tiny_classifier), None, progress=False)
+
+
+def test_nonempty_skips_an_edge_slice_that_the_volume_window_leaves_blank(tmp_path):
+    from pipeline.scans import read_scans
+    from tests.scan_fixtures import write_nifti
+
+    vol = np.zeros((32, 32, 5), np.float32)
+    for z in (1, 2, 3):
+        vol[..., z] = 100 + make_phantom("glioma", 32, z)[0]
+    vol[3, 3, 0] = 1.0  # one faint voxel, below the 0.5th percentile of the volume's nonzero voxels
+    write_nifti(tmp_path / "v.nii.gz", vol)
+    assert [s.meta["slice_index"] for s in read_scans(tmp_path / "v.nii.gz")] == [1, 2, 3]
+    assert [s.meta["slice_index"] for s in read_scans(tmp_path / "v.nii.gz", nifti_slices="all")] == [0, 1, 2, 3, 4]

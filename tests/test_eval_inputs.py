@@ -144,3 +144,30 @@ def test_read_blank_volume_says_so(tmp_path, capsys):
     nib.save(nib.Nifti1Image(np.zeros((8, 8, 3), np.float32), np.eye(4)), str(path))
     assert cli.main(["read", str(path), "--device", "cpu"]) == 1
     assert "volume is blank" in capsys.readouterr().err
+
+
+def test_a_faint_probability_map_is_not_read_as_a_label_image(tmp_path):
+    prob = np.zeros((32, 32), np.uint8)
+    prob[5:15, 5:15] = 100  # an unsure 0-255 map: nothing above 127
+    cv2.imwrite(str(tmp_path / "prob.png"), prob)
+    assert not read_mask(tmp_path / "prob.png").any()
+
+
+def test_an_ok_row_without_its_prediction_is_refused(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("path,true,pred\nx/a.jpg,glioma,glioma\nx/b.jpg,glioma,\n")
+    with pytest.raises(ValueError, match="p.csv:3"):
+        read_predictions(path)
+
+
+def test_a_clean_list_that_matches_nothing_says_so(capsys):
+    from pipeline.evaluate_cls import clean_mask
+
+    mask, _ = clean_mask(["elsewhere/x.jpg", "elsewhere/y.jpg"], {"/data/Testing/glioma/a.jpg"})
+    assert not mask.any() and "none of the 2 paths is in the clean list" in capsys.readouterr().err
+
+
+def test_read_marks_a_blank_image(tmp_path, capsys):
+    cv2.imwrite(str(tmp_path / "blank.png"), np.zeros((16, 16), np.uint8))
+    assert cli.main(["read", str(tmp_path / "blank.png"), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["blank"] is True
