@@ -372,7 +372,7 @@ def _n_in_groups(pairs: Iterable[tuple[str, str]]) -> int:
 
 
 def _write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence]) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # names as on disk
         w = csv.writer(fh)
         w.writerow(header)
         w.writerows(rows)
@@ -412,7 +412,7 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
 
     copied = {r["test_path"] for r in cross}
     clean = sorted(p for p, ok in zip(fte.paths, fte.ok) if ok and p not in copied)
-    (out / CLEAN_TEST_TXT).write_text("".join(p + "\n" for p in clean))
+    (out / CLEAN_TEST_TXT).write_text("".join(p + "\n" for p in clean), encoding="utf-8", errors="surrogateescape")
     clean_set = set(clean)
 
     best = res["test_best_corr"]
@@ -496,7 +496,7 @@ def load_clean_list(path, base=None) -> set[str]:
             base = None
     base = Path(base) if base is not None else Path.cwd()
     out = set()
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         line = line.strip()
         if line:
             p = Path(line)

@@ -5,9 +5,11 @@ Every later stage reads the split file written here, so a model is never selecte
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -141,6 +143,7 @@ def stratified_split(samples: Iterable[Sample], val_fraction: float = 0.15, seed
     order_key = {gid: min(Path(k).as_posix().rsplit("/", 2)[-2] + "/" + Path(k).name for k in members)
                  for cls in by_class.values() for gid, members in cls.items()}
     assignment: dict[str, str] = {}
+    group_split: dict[str, str] = {}  # a group filed under two classes goes where its first class put it
     rng = random.Random(seed)
     for label in sorted(by_class):
         group_ids = sorted(by_class[label], key=lambda g: order_key[g])
@@ -149,7 +152,8 @@ def stratified_split(samples: Iterable[Sample], val_fraction: float = 0.15, seed
         target, n_val = round(n_total * val_fraction), 0
         for gid in group_ids:
             members = by_class[label][gid]
-            split = "val" if n_val < target else "train"
+            split = group_split.get(gid) or ("val" if n_val < target else "train")
+            group_split[gid] = split
             n_val += len(members) if split == "val" else 0
             for key in members:
                 assignment[key] = split
@@ -162,7 +166,7 @@ def write_split(path: str | os.PathLike, samples: Iterable[Sample], assignment: 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # names as on disk
         writer = csv.writer(fh)
         writer.writerow(["path", "label", "split"])
         for sample_path, label in samples:
@@ -178,7 +182,7 @@ def read_split(path: str | os.PathLike, root: str | os.PathLike | None = None) -
     if not path.is_file():
         raise DatasetError(f"{path}: split file not found (make it with `python -m pipeline split`)")
     out: dict[str, list[Sample]] = {"train": [], "val": []}
-    with path.open(newline="") as fh:
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None or not {"path", "label", "split"} <= set(reader.fieldnames):
             raise DatasetError(f"{path}: expected columns path,label,split")
@@ -206,6 +210,14 @@ def duplicate_groups(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     return {x: find(x) for x in parent}
 
 
+def _audit_cwd(train_duplicates_csv: Path) -> str:
+    """The directory the audit that wrote ``train_duplicates_csv`` ran from (its ``audit.json``), else ``.``."""
+    try:
+        return json.loads(train_duplicates_csv.with_name("audit.json").read_text()).get("cwd") or "."
+    except (OSError, ValueError):
+        return "."
+
+
 def make_split(train_dir: str | os.PathLike, out: str | os.PathLike, val_fraction: float = 0.15,
                seed: int = 0, train_duplicates_csv: str | os.PathLike | None = None) -> dict[str, int]:
     """Carve a validation split from ``train_dir`` and save it; returns counts per split."""
@@ -214,11 +226,21 @@ def make_split(train_dir: str | os.PathLike, out: str | os.PathLike, val_fractio
     if train_duplicates_csv and not Path(train_duplicates_csv).is_file():
         raise DatasetError(f"{train_duplicates_csv}: not found (run `audit` first, or leave out --train-duplicates)")
     if train_duplicates_csv:
-        with open(train_duplicates_csv, newline="") as fh:
-            by_real = duplicate_groups((os.path.realpath(r["path_a"]), os.path.realpath(r["path_b"]))
-                                       for r in csv.DictReader(fh))
+        # relative paths are the audit's, as it was given them: resolve them where it ran
+        base = _audit_cwd(Path(train_duplicates_csv))
+        with open(train_duplicates_csv, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            pairs = [(r["path_a"], r["path_b"]) for r in csv.DictReader(fh)]
+        by_real = duplicate_groups((os.path.realpath(os.path.join(base, a)), os.path.realpath(os.path.join(base, b)))
+                                   for a, b in pairs)
         groups = {str(p): by_real[os.path.realpath(p)] for p, _ in samples if os.path.realpath(p) in by_real}
+        if pairs and not groups:
+            print(f"warning: none of the {len(pairs)} duplicate pairs in {train_duplicates_csv} names an image "
+                  f"under {train_dir}; copies may straddle the split (was the audit run on this folder?)",
+                  file=sys.stderr)
     assignment = stratified_split(samples, val_fraction, seed, groups)
+    if "val" not in assignment.values():
+        raise DatasetError(f"{train_dir}: {len(samples)} images give no validation image at --val-fraction "
+                           f"{val_fraction}; add images or raise the fraction")
     write_split(out, samples, assignment, root=train_dir)
     counts: dict[str, int] = defaultdict(int)
     for split in assignment.values():

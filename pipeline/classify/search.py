@@ -69,7 +69,8 @@ def build_index(input_dir: str | os.PathLike, out: str | os.PathLike, classifier
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(out, embeddings=np.concatenate(chunks).astype(np.float32), keys=np.array(keys),
-             labels=np.array(labels), root=np.array(str(root)), classifier=np.array(json.dumps(classifier.meta)))
+             labels=np.array(labels), root=np.array(str(root)),
+             classifier=np.array(json.dumps({**classifier.meta, **getattr(classifier, "fingerprint", {})})))
     return {"indexed": len(keys), "errors": errors, "out": str(out)}
 
 
@@ -81,6 +82,11 @@ def search(index: str | os.PathLike, query: np.ndarray, classifier: Classifier, 
     if meta.get("model") != classifier.meta.get("model") or int(meta["size"]) != classifier.size:
         raise ValueError(f"{index}: built with {meta.get('model')} at {meta.get('size')} px; "
                          f"query classifier is {classifier.meta.get('model')} at {classifier.size} px")
+    # the same network with other weights embeds into another space: distances would mean nothing
+    built, now = meta.get("weights_sha256"), getattr(classifier, "fingerprint", {}).get("weights_sha256")
+    if built and now and built != now:
+        raise ValueError(f"{index}: built with weights {built[:12]}..., the query classifier has {now[:12]}...; "
+                         f"rebuild the index with `index` and this --cls")
     q = embed(classifier, make_input(query, "full", classifier.size)[0][None])[0]
     dist = 1.0 - emb @ q
     order = np.argsort(dist, kind="stable")[:k]

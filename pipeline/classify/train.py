@@ -106,6 +106,10 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
             raise ValueError(f"{drop}: none of its paths is in {train_cache} or {val_cache}; check the list "
                              f"was made from the same dataset root")
         print(f"left out {n_dropped} slices listed in {drop}")
+    for key in ("mode", "size", "margin"):  # epochs are chosen on val: it must be the same input
+        if key in tr and key in va and tr[key] != va[key]:
+            raise ValueError(f"{val_cache}: {key} {va[key]} differs from {train_cache}'s {tr[key]}; "
+                             f"make both with the same `crop` settings")
     if refit:
         tr = _joined(tr, va)
     mode, size = str(tr["mode"]), int(tr["size"])

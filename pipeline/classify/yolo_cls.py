@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -25,12 +26,12 @@ def export_cache_as_folders(caches: dict[str, str | os.PathLike], out: str | os.
     out = Path(out)
     for split, cache in caches.items():
         data = load_cache(cache)
+        if (out / split).is_dir():  # images of another (or an older) cache must not stay in
+            shutil.rmtree(out / split)
         for i, (image, label) in enumerate(zip(data["images"], data["labels"])):
             folder = out / split / CLASSES[int(label)]
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{i:05d}.png"
-            if not path.exists():
-                cv2.imwrite(str(path), image)
+            cv2.imwrite(str(folder / f"{i:05d}.png"), image)
     return out
 
 
@@ -84,7 +85,7 @@ def predict_yolo_cls(weights: str | os.PathLike, cache: str | os.PathLike, out_c
                          "found": str(bool(data["found"][k])).lower()})
     out_csv = Path(out_csv)
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="") as fh:
+    with out_csv.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

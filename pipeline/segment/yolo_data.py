@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -103,6 +104,14 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
     ground truth, so ``evaluate-seg`` can read them.
     """
     out = Path(out)
+    # a rerun (another seed, another classifier split) starts from empty folders: links left from
+    # the last run would put one slice in two parts, a held-out slice among the training ones;
+    # and the U-Net's decoded cache of the old assignment goes with them
+    for sub in ("images", "labels", "masks"):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
+    for stale in out.glob("unet_cache_*.npz"):
+        stale.unlink()
     rows = []
     excluded: set[str] = set()
     sources = [("figshare", figshare, test_fraction), ("brisc", brisc, 0.0)]

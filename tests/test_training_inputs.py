@@ -1,0 +1,213 @@
+"""Inputs that once broke the training-side stages (a bug hunt of session 21: split, audit,
+seg-data, train-unet, train-yolo-cls, similar, train-cls); each test failed before its fix."""
+import csv
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import CLASSES
+from pipeline.datasets import Sample, make_split, stratified_split
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    from pipeline.phantoms import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("ph"), n_per_class=6, size=96, seed=3)
+
+
+# --- a duplicate group filed under two classes -------------------------------------------------------
+
+def test_duplicate_group_across_classes_never_straddles_the_split():
+    samples = ([Sample(Path(f"/d/glioma/g{i}.png"), "glioma") for i in range(10)]
+               + [Sample(Path(f"/d/meningioma/m{i}.png"), "meningioma") for i in range(10)])
+    groups = {"/d/glioma/g0.png": "G", "/d/meningioma/m0.png": "G"}  # one image filed under two classes
+    sides = set()
+    for seed in range(20):
+        a = stratified_split(samples, 0.3, seed, groups)
+        assert a["/d/glioma/g0.png"] == a["/d/meningioma/m0.png"], f"seed {seed}"
+        sides.add(a["/d/glioma/g0.png"])
+    assert sides == {"train", "val"}  # the group itself still goes either way
+
+
+# --- train_duplicates.csv with relative paths, split run from another directory -----------------
+
+def test_split_reads_relative_duplicate_paths_from_the_audits_directory(phantoms, tmp_path, monkeypatch):
+    from pipeline.audit import run_audit
+
+    import shutil
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copytree(phantoms / "Training", work / "data" / "Training")
+    shutil.copytree(phantoms / "Testing", work / "data" / "Testing")
+    gl = work / "data" / "Training" / "glioma"
+    first = sorted(gl.iterdir())[0]
+    for i in range(3):
+        shutil.copy(first, gl / f"copy{i}.png")
+    monkeypatch.chdir(work)
+    run_audit("data/Training", "data/Testing", "audit")  # relative paths, as `make` passes them
+    assert (work / "audit" / "train_duplicates.csv").read_text().count("\n") > 1
+    monkeypatch.chdir(tmp_path)  # the split is run by hand from elsewhere, with absolute paths
+    group = {first.name, "copy0.png", "copy1.png", "copy2.png"}
+    for seed in range(6):
+        out = tmp_path / f"split{seed}.csv"
+        make_split(work / "data" / "Training", out, 0.3, seed, work / "audit" / "train_duplicates.csv")
+        with out.open() as fh:
+            sides = {r["split"] for r in csv.DictReader(fh) if Path(r["path"]).name in group}
+        assert len(sides) == 1, f"seed {seed}: the copies straddle the split"
+
+
+# --- non-UTF-8 file names in split and audit ----------------------------------------------------
+
+def _rename_non_utf8(folder: Path) -> str:
+    src = sorted(folder.iterdir())[0]
+    dst = os.fsencode(folder) + b"/caf\xe9 scan.png"
+    os.rename(os.fsencode(src), dst)
+    return os.fsdecode(dst)
+
+
+def test_split_handles_a_non_utf8_file_name(phantoms, tmp_path):
+    import shutil
+
+    from pipeline.datasets import read_split
+
+    root = tmp_path / "Training"
+    shutil.copytree(phantoms / "Training", root)
+    name = _rename_non_utf8(root / "glioma")
+    out = tmp_path / "split.csv"
+    make_split(root, out, 0.25, 0)
+    paths = {str(s.path) for part in read_split(out, root).values() for s in part}
+    assert name in paths
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_audit_handles_a_non_utf8_test_file_name(phantoms, tmp_path):
+    import shutil
+
+    from pipeline.audit import load_clean_list, run_audit
+
+    shutil.copytree(phantoms / "Testing", tmp_path / "Testing")
+    name = _rename_non_utf8(tmp_path / "Testing" / "glioma")
+    run_audit(phantoms / "Training", tmp_path / "Testing", tmp_path / "audit")
+    assert str(Path(name).resolve()) in load_clean_list(tmp_path / "audit" / "clean_test.txt")
+
+
+# --- seg-data rerun: stale links and a stale U-Net cache ----------------------------------------
+
+def test_seg_data_rerun_with_another_seed_leaves_no_image_in_two_splits(phantoms, tmp_path):
+    from pipeline.segment.yolo_data import build_yolo_dataset
+
+    out = tmp_path / "seg"
+    for seed in (0, 1):
+        build_yolo_dataset(out, phantoms / "seg", seed=seed)
+    with (out / "split.csv").open() as fh:
+        listed = {(r["split"], r["name"]) for r in csv.DictReader(fh)}
+    on_disk = {(p.parent.name, p.stem) for p in (out / "images").glob("*/*")}
+    assert on_disk == listed  # images/train holds held-out test slices from the first run otherwise
+
+
+def test_train_unet_does_not_reuse_a_cache_from_before_seg_data_was_rerun(phantoms, tmp_path, monkeypatch):
+    from pipeline.segment import unet
+    from types import SimpleNamespace
+
+    from pipeline.segment.yolo_data import build_yolo_dataset
+
+    out = tmp_path / "seg"
+    build_yolo_dataset(out, phantoms / "seg", seed=0)
+    cache = out / f"unet_cache_{unet.CACHE_SIZE}.npz"
+    unet.build_cache(out, cache)  # what the first train-unet does
+    build_yolo_dataset(out, phantoms / "seg", seed=1)  # new split
+    seen = {}
+    monkeypatch.setattr(unet, "train_stage",
+                        lambda c, *a, **k: seen.setdefault("cache", dict(np.load(c))) and {"history": []})
+    args = SimpleNamespace(data=str(out), out=str(tmp_path / "r"), cache=None, arch="monai-unet", decoder=None,
+                           seed=0, device="cpu", time_hours=None, image_loss=0.0, stage="coarse", size=32,
+                           epochs=1, batch_size=8, lr=1e-3, margin=0.25, pretrained="false", init=None,
+                           jitter="margin", negatives=0.0, dice="batch", patch=None)
+    unet.run_train(args)
+    with (out / "split.csv").open() as fh:
+        now = {r["name"]: r["split"] for r in csv.DictReader(fh)}
+    used = dict(zip(seen["cache"]["name"].tolist(), seen["cache"]["split"].tolist()))
+    assert used == now
+
+
+# --- train-yolo-cls re-exports into a folder that holds another cache's images -------------------
+
+def test_yolo_cls_export_rewrites_images_from_another_cache(tmp_path):
+    from pipeline.classify.yolo_cls import export_cache_as_folders
+
+    def cache(path, value, labels):
+        n = len(labels)
+        np.savez(path, images=np.full((n, 8, 8), value, np.uint8), labels=np.array(labels, np.int64),
+                 paths=np.array([f"i{i}" for i in range(n)]), found=np.zeros(n, bool),
+                 mode=np.array("full"), size=np.array(8))
+        return path
+
+    import cv2
+
+    out = tmp_path / "images"
+    export_cache_as_folders({"train": cache(tmp_path / "a.npz", 10, [0, 1, 2, 3])}, out)
+    export_cache_as_folders({"train": cache(tmp_path / "b.npz", 200, [1, 1, 2, 3])}, out)  # rebuilt cache
+    files = sorted(out.glob("train/*/*.png"))
+    assert len(files) == 4, [str(f.relative_to(out)) for f in files]  # 00000.png in glioma/ and meningioma/
+    assert all(cv2.imread(str(f), 0).mean() == 200 for f in files)
+
+
+# --- similar: an index built with one checkpoint is queried with another ------------------------
+
+def test_similar_refuses_an_index_built_with_other_weights(phantoms, tmp_path):
+    from pipeline.classify.models import create_model
+    from pipeline.classify.predict import Classifier
+    from pipeline.classify.search import build_index, search
+
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        p = tmp_path / f"cls{seed}.pt"
+        torch.save({"state_dict": create_model("smallcnn").state_dict(),
+                    "meta": {"model": "smallcnn", "mode": "full", "size": 32, "classes": list(CLASSES)}}, p)
+        paths.append(p)
+    index = tmp_path / "index.npz"
+    build_index(phantoms / "Training", index, Classifier(paths[0], device="cpu"))
+    query = np.zeros((64, 64), np.uint8)
+    assert search(index, query, Classifier(paths[0], device="cpu"), k=2)  # its own weights: fine
+    with pytest.raises(ValueError, match="rebuild the index"):
+        search(index, query, Classifier(paths[1], device="cpu"))
+
+
+# --- train-cls validates on a cache of another mode or size ------------------------------------
+
+def test_train_cls_refuses_a_val_cache_of_another_size_or_mode(tmp_path):
+    from pipeline.classify.train import train
+
+    def cache(path, n, size, mode):
+        np.savez(path, images=np.zeros((n, size, size), np.uint8), labels=np.arange(n) % 4,
+                 paths=np.array([f"{path.stem}{i}" for i in range(n)]), found=np.zeros(n, bool),
+                 mode=np.array(mode), size=np.array(size), margin=np.array(0.5))
+        return path
+
+    tr = cache(tmp_path / "train.npz", 8, 32, "full")
+    va = cache(tmp_path / "val.npz", 4, 48, "crop")
+    with pytest.raises(ValueError, match="differs from"):
+        train(str(tr), str(va), str(tmp_path / "run"), model_name="smallcnn", pretrained=False, epochs=1,
+              batch_size=4, threads=1)
+
+
+# --- a split too small for a validation set -----------------------------------------------------
+
+def test_split_says_when_validation_is_empty(phantoms, tmp_path):
+    import shutil
+
+    from pipeline.datasets import DatasetError
+
+    root = tmp_path / "Training"
+    shutil.copytree(phantoms / "Training", root)
+    for c in root.iterdir():
+        for p in sorted(c.iterdir())[3:]:
+            p.unlink()
+    with pytest.raises(DatasetError, match="no validation image"):
+        make_split(root, tmp_path / "split.csv", 0.15, 0)
