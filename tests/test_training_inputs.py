@@ -211,3 +211,16 @@ def test_split_says_when_validation_is_empty(phantoms, tmp_path):
             p.unlink()
     with pytest.raises(DatasetError, match="no validation image"):
         make_split(root, tmp_path / "split.csv", 0.15, 0)
+
+
+def test_seg_data_into_a_folder_it_did_not_make_deletes_nothing(phantoms, tmp_path):
+    import shutil
+
+    from pipeline.segment.yolo_data import build_yolo_dataset
+
+    dataset = tmp_path / "my_dataset"
+    shutil.copytree(phantoms / "seg", dataset)  # images/ and masks/, like figshare-cheng2017
+    before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
+    with pytest.raises(ValueError, match="choose an empty --out"):
+        build_yolo_dataset(dataset, phantoms / "seg", seed=0)
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before

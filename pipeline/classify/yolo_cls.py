@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import os
-import shutil
 from pathlib import Path
 
 import cv2
@@ -26,8 +25,8 @@ def export_cache_as_folders(caches: dict[str, str | os.PathLike], out: str | os.
     out = Path(out)
     for split, cache in caches.items():
         data = load_cache(cache)
-        if (out / split).is_dir():  # images of another (or an older) cache must not stay in
-            shutil.rmtree(out / split)
+        for old in (out / split).glob("*/[0-9][0-9][0-9][0-9][0-9].png"):  # an earlier export's, of another
+            old.unlink()                                                   # (or an older) cache
         for i, (image, label) in enumerate(zip(data["images"], data["labels"])):
             folder = out / split / CLASSES[int(label)]
             folder.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -60,6 +59,27 @@ def polygons_to_mask(polygons: Iterable[np.ndarray], shape: tuple[int, int]) -> 
     return mask
 
 
+def _clear_previous_build(out: Path) -> None:
+    """Remove what an earlier ``build_yolo_dataset`` wrote into ``out``: the image and mask links,
+    the label files, the U-Net cache. Only its own kinds of file are touched, and only where its
+    ``data.yaml`` shows it ran; any other ``images/``, ``labels/`` or ``masks/`` there is refused, so a
+    dataset folder given as ``--out`` by mistake loses nothing."""
+    subs = [out / sub for sub in ("images", "labels", "masks") if (out / sub).is_dir()]
+    if not subs:
+        return
+    if not (out / "data.yaml").is_file():
+        raise ValueError(f"{out}: holds {', '.join(p.name + '/' for p in subs)} but no data.yaml from an earlier "
+                         f"seg-data; choose an empty --out (this one may be a dataset)")
+    for sub in subs:
+        for path in sorted(sub.rglob("*"), reverse=True):
+            if path.is_symlink() or (sub.name == "labels" and path.suffix == ".txt" and path.is_file()):
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
+    for stale in out.glob("unet_cache_*.npz"):
+        stale.unlink()
+
+
 def _link(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     if dst.is_symlink() or dst.exists():
@@ -107,11 +127,7 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
     # a rerun (another seed, another classifier split) starts from empty folders: links left from
     # the last run would put one slice in two parts, a held-out slice among the training ones;
     # and the U-Net's decoded cache of the old assignment goes with them
-    for sub in ("images", "labels", "masks"):
-        if (out / sub).is_dir():
-            shutil.rmtree(out / sub)
-    for stale in out.glob("unet_cache_*.npz"):
-        stale.unlink()
+    _clear_previous_build(out)
     rows = []
     excluded: set[str] = set()
     sources = [("figshare", figshare, test_fraction), ("brisc", brisc, 0.0)]
