@@ -15,7 +15,8 @@ def add_arguments(p) -> None:
     p.add_argument("--list", action="store_true",
                    help="print name, file, present?, sha256 ok?, license for every manifest entry (default)")
     p.add_argument("--download", nargs="+", metavar="NAME", help="fetch these manifest entries and check them")
-    p.add_argument("--verify", action="store_true", help="check every present file against its manifest sha256")
+    p.add_argument("--verify", action="store_true", help="check every file against its manifest sha256; a missing checkpoint of the "
+                   "project's own is an error")
 
 
 def _status(entry: dict) -> tuple[bool, str]:
@@ -57,6 +58,14 @@ def run(args) -> int:
         for name, entry in manifest.items():
             present, sha = _status(entry)
             if not present:
+                # the project's own checkpoints ship in the repository (no download URL): one that
+                # is missing is a broken checkout; the others are fetched on demand
+                own = not entry.get("url")
+                print(f"{name}: missing" + ("" if own else " (not downloaded; `--download " + name + "`)"))
+                if own:
+                    print(f"error: {_weights.WEIGHTS_DIR / entry['file']}: missing; it ships with the repository "
+                          f"(git checkout weights/)", file=sys.stderr)
+                    rc = 1
                 continue
             print(f"{name}: {sha}")
             if sha == "MISMATCH":

@@ -70,6 +70,18 @@ def test_verify_detects_tampering(wdir, capsys):
     assert _row(_run_list(capsys), "good")[3] == "MISMATCH"
 
 
+def test_verify_says_what_is_missing_and_fails_on_a_shipped_checkpoint(wdir, capsys):
+    assert _run("--verify") == 0  # "absent" and "unk" are downloads (they have a URL): only named
+    assert "absent: missing (not downloaded" in capsys.readouterr().out
+    manifest = json.loads((wdir / "manifest.json").read_text())
+    manifest["weights"][0]["url"] = None  # "good" ships with the repository
+    (wdir / "manifest.json").write_text(json.dumps(manifest))
+    (wdir / "good.pt").unlink()
+    assert _run("--verify") == 1
+    captured = capsys.readouterr()
+    assert "good: missing" in captured.out and "good.pt: missing; it ships with the repository" in captured.err
+
+
 def _run_list(capsys):
     _run("--list")
     return capsys.readouterr().out
