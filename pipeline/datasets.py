@@ -227,12 +227,16 @@ def make_split(train_dir: str | os.PathLike, out: str | os.PathLike, val_fractio
         raise DatasetError(f"{train_duplicates_csv}: not found (run `audit` first, or leave out --train-duplicates)")
     if train_duplicates_csv:
         # relative paths are the audit's, as it was given them: resolve them where it ran
-        base = _audit_cwd(Path(train_duplicates_csv))
         with open(train_duplicates_csv, newline="", encoding="utf-8", errors="surrogateescape") as fh:
             pairs = [(r["path_a"], r["path_b"]) for r in csv.DictReader(fh)]
-        by_real = duplicate_groups((os.path.realpath(os.path.join(base, a)), os.path.realpath(os.path.join(base, b)))
-                                   for a, b in pairs)
-        groups = {str(p): by_real[os.path.realpath(p)] for p, _ in samples if os.path.realpath(p) in by_real}
+        groups = {}
+        # the audit's directory first; the current one when the checkout has moved since
+        for base in dict.fromkeys((_audit_cwd(Path(train_duplicates_csv)), ".")):
+            by_real = duplicate_groups((os.path.realpath(os.path.join(base, a)),
+                                        os.path.realpath(os.path.join(base, b))) for a, b in pairs)
+            groups = {str(p): by_real[os.path.realpath(p)] for p, _ in samples if os.path.realpath(p) in by_real}
+            if groups:
+                break
         if pairs and not groups:
             print(f"warning: none of the {len(pairs)} duplicate pairs in {train_duplicates_csv} names an image "
                   f"under {train_dir}; copies may straddle the split (was the audit run on this folder?)",

@@ -224,3 +224,85 @@ def test_seg_data_into_a_folder_it_did_not_make_deletes_nothing(phantoms, tmp_pa
     with pytest.raises(ValueError, match="choose an empty --out"):
         build_yolo_dataset(dataset, phantoms / "seg", seed=0)
     assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before
+
+
+def _yolo_dataset(root: Path, path_in_yaml: str) -> list[Path]:
+    """A user's own YOLO dataset: real images, label files, a data.yaml naming one `tumor` class."""
+    import cv2
+    import yaml
+
+    files = []
+    for part in ("train", "val"):
+        for i in range(2):
+            image, label = root / "images" / part / f"s{i}.png", root / "labels" / part / f"s{i}.txt"
+            image.parent.mkdir(parents=True, exist_ok=True)
+            label.parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(image), np.full((8, 8), 50, np.uint8))
+            label.write_text("0 0.1 0.1 0.5 0.1 0.5 0.5\n")
+            files += [image, label]
+    (root / "data.yaml").write_text(yaml.safe_dump({"path": path_in_yaml, "names": {0: "tumor"}}))
+    return files
+
+
+@pytest.mark.parametrize("yaml_path", ["elsewhere", "self"])
+def test_seg_data_into_a_yolo_dataset_deletes_none_of_its_files(phantoms, tmp_path, yaml_path):
+    from pipeline.segment.yolo_data import build_yolo_dataset
+
+    root = tmp_path / "yolo"
+    files = _yolo_dataset(root, str(root.resolve()) if yaml_path == "self" else "/data/elsewhere")
+    with pytest.raises(ValueError, match="choose an empty --out"):
+        build_yolo_dataset(root, phantoms / "seg", seed=0)
+    assert all(f.is_file() for f in files)
+
+
+def test_seg_data_runs_again_after_a_run_that_failed_halfway(phantoms, tmp_path, monkeypatch):
+    import pipeline.segment.yolo_data as yolo_data
+
+    out = tmp_path / "seg"
+    real = yolo_data.read_image_file
+    calls = {"n": 0}
+
+    def fails_on_the_third_mask(path, flags):
+        calls["n"] += 1
+        return None if calls["n"] == 3 else real(path, flags)
+
+    monkeypatch.setattr(yolo_data, "read_image_file", fails_on_the_third_mask)
+    with pytest.raises(FileNotFoundError, match="unreadable mask"):
+        yolo_data.build_yolo_dataset(out, phantoms / "seg", seed=0)
+    monkeypatch.setattr(yolo_data, "read_image_file", real)
+    yolo_data.build_yolo_dataset(out, phantoms / "seg", seed=1)
+    with (out / "split.csv").open() as fh:
+        listed = {(r["split"], r["name"]) for r in csv.DictReader(fh)}
+    assert {(p.parent.name, p.stem) for p in (out / "images").glob("*/*")} == listed
+
+
+def test_a_build_from_before_the_marker_is_rebuilt(phantoms, tmp_path):
+    from pipeline.segment.yolo_data import BUILD_MARKER, build_yolo_dataset
+
+    out = tmp_path / "seg"
+    build_yolo_dataset(out, phantoms / "seg", seed=0)
+    (out / BUILD_MARKER).unlink()  # as older versions left it: data.yaml names this folder
+    build_yolo_dataset(out, phantoms / "seg", seed=1)
+    assert (out / BUILD_MARKER).is_file()
+
+
+def test_split_warns_when_no_duplicate_pair_names_an_image(phantoms, tmp_path, capsys):
+    dup = tmp_path / "train_duplicates.csv"
+    dup.write_text("path_a,path_b,distance,same_label\n/nowhere/a.png,/nowhere/b.png,0,True\n")
+    make_split(phantoms / "Training", tmp_path / "split.csv", 0.25, 0, dup)
+    assert "none of the 1 duplicate pairs" in capsys.readouterr().err
+
+
+def test_yolo_cls_export_leaves_other_files_alone(tmp_path):
+    from pipeline.classify.yolo_cls import export_cache_as_folders
+
+    path = tmp_path / "a.npz"
+    np.savez(path, images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4), paths=np.array(list("abcd")),
+             found=np.zeros(4, bool), mode=np.array("full"), size=np.array(8))
+    mine = tmp_path / "images" / "train" / "glioma" / "notes.png"
+    other = tmp_path / "images" / "train" / "other" / "00007.png"
+    for f in (mine, other):
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(b"x")
+    export_cache_as_folders({"train": path}, tmp_path / "images")
+    assert mine.is_file() and other.is_file()

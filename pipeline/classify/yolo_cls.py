@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -25,8 +26,10 @@ def export_cache_as_folders(caches: dict[str, str | os.PathLike], out: str | os.
     out = Path(out)
     for split, cache in caches.items():
         data = load_cache(cache)
-        for old in (out / split).glob("*/[0-9][0-9][0-9][0-9][0-9].png"):  # an earlier export's, of another
-            old.unlink()                                                   # (or an older) cache
+        for c in CLASSES:  # an earlier export's images, of another (or an older) cache
+            for old in (out / split / c).glob("*.png"):
+                if re.fullmatch(r"\d{5,}\.png", old.name):
+                    old.unlink()
         for i, (image, label) in enumerate(zip(data["images"], data["labels"])):
             folder = out / split / CLASSES[int(label)]
             folder.mkdir(parents=True, exist_ok=True)

@@ -59,25 +59,56 @@ def polygons_to_mask(polygons: Iterable[np.ndarray], shape: tuple[int, int]) -> 
     return mask
 
 
+#: written into ``out`` before the first link: what a later run may remove is only ever ours
+BUILD_MARKER = ".seg-data-build"
+
+
+def _older_build(out: Path) -> bool:
+    """A build from before the marker: its ``data.yaml`` is the one seg-data writes for this folder."""
+    try:
+        data = yaml.safe_load((out / "data.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and data.get("names") == {0: "tumor"} and data.get("path") == str(out.resolve())
+
+
 def _clear_previous_build(out: Path) -> None:
-    """Remove what an earlier ``build_yolo_dataset`` wrote into ``out``: the image and mask links,
-    the label files, the U-Net cache. Only its own kinds of file are touched, and only where its
-    ``data.yaml`` shows it ran; any other ``images/``, ``labels/`` or ``masks/`` there is refused, so a
-    dataset folder given as ``--out`` by mistake loses nothing."""
-    subs = [out / sub for sub in ("images", "labels", "masks") if (out / sub).is_dir()]
+    """Remove what an earlier ``build_yolo_dataset`` wrote into ``out``: its image and mask links,
+    the label file of each linked image, the U-Net cache.
+
+    Only where its marker shows it ran. A folder with ``images/``, ``labels/`` or ``masks/`` and no
+    marker (a dataset given as ``--out`` by mistake), a linked sub-folder, or files it did not
+    write left after the cleanup: refused, with nothing of the user's removed.
+    """
+    subs = [out / sub for sub in ("images", "labels", "masks") if (out / sub).exists() or (out / sub).is_symlink()]
     if not subs:
         return
-    if not (out / "data.yaml").is_file():
-        raise ValueError(f"{out}: holds {', '.join(p.name + '/' for p in subs)} but no data.yaml from an earlier "
-                         f"seg-data; choose an empty --out (this one may be a dataset)")
-    for sub in subs:
-        for path in sorted(sub.rglob("*"), reverse=True):
-            if path.is_symlink() or (sub.name == "labels" and path.suffix == ".txt" and path.is_file()):
+    linked = [p.name for p in subs if p.is_symlink()]
+    if linked:
+        raise ValueError(f"{out}: {', '.join(linked)} is a link to another folder; choose an empty --out")
+    if not (out / BUILD_MARKER).is_file() and not _older_build(out):
+        raise ValueError(f"{out}: holds {', '.join(p.name + '/' for p in subs)} that seg-data did not write "
+                         f"(no {BUILD_MARKER}); choose an empty --out (this one may be a dataset)")
+    linked_stems = set()
+    for sub in ("images", "masks"):
+        for path in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else []:
+            if path.is_symlink():
+                if sub == "images":
+                    linked_stems.add((path.parent.name, path.stem))
                 path.unlink()
-            elif path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
+    for path in sorted((out / "labels").rglob("*.txt")) if (out / "labels").is_dir() else []:
+        if (path.parent.name, path.stem) in linked_stems:
+            path.unlink()
     for stale in out.glob("unet_cache_*.npz"):
         stale.unlink()
+    left = [p for sub in subs for p in sorted(sub.rglob("*")) if not p.is_dir()]
+    if left:
+        raise ValueError(f"{out}: holds files seg-data did not write ({', '.join(str(p.relative_to(out)) for p in left[:3])}"
+                         f"{', ...' if len(left) > 3 else ''}); move them out or choose an empty --out")
+    for sub in subs:
+        for path in sorted(sub.rglob("*"), reverse=True):
+            if path.is_dir():
+                path.rmdir()
 
 
 def _link(src: Path, dst: Path) -> None:
@@ -124,11 +155,8 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
     ground truth, so ``evaluate-seg`` can read them.
     """
     out = Path(out)
-    # a rerun (another seed, another classifier split) starts from empty folders: links left from
-    # the last run would put one slice in two parts, a held-out slice among the training ones;
-    # and the U-Net's decoded cache of the old assignment goes with them
-    _clear_previous_build(out)
-    rows = []
+    # every input is read and split before anything in ``out`` is touched
+    planned = []
     excluded: set[str] = set()
     sources = [("figshare", figshare, test_fraction), ("brisc", brisc, 0.0)]
     for source, root, test_frac in sources:
@@ -140,23 +168,31 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
             excluded |= drop
             samples = [s for s in samples if str(s.image) not in drop]
         split = seg_split_ids([s.image.stem for s in samples], val_fraction, test_frac, seed)
-        for s in samples:
-            part = split[s.image.stem]
-            name = f"{source}_{s.image.stem}"
-            mask = read_image_file(s.mask, cv2.IMREAD_GRAYSCALE)
-            if mask is None:
-                raise FileNotFoundError(f"{s.mask}: unreadable mask")
-            _link(s.image, out / "images" / part / f"{name}{s.image.suffix.lower()}")
-            _link(s.mask, out / "masks" / part / f"{name}.png")
-            label = out / "labels" / part / f"{name}.txt"
-            label.parent.mkdir(parents=True, exist_ok=True)
-            label.write_text(polygons_to_label(mask_to_polygons(mask)))
-            rows.append((source, name, part))
-    if cls_split and n_background:
-        split = read_split(cls_split, cls_root)
+        planned += [(source, s, split[s.image.stem]) for s in samples]
+    cls = read_split(cls_split, cls_root) if cls_split and n_background else None
+    # a rerun (another seed, another classifier split) starts from empty folders: links left from
+    # the last run would put one slice in two parts, a held-out slice among the training ones;
+    # and the U-Net's decoded cache of the old assignment goes with them
+    _clear_previous_build(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / BUILD_MARKER).write_text("written by seg-data (pipeline.segment.yolo_data); a rerun may remove the links "
+                                    "and label files it made here\n")
+    rows = []
+    for source, s, part in planned:
+        name = f"{source}_{s.image.stem}"
+        mask = read_image_file(s.mask, cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise FileNotFoundError(f"{s.mask}: unreadable mask")
+        _link(s.image, out / "images" / part / f"{name}{s.image.suffix.lower()}")
+        _link(s.mask, out / "masks" / part / f"{name}.png")
+        label = out / "labels" / part / f"{name}.txt"
+        label.parent.mkdir(parents=True, exist_ok=True)
+        label.write_text(polygons_to_label(mask_to_polygons(mask)))
+        rows.append((source, name, part))
+    if cls is not None:
         rng = random.Random(seed)
         for part, share in (("train", 1.0), ("val", val_fraction / (1 - val_fraction - test_fraction))):
-            negatives = [s for s in split.get(part, []) if s.label == "notumor"]
+            negatives = [s for s in cls.get(part, []) if s.label == "notumor"]
             rng.shuffle(negatives)
             for s in negatives[: round(n_background * share)]:
                 name = f"background_{s.path.stem}"
@@ -165,8 +201,9 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
                 label.parent.mkdir(parents=True, exist_ok=True)
                 label.write_text("")
                 rows.append(("background", name, part))
-    (out / "excluded.txt").write_text("".join(f"{p}\n" for p in sorted(excluded)))
-    with (out / "split.csv").open("w") as fh:
+    (out / "excluded.txt").write_text("".join(f"{p}\n" for p in sorted(excluded)), encoding="utf-8",
+                                      errors="surrogateescape")
+    with (out / "split.csv").open("w", encoding="utf-8", errors="surrogateescape") as fh:
         fh.write("source,name,split\n" + "".join(f"{a},{b},{c}\n" for a, b, c in rows))
     data = {"path": str(out.resolve()), "train": "images/train", "val": "images/val", "test": "images/test",
             "names": {0: "tumor"}}
