@@ -367,22 +367,29 @@ $(OUT)/report/report.md: $(EVALS) $(BASELINES) $(REF_EVALS) $(LOSO_EVALS) $(SHIP
 	  --gradcam-cls $(OUT)/cls/$(CLS_TAG)_$(firstword $(MODES))_$(SIZE)/best.pt \
 	  --gradcam-data $(CACHE)/$(firstword $(MODES))_$(SIZE)/testing.npz
 
-predict: $(PREDICT_OUT)/.done ## the main job: classify every scan under INPUT with the shipped models
+# predict always runs: it resumes by itself (finished scans are skipped, new ones in INPUT picked up).
+# Another INPUT or other models (names, or the files and manifest behind them) start PREDICT_OUT over.
+PREDICT_WEIGHTS = $(filter %.pt %.json,$(subst $(comma), ,$(CLS_WEIGHTS)) $(SEG_WEIGHTS))
+PREDICT_KEY     = $(abspath $(INPUT)) $(CLS_WEIGHTS) $(SEG_WEIGHTS)
 
-$(PREDICT_OUT)/.done: $(STAMP) $(DATA_READY) weights/manifest.json $(filter %.pt %.json,$(subst $(comma), ,$(CLS_WEIGHTS)) $(SEG_WEIGHTS))
-	@if [ -f $@ ]; then rm -f $(PREDICT_OUT)/predictions.csv $(PREDICT_OUT)/predictions.csv.settings.json; fi
+predict: $(STAMP) $(if $(filter $(DATA)/Testing,$(INPUT)),$(DATA_READY)) weights/manifest.json $(PREDICT_WEIGHTS) ## the main job: classify every scan under INPUT with the shipped models
+	@mkdir -p $(PREDICT_OUT)
+	@key="$(PREDICT_KEY) $$(cat weights/manifest.json $(PREDICT_WEIGHTS) | cksum)"; \
+	  if [ -f $(PREDICT_OUT)/.key ] && [ "$$(cat $(PREDICT_OUT)/.key)" != "$$key" ]; then \
+	    echo "predict: $(PREDICT_OUT) holds predictions of another input or other models: starting it over"; \
+	    rm -f $(PREDICT_OUT)/predictions.csv $(PREDICT_OUT)/predictions.csv.settings.json; fi; \
+	  echo "$$key" > $(PREDICT_OUT)/.key
 	$(PY) -m pipeline predict --input $(INPUT) --out $(PREDICT_OUT) --cls $(CLS_WEIGHTS) --seg $(SEG_WEIGHTS) \
 	  --device $(DEVICE)
 	@$(PY) -c "import csv,collections,sys; r=list(csv.DictReader(open(sys.argv[1]))); \
 	  print(sys.argv[1] + ':', len(r), 'rows', dict(collections.Counter(x['label'] or 'error' for x in r)))" \
 	  $(PREDICT_OUT)/predictions.csv
-	touch $@
 
 all: compare predict ## the whole chain on the real data (trains what is missing: hours on a CPU)
 
 demo: ## the whole chain on synthetic phantoms: no data, no network, a few minutes
 	$(MAKE) all OUT=$(DEMO) DATA=$(DEMO)/phantoms DATA_READY=$(DEMO)/phantoms/.ready \
-	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/unet_cascade.pt SEG_SIZE=64 \
+	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/unet_cascade.pt SEG_FINE= SEG_SIZE=64 \
 	  SEG_FINE_SIZE=64 SEG_EPOCHS=8 SEG_FINE_EPOCHS=8 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
 	  CLS_PRETRAINED=false CLS_EPOCHS=15 CLS_BATCH=16 CLS_WEIGHTS=$(DEMO)/cls/smallcnn_crop_64/best.pt \
 	  SEG_WEIGHTS=$(DEMO)/seg/unet_cascade.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict \

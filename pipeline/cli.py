@@ -397,10 +397,41 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
         p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
         p.add_argument("--seed", type=int, help="random seed (default: %(default)s)")
         add_args(p)
-        defaults = {**common, **{k.replace("-", "_"): v for k, v in config.get(name, {}).items()}}
-        known = {action.dest for action in p._actions}
-        p.set_defaults(**{k: v for k, v in defaults.items() if k in known})
+        section = {k.replace("-", "_"): v for k, v in config.get(name, {}).items()}
+        actions = {action.dest: action for action in p._actions}
+        unknown = sorted(set(section) - set(actions))
+        if unknown:
+            raise ConfigError(f"config section {name!r}: unknown key(s) {', '.join(unknown)} (known: "
+                              f"{', '.join(sorted(d for d in actions if d not in ('help', 'config')))})")
+        defaults = {**{k: v for k, v in common.items() if k in actions}, **section}
+        p.set_defaults(**{k: _config_value(name, actions[k], v) for k, v in defaults.items()})
+    unknown = sorted(set(config) - {"common"} - set(sub.choices))
+    if unknown:
+        raise ConfigError(f"config section(s) {', '.join(map(repr, unknown))}: no such command "
+                          f"(sections are named after commands: {', '.join(sorted(sub.choices))}, or common)")
     return parser
+
+
+def _config_value(command: str, action: argparse.Action, value):
+    """A value from a config file, checked and converted as the flag's own text would be: argparse
+    applies ``type`` and ``choices`` to what is typed, not to defaults."""
+    if value is None or isinstance(value, bool):
+        return value
+
+    def one(v):
+        try:
+            out = v if action.type is None else action.type(str(v))
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
+            raise ConfigError(f"config section {command!r}: {action.dest} = {v!r}: {exc}") from None
+        if action.choices is not None and out not in action.choices:
+            raise ConfigError(f"config section {command!r}: {action.dest} = {v!r}: expected one of "
+                              f"{', '.join(map(str, action.choices))}")
+        return out
+
+    many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
+    if many:
+        return [one(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return one(value)
 
 
 def main(argv: list[str] | None = None) -> int:

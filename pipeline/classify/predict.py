@@ -236,7 +236,12 @@ def export_checkpoint(run_best: str | os.PathLike, dest: str | os.PathLike, half
     """Copy a training ``best.pt`` to a small shippable checkpoint (fp16 weights); returns its sha256."""
     from pipeline.weights import sha256_file
 
-    ckpt = torch.load(run_best, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(run_best, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds on a file that is not a checkpoint
+        raise WeightsError(f"{run_best}: not a loadable weights-only checkpoint ({type(exc).__name__}: {exc})"[:500]) from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
+        raise WeightsError(f"{run_best}: not a training best.pt (expected keys state_dict and meta)")
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
     torch.save({"state_dict": state, "meta": ckpt["meta"]}, dest)
     return sha256_file(dest)

@@ -1,0 +1,84 @@
+"""Config files are checked like flags (a bug hunt of session 21): argparse applies `type` and
+`choices` to what is typed, not to defaults, so values from configs/default.yaml or --config
+once skipped both, and unknown keys were dropped silently. Each test failed before its fix."""
+from __future__ import annotations
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.phantoms import make_phantom
+
+
+def _scans(tmp_path, n=3):
+    src = tmp_path / "scans"
+    src.mkdir()
+    for i in range(n):
+        cv2.imwrite(str(src / f"s{i}.png"), make_phantom("glioma", 96, i)[0])
+    return src
+
+
+def _predict(tmp_path, config_text, capsys):
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(config_text)
+    src = _scans(tmp_path)
+    argv = ["predict", "--config", str(cfg), "--input", str(src), "--out", str(tmp_path / "out"),
+            "--cls", "cls-lite0-full", "--seg", "none", "--backend", "torch", "--device", "cpu"]
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse's own refusal is fine too
+        rc = exc.code
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_config_batch_size_below_one_is_refused_not_a_silent_empty_run(tmp_path, capsys, value):
+    rc, out, err = _predict(tmp_path, f"predict:\n  batch_size: {value}\n", capsys)
+    assert rc != 0, out
+    assert "batch" in err
+
+
+def test_config_non_integer_batch_size_gives_an_error_line_not_a_traceback(tmp_path, capsys):
+    rc, out, err = _predict(tmp_path, "predict:\n  batch_size: 2.5\n", capsys)
+    assert rc != 0 and "batch" in err
+
+
+def test_config_single_nifti_slice_number_is_parsed_like_the_flag(tmp_path, capsys):
+    rc, out, err = _predict(tmp_path, "predict:\n  nifti_slices: 3\n", capsys)
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], rows[0]["error"]
+
+
+@pytest.mark.parametrize("text", ["predict:\n  batchsize: 8\n", "predicts:\n  batch_size: 8\n"])
+def test_config_unknown_key_or_section_is_reported(tmp_path, capsys, text):
+    rc, out, err = _predict(tmp_path, text, capsys)
+    assert rc != 0
+    assert "batchsize" in err or "predicts" in err
+
+
+def test_a_config_value_outside_the_choices_is_refused(tmp_path, capsys):
+    rc, out, err = _predict(tmp_path, "predict:\n  backend: tensorrt\n", capsys)
+    assert rc == 2 and "backend = 'tensorrt': expected one of auto, torch, onnx" in err
+
+
+def test_the_shipped_defaults_pass_the_checks_unchanged():
+    from pipeline.cli import build_parser
+    from pipeline.config import load_config
+
+    config = load_config()
+    commands = next(a for a in build_parser(config)._actions if a.dest == "command").choices
+    for name, section in config.items():
+        for key, value in section.items() if name != "common" else ():
+            assert commands[name].get_default(key.replace("-", "_")) == value, (name, key)
+
+
+def test_export_of_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("hello")
+    assert main(["export", "--kind", "classifier", "--run", str(bad), "--out", str(tmp_path / "x.pt")]) == 1
+    assert "not a loadable weights-only checkpoint" in capsys.readouterr().err
