@@ -27,7 +27,9 @@ def load_config(*paths: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
         path = Path(path)
         if not path.is_file():
             if path == DEFAULT_CONFIG:
-                continue
+                # every command's defaults live there: without it they would all be None
+                raise ConfigError(f"{path}: the default settings are missing; the package reads them from its "
+                                  f"checkout, so install it from one with `pip install -e .` (or `make setup`)")
             raise ConfigError(f"{path}: config file not found")
         try:
             data = yaml.safe_load(path.read_text()) or {}

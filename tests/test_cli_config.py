@@ -82,3 +82,11 @@ def test_export_of_a_file_that_is_not_a_checkpoint_is_one_error_line(tmp_path, c
     bad.write_text("hello")
     assert main(["export", "--kind", "classifier", "--run", str(bad), "--out", str(tmp_path / "x.pt")]) == 1
     assert "not a loadable weights-only checkpoint" in capsys.readouterr().err
+
+
+def test_missing_default_settings_are_one_error_line(tmp_path, monkeypatch, capsys):
+    import pipeline.config as config
+
+    monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "default.yaml")
+    assert main(["predict", "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "the default settings are missing" in capsys.readouterr().err
