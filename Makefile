@@ -368,16 +368,25 @@ $(OUT)/report/report.md: $(EVALS) $(BASELINES) $(REF_EVALS) $(LOSO_EVALS) $(SHIP
 	  --gradcam-data $(CACHE)/$(firstword $(MODES))_$(SIZE)/testing.npz
 
 # predict always runs: it resumes by itself (finished scans are skipped, new ones in INPUT picked up).
-# Another INPUT or other models (names, or the files and manifest behind them) start PREDICT_OUT over.
+# Another INPUT or other models (names, or the files and manifest behind them) start PREDICT_OUT over;
+# the earlier predictions are moved to PREDICT_OUT/previous/, not deleted, in case the change was a typo.
 PREDICT_WEIGHTS = $(filter %.pt %.json,$(subst $(comma), ,$(CLS_WEIGHTS)) $(SEG_WEIGHTS))
 PREDICT_KEY     = $(abspath $(INPUT)) $(CLS_WEIGHTS) $(SEG_WEIGHTS)
 
-predict: $(STAMP) $(if $(filter $(DATA)/Testing,$(INPUT)),$(DATA_READY)) weights/manifest.json $(PREDICT_WEIGHTS) ## the main job: classify every scan under INPUT with the shipped models
+predict: $(STAMP) $(if $(filter $(abspath $(DATA)/Testing),$(abspath $(INPUT))),$(DATA_READY)) weights/manifest.json $(PREDICT_WEIGHTS) ## the main job: classify every scan under INPUT with the shipped models
+	@if [ ! -d "$(INPUT)" ]; then echo "predict: INPUT=$(INPUT): no such folder" >&2; exit 2; fi
+	@if [ "$(abspath $(INPUT))" = "$(abspath $(PREDICT_OUT))" ]; then \
+	  echo "predict: PREDICT_OUT is the input folder; choose another" >&2; exit 2; fi
 	@mkdir -p $(PREDICT_OUT)
 	@key="$(PREDICT_KEY) $$(cat weights/manifest.json $(PREDICT_WEIGHTS) | cksum)"; \
-	  if [ -f $(PREDICT_OUT)/.key ] && [ "$$(cat $(PREDICT_OUT)/.key)" != "$$key" ]; then \
-	    echo "predict: $(PREDICT_OUT) holds predictions of another input or other models: starting it over"; \
-	    rm -f $(PREDICT_OUT)/predictions.csv $(PREDICT_OUT)/predictions.csv.settings.json; fi; \
+	  if [ -f $(PREDICT_OUT)/predictions.csv ] && [ "$$(cat $(PREDICT_OUT)/.key 2>/dev/null)" != "$$key" ]; then \
+	    echo "predict: $(PREDICT_OUT) holds predictions of another input or other models (or from before"; \
+	    echo "         this was recorded): moved to $(PREDICT_OUT)/previous/, starting over"; \
+	    mkdir -p $(PREDICT_OUT)/previous; \
+	    mv -f $(PREDICT_OUT)/predictions.csv $(PREDICT_OUT)/previous/; \
+	    if [ -f $(PREDICT_OUT)/predictions.csv.settings.json ]; then \
+	      mv -f $(PREDICT_OUT)/predictions.csv.settings.json $(PREDICT_OUT)/previous/; fi; \
+	    if [ -f $(PREDICT_OUT)/.key ]; then mv -f $(PREDICT_OUT)/.key $(PREDICT_OUT)/previous/; fi; fi; \
 	  echo "$$key" > $(PREDICT_OUT)/.key
 	$(PY) -m pipeline predict --input $(INPUT) --out $(PREDICT_OUT) --cls $(CLS_WEIGHTS) --seg $(SEG_WEIGHTS) \
 	  --device $(DEVICE)

@@ -397,14 +397,17 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
         p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
         p.add_argument("--seed", type=int, help="random seed (default: %(default)s)")
         add_args(p)
-        section = {k.replace("-", "_"): v for k, v in config.get(name, {}).items()}
-        actions = {action.dest: action for action in p._actions}
+        section = {str(k).replace("-", "_"): v for k, v in config.get(name, {}).items()}
+        actions = {action.dest: action for action in p._actions if action.dest not in ("help", "config")}
         unknown = sorted(set(section) - set(actions))
         if unknown:
             raise ConfigError(f"config section {name!r}: unknown key(s) {', '.join(unknown)} (known: "
-                              f"{', '.join(sorted(d for d in actions if d not in ('help', 'config')))})")
-        defaults = {**{k: v for k, v in common.items() if k in actions}, **section}
-        p.set_defaults(**{k: _config_value(name, actions[k], v) for k, v in defaults.items()})
+                              f"{', '.join(sorted(actions))})")
+        p.set_defaults(**{k: _config_value("common", actions[k], v) for k, v in common.items() if k in actions})
+        p.set_defaults(**{k: _config_value(name, actions[k], v) for k, v in section.items()})
+    unknown_common = sorted(set(map(str, common)) - {"device", "seed"})
+    if unknown_common:
+        raise ConfigError(f"config section 'common': unknown key(s) {', '.join(unknown_common)} (known: device, seed)")
     unknown = sorted(set(config) - {"common"} - set(sub.choices))
     if unknown:
         raise ConfigError(f"config section(s) {', '.join(map(repr, unknown))}: no such command "
@@ -415,10 +418,21 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
 def _config_value(command: str, action: argparse.Action, value):
     """A value from a config file, checked and converted as the flag's own text would be: argparse
     applies ``type`` and ``choices`` to what is typed, not to defaults."""
-    if value is None or isinstance(value, bool):
+    if value is None:
         return value
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # an on/off switch
+        try:
+            return value if isinstance(value, bool) else _bool(str(value))
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"config section {command!r}: {action.dest} = {value!r}: {exc}") from None
+    if isinstance(action, argparse._AppendAction) and not isinstance(value, (list, tuple)):
+        value = [value]  # a repeatable flag given once
+    if isinstance(action, argparse._AppendAction):
+        return [_config_value(command, _single(action), v) for v in value]
 
     def one(v):
+        if isinstance(v, bool):
+            v = str(v).lower()  # YAML's true/false, read as the text a flag would get
         try:
             out = v if action.type is None else action.type(str(v))
         except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
@@ -431,7 +445,14 @@ def _config_value(command: str, action: argparse.Action, value):
     many = action.nargs in ("+", "*") or (isinstance(action.nargs, int) and action.nargs > 1)
     if many:
         return [one(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    if isinstance(value, (list, tuple)):  # a YAML list for a flag that takes one comma list
+        value = ",".join(map(str, value))
     return one(value)
+
+
+def _single(action: argparse.Action) -> argparse.Action:
+    """One occurrence of a repeatable flag, for checking its values one by one."""
+    return argparse.Action(action.option_strings, action.dest, type=action.type, choices=action.choices)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,3 +90,35 @@ def test_missing_default_settings_are_one_error_line(tmp_path, monkeypatch, caps
     monkeypatch.setattr(config, "DEFAULT_CONFIG", tmp_path / "default.yaml")
     assert main(["predict", "--input", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "the default settings are missing" in capsys.readouterr().err
+
+
+def _defaults(tmp_path, text: str, command: str) -> dict:
+    from pipeline.cli import build_parser
+    from pipeline.config import load_config
+
+    cfg = tmp_path / "my.yaml"
+    cfg.write_text(text)
+    parser = build_parser(load_config(cfg))
+    sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+    return {a.dest: sub.get_default(a.dest) for a in sub._actions}
+
+
+def test_yaml_yes_and_no_reach_each_flag_as_its_own_text_would(tmp_path):
+    assert _defaults(tmp_path, "train-unet:\n  pretrained: false\n", "train-unet")["pretrained"] == "false"
+    assert _defaults(tmp_path, "train-cls:\n  refit: 'no'\n", "train-cls")["refit"] is False
+    assert _defaults(tmp_path, "predict:\n  overlays: yes\n", "predict")["overlays"] is True
+
+
+def test_yaml_lists_for_a_comma_list_and_a_repeatable_flag(tmp_path):
+    assert _defaults(tmp_path, "predict:\n  nifti_slices: [3, 4]\n", "predict")["nifti_slices"] == [3, 4]
+    got = _defaults(tmp_path, "compare:\n  subset: sartaj=list.txt\n", "compare")["subset"]
+    assert got == ["sartaj=list.txt"]
+
+
+@pytest.mark.parametrize("text", ["train-cls:\n  epochs: yes\n", "common:\n  devcie: cpu\n",
+                                  "predict:\n  config: other.yaml\n"])
+def test_more_config_mistakes_are_refused(tmp_path, text):
+    from pipeline.config import ConfigError
+
+    with pytest.raises(ConfigError):
+        _defaults(tmp_path, text, "predict")
