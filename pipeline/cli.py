@@ -465,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(config)
         args = parser.parse_args(argv)
         if not args.command:
-            parser.print_help()
-            return 0
+            parser.print_help(sys.stderr)
+            return 2  # as argparse does for a missing argument
         args.device = resolve_device(args.device or "auto")
         seed_everything(args.seed if args.seed is not None else 0)
         if args.command in MODULE_COMMANDS:

@@ -255,6 +255,8 @@ class FolderRun:
     todo: list[Path]
     #: folders under ``root`` that could not be listed and have no row yet: write them as error rows
     unlisted: list[Item]
+    #: held open for the run's lifetime: the lock on ``out`` (released when the process ends, kill -9 too)
+    lock: object = None
 
 
 def check_settings(out: Path, csv_name: str, settings: dict) -> None:
@@ -292,6 +294,17 @@ def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str],
     if out == root:
         raise ValueError(f"--out {out_dir} is the input folder; choose another folder so no input is overwritten")
     out.mkdir(parents=True, exist_ok=True)
+    lock = _lock_output(out, csv_name)
+    try:
+        return _open_folder_run(input_dir, root, out, csv_name, columns, settings, lock)
+    except BaseException:
+        if lock is not None:
+            lock.close()  # a refused run must not keep the folder locked while its error is handled
+        raise
+
+
+def _open_folder_run(input_dir, root: Path, out: Path, csv_name: str, columns: Sequence[str],
+                     settings: dict | None, lock) -> FolderRun:
     if settings:
         check_settings(out, csv_name, settings)
     results = ResultsCSV(out / csv_name, columns)
@@ -306,4 +319,22 @@ def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str],
         key = folder.relative_to(root).as_posix()
         if csv_key(key) not in results.done:
             unlisted.append(Item(key, None, f"cannot list this folder: {exc.strerror or exc}; its scans were not read"))
-    return FolderRun(root, out, results, files, results.pending(files, root), unlisted)
+    return FolderRun(root, out, results, files, results.pending(files, root), unlisted, lock)
+
+
+def _lock_output(out: Path, csv_name: str):
+    """An exclusive lock on ``out``'s result CSV, or ValueError when another run holds it: two runs
+    appending to one CSV would each process the same inputs and write them twice. The lock is
+    the kernel's (flock), so a killed run never leaves a stale one behind."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return None
+    fh = open(out / f".{csv_name}.lock", "a")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ValueError(f"{out}: another run is writing {csv_name} there now; wait for it to finish, "
+                         f"or use another --out") from None
+    return fh

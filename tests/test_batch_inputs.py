@@ -230,3 +230,15 @@ def test_nonempty_skips_an_edge_slice_that_the_volume_window_leaves_blank(tmp_pa
     write_nifti(tmp_path / "v.nii.gz", vol)
     assert [s.meta["slice_index"] for s in read_scans(tmp_path / "v.nii.gz")] == [1, 2, 3]
     assert [s.meta["slice_index"] for s in read_scans(tmp_path / "v.nii.gz", nifti_slices="all")] == [0, 1, 2, 3, 4]
+
+
+def test_a_second_run_into_the_same_folder_at_once_is_refused(tmp_path, tiny_classifier):
+    from pipeline.batch import COLUMNS
+    from pipeline.folders import start_folder_run
+
+    src = folder_of_one(tmp_path, "a.png")
+    first = start_folder_run(src, tmp_path / "out", "predictions.csv", COLUMNS)
+    with pytest.raises(ValueError, match="another run is writing predictions.csv there now"):
+        run_predict(src, tmp_path / "out", Classifier(tiny_classifier), None, progress=False)
+    first.lock.close()  # the first run ends
+    assert run_predict(src, tmp_path / "out", Classifier(tiny_classifier), None, progress=False)["rows_written"] == 1
