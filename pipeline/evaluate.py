@@ -20,8 +20,9 @@ def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: in
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequence[str] = CLASSES) -> dict:
     """Accuracy, macro-F1 and per-class recall/precision/F1 (recall first: a missed tumor costs most).
 
-    A class with no true and no predicted samples gets precision/recall/F1 of NaN and is left
-    out of the macro average.
+    A class with no true samples gets recall and F1 of NaN and is left out of the macro average,
+    also when it was predicted (its precision is then 0; those predictions lower the recall of
+    the classes they were taken from). With no predicted samples either, its precision is NaN too.
     """
     cm = confusion_matrix(y_true, y_pred, len(classes))
     tp = np.diag(cm).astype(np.float64)

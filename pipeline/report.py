@@ -320,7 +320,10 @@ def header_notes(results: dict[str, dict], clean_size: int | None) -> list[str]:
     a = first["all"]
     per_all = {c: a["per_class"][c]["support"] for c in CLASSES}
     lines = [f"ALL = every scored Testing image: n = {a['n']} ("
-             + ", ".join(f"{c} {per_all[c]}" for c in CLASSES) + ")."]
+             + ", ".join(f"{c} {per_all[c]}" for c in CLASSES) + ").",
+             "Macro-F1 averages the classes present in a set's truth: a class absent from it (no tumor in a "
+             "tumor-only source, say) is left out even where it was predicted; those predictions still lower "
+             "the recall of the classes they were taken from."]
     c = first.get("clean")
     if c is None:
         lines.append("No clean list was given (`--clean`): only ALL is reported; ALL includes Testing images "

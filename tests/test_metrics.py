@@ -32,3 +32,12 @@ def test_absent_class_is_nan_and_left_out_of_macro_f1():
     m = classification_metrics([0, 1], [0, 1])
     assert math.isnan(m["per_class"]["pituitary"]["recall"])
     assert m["macro_f1"] == 1.0
+
+
+def test_a_class_absent_from_the_truth_but_predicted_is_left_out_of_macro_f1():
+    # truth: glioma only; one glioma called meningioma
+    m = classification_metrics([0, 0, 0, 0], [0, 0, 0, 1])
+    assert m["per_class"]["meningioma"]["precision"] == 0.0
+    assert math.isnan(m["per_class"]["meningioma"]["recall"]) and math.isnan(m["per_class"]["meningioma"]["f1"])
+    assert m["per_class"]["glioma"]["recall"] == 0.75
+    assert abs(m["macro_f1"] - 2 * 1.0 * 0.75 / 1.75) < 1e-12  # glioma's F1 alone
