@@ -3,8 +3,9 @@
 Everything the pipeline reads goes through :func:`read_scans` (or the
 single-image :func:`read_scan`).  Supported inputs:
 
-* raster images (``.jpg .jpeg .png .tif .tiff .bmp``) via Pillow; of a multi-page TIFF whose pages
-  share one size and mode (a slice stack), the middle page, else the first,
+* raster images (``.jpg .jpeg .png .tif .tiff .bmp``) via Pillow, turned upright by their EXIF
+  orientation tag; of a multi-page TIFF whose pages share one size and mode (a slice stack), the
+  middle page, else the first,
 * DICOM (``.dcm .dicom`` or any file with the ``DICM`` magic at byte 128) via pydicom,
 * NIfTI (``.nii .nii.gz``) via nibabel -- a 3D volume yields one Scan per axial slice,
 * figshare (Cheng et al. 2017) MATLAB v7.3 ``.mat`` files via h5py.
@@ -250,6 +251,13 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
             im.load()  # decodes now, so a truncated file fails here
         except Exception as e:  # noqa: BLE001
             raise ScanReadError(key, f"truncated or corrupt image: {e}") from e
+        # a photographed or phone-exported slice is stored sideways with an EXIF tag saying so; read it
+        # as every viewer shows it, so masks and boxes match what the user sees
+        orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+        if orientation in range(2, 9):
+            from PIL import ImageOps
+
+            im = ImageOps.exif_transpose(im)
         mode = im.mode
         fmt = _PIL_FORMATS.get(im.format or "", (im.format or "unknown").lower())
         try:
@@ -265,6 +273,8 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
         if n_frames > 1:
             meta["n_frames"] = n_frames
             meta["frame_index"] = frame
+        if orientation in range(2, 9):
+            meta["exif_orientation"] = int(orientation)
         dpi = im.info.get("dpi")
         try:
             if mode in _EIGHT_BIT_MODES:

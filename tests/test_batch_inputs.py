@@ -242,3 +242,15 @@ def test_a_second_run_into_the_same_folder_at_once_is_refused(tmp_path, tiny_cla
         run_predict(src, tmp_path / "out", Classifier(tiny_classifier), None, progress=False)
     first.lock.close()  # the first run ends
     assert run_predict(src, tmp_path / "out", Classifier(tiny_classifier), None, progress=False)["rows_written"] == 1
+
+
+def test_an_image_stored_sideways_is_read_as_viewers_show_it(tmp_path):
+    from pipeline.scans import read_scans
+
+    stored = head(0)[:, :80]  # not square, so a turn shows in the shape
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    (scan,) = read_scans(tmp_path / "phone.png")
+    np.testing.assert_array_equal(scan.image, np.rot90(stored, k=-1))
+    assert scan.meta["exif_orientation"] == 6
