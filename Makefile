@@ -377,22 +377,22 @@ predict: $(STAMP) $(if $(filter $(abspath $(DATA)/Testing),$(abspath $(INPUT))),
 	@if [ ! -d "$(INPUT)" ]; then echo "predict: INPUT=$(INPUT): no such folder" >&2; exit 2; fi
 	@if [ "$(abspath $(INPUT))" = "$(abspath $(PREDICT_OUT))" ]; then \
 	  echo "predict: PREDICT_OUT is the input folder; choose another" >&2; exit 2; fi
-	@mkdir -p $(PREDICT_OUT)
+	@mkdir -p "$(PREDICT_OUT)"
 	@key="$(PREDICT_KEY) $$(cat weights/manifest.json $(PREDICT_WEIGHTS) | cksum)"; \
-	  if [ -f $(PREDICT_OUT)/predictions.csv ] && [ "$$(cat $(PREDICT_OUT)/.key 2>/dev/null)" != "$$key" ]; then \
+	  if [ -f "$(PREDICT_OUT)/predictions.csv" ] && [ "$$(cat "$(PREDICT_OUT)/.key" 2>/dev/null)" != "$$key" ]; then \
 	    echo "predict: $(PREDICT_OUT) holds predictions of another input or other models (or from before"; \
 	    echo "         this was recorded): moved to $(PREDICT_OUT)/previous/, starting over"; \
-	    mkdir -p $(PREDICT_OUT)/previous; \
-	    mv -f $(PREDICT_OUT)/predictions.csv $(PREDICT_OUT)/previous/; \
-	    if [ -f $(PREDICT_OUT)/predictions.csv.settings.json ]; then \
-	      mv -f $(PREDICT_OUT)/predictions.csv.settings.json $(PREDICT_OUT)/previous/; fi; \
-	    if [ -f $(PREDICT_OUT)/.key ]; then mv -f $(PREDICT_OUT)/.key $(PREDICT_OUT)/previous/; fi; fi; \
-	  echo "$$key" > $(PREDICT_OUT)/.key
-	$(PY) -m pipeline predict --input $(INPUT) --out $(PREDICT_OUT) --cls $(CLS_WEIGHTS) --seg $(SEG_WEIGHTS) \
+	    mkdir -p "$(PREDICT_OUT)/previous"; \
+	    mv -f "$(PREDICT_OUT)/predictions.csv" "$(PREDICT_OUT)/previous/"; \
+	    if [ -f "$(PREDICT_OUT)/predictions.csv.settings.json" ]; then \
+	      mv -f "$(PREDICT_OUT)/predictions.csv.settings.json" "$(PREDICT_OUT)/previous/"; fi; \
+	    if [ -f "$(PREDICT_OUT)/.key" ]; then mv -f "$(PREDICT_OUT)/.key" "$(PREDICT_OUT)/previous/"; fi; fi; \
+	  echo "$$key" > "$(PREDICT_OUT)/.key"
+	$(PY) -m pipeline predict --input "$(INPUT)" --out "$(PREDICT_OUT)" --cls $(CLS_WEIGHTS) --seg $(SEG_WEIGHTS) \
 	  --device $(DEVICE)
 	@$(PY) -c "import csv,collections,sys; r=list(csv.DictReader(open(sys.argv[1]))); \
 	  print(sys.argv[1] + ':', len(r), 'rows', dict(collections.Counter(x['label'] or 'error' for x in r)))" \
-	  $(PREDICT_OUT)/predictions.csv
+	  "$(PREDICT_OUT)/predictions.csv"
 
 all: compare predict ## the whole chain on the real data (trains what is missing: hours on a CPU)
 
