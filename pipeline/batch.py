@@ -6,6 +6,7 @@ Resumable and safe (see :mod:`pipeline.folders`): every input gets exactly one r
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -142,7 +143,7 @@ def _write_gradcam(path: Path, classifier, x: np.ndarray, target: int) -> None:
     scale = max(1, 256 // x.shape[0])
     blend = cv2.resize(blend, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
     cv2.putText(blend, CLASSES[target], (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
-    write_png_atomic(path, blend)  # not cv2.imwrite: it crashes on a file name that is not UTF-8
+    _write_picture(path, blend)
 
 
 def _write_overlay(path: Path, image: np.ndarray, mask: np.ndarray | None, label: str, confidence: float) -> None:
@@ -153,4 +154,13 @@ def _write_overlay(path: Path, image: np.ndarray, mask: np.ndarray | None, label
     scale = max(0.4, image.shape[0] / 700)
     cv2.putText(canvas, f"{label} {confidence:.2f}", (8, int(28 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale,
                 (0, 255, 255), max(1, int(2 * scale)), cv2.LINE_AA)
-    write_png_atomic(path, canvas)
+    _write_picture(path, canvas)
+
+
+def _write_picture(path: Path, image: np.ndarray) -> None:
+    """An overlay or Grad-CAM picture: secondary to the row, so a name the file system refuses (too
+    long, say) is reported and the run goes on. Not cv2.imwrite: it crashes on names that are not UTF-8."""
+    try:
+        write_png_atomic(path, image)
+    except OSError as exc:
+        print(f"warning: {path}: picture not written ({exc.strerror or exc})", file=sys.stderr)

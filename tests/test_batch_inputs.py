@@ -254,3 +254,11 @@ def test_an_image_stored_sideways_is_read_as_viewers_show_it(tmp_path):
     (scan,) = read_scans(tmp_path / "phone.png")
     np.testing.assert_array_equal(scan.image, np.rot90(stored, k=-1))
     assert scan.meta["exif_orientation"] == 6
+
+
+def test_a_name_too_long_for_its_overlay_costs_the_picture_not_the_run(tmp_path, tiny_classifier, capsys):
+    name = "x" * 250 + ".png"  # the overlay adds ".png": 259 bytes, over the usual 255
+    src = folder_of_one(tmp_path, name)
+    run_predict(src, tmp_path / "out", Classifier(tiny_classifier), None, progress=False, overlays=True)
+    assert rows(tmp_path / "out")[0]["status"] == "ok"
+    assert "picture not written" in capsys.readouterr().err
