@@ -17,6 +17,7 @@ from tqdm import tqdm
 from pipeline import CLASSES
 from pipeline.folders import Item, iter_batches, start_folder_run, write_png_atomic
 from pipeline.roi import make_views, view_of
+from pipeline.scans import is_blank
 
 COLUMNS = ["path", "label", "confidence", *[f"p_{c}" for c in CLASSES], "found", "x0", "y0", "x1", "y1",
            "mode", "status", "error"]
@@ -29,11 +30,6 @@ class ClassifierLike(Protocol):
     size: int
 
     def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
-
-
-def is_blank(image: np.ndarray) -> bool:
-    """True when the (H, W) uint8 slice, as the networks would see it, has one value everywhere."""
-    return image.size == 0 or int(image.min()) == int(image.max())
 
 
 def _fmt(x: float) -> str:

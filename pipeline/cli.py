@@ -130,7 +130,7 @@ def cmd_phantoms(a):
 
 @command("read", "read scans and print their shape and metadata (a quick check of a file)")
 def cmd_read(a):
-    from pipeline.scans import ScanReadError, read_scans
+    from pipeline.scans import ScanReadError, is_blank, read_scans
 
     status = 0
     for f in a.files:
@@ -140,7 +140,7 @@ def cmd_read(a):
                 print(f"error: {f}: no slice selected (volume is blank)", file=sys.stderr)
                 status = 1
             for scan in scans:
-                blank = {"blank": True} if scan.image.size == 0 or scan.image.min() == scan.image.max() else {}
+                blank = {"blank": True} if is_blank(scan.image) else {}
                 print(json.dumps({"key": scan.key, "shape": list(scan.image.shape), **blank,
                                   **{k: v for k, v in scan.meta.items() if isinstance(v, (str, int, float))}}))
         except ScanReadError as exc:
@@ -425,10 +425,9 @@ def _config_value(command: str, action: argparse.Action, value):
             return value if isinstance(value, bool) else _bool(str(value))
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"config section {command!r}: {action.dest} = {value!r}: {exc}") from None
-    if isinstance(action, argparse._AppendAction) and not isinstance(value, (list, tuple)):
-        value = [value]  # a repeatable flag given once
-    if isinstance(action, argparse._AppendAction):
-        return [_config_value(command, _single(action), v) for v in value]
+    if isinstance(action, argparse._AppendAction):  # a repeatable flag, given once or as a list
+        return [_config_value(command, _single(action), v)
+                for v in (value if isinstance(value, (list, tuple)) else [value])]
 
     def one(v):
         if isinstance(v, bool):

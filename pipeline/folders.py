@@ -41,10 +41,10 @@ def iter_input_files(root: Path, exclude: Path | None = None,
             dirnames[:] = []
             continue
         seen.add(real)
-        if exclude and any((here / d).resolve() == exclude for d in dirnames):
+        if exclude and exclude in {(here / d).resolve() for d in dirnames}:
             _refuse_output_with_scans(exclude, root)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not (exclude and (here / d).resolve() == exclude))
+            dirnames[:] = [d for d in dirnames if (here / d).resolve() != exclude]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith("."):
                 yield here / name

@@ -46,6 +46,7 @@ __all__ = [
     "Scan",
     "read_scans",
     "read_scan",
+    "is_blank",
     "is_scan_file",
     "iter_scan_files",
 ]
@@ -213,6 +214,11 @@ def _pil_open():
     if patches is not None and Image.open is getattr(patches, "image_open", None):
         return patches._image_open
     return Image.open
+
+
+def is_blank(image: np.ndarray) -> bool:
+    """True when an (H, W) uint8 slice has one value everywhere (nothing to segment or classify)."""
+    return image.size == 0 or int(image.min()) == int(image.max())
 
 
 def _middle_of_stack(im, n_frames: int) -> int:
@@ -502,7 +508,7 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
         meta = dict(meta_base)
         meta["slice_index"] = int(z)
         image = _linear_window(sl, lo, hi)
-        if nifti_slices == "nonempty" and not is_2d and image.min() == image.max():
+        if nifti_slices == "nonempty" and not is_2d and is_blank(image):
             continue  # an edge slice whose few voxels all fall outside the volume's window
         scans.append(Scan(image=np.ascontiguousarray(image), key=key if is_2d else f"{key}#z={z:02d}", meta=meta))
     return scans

@@ -30,6 +30,20 @@ def head(i=0) -> np.ndarray:
     return make_phantom(CLASSES[i % 4], 96, i)[0]
 
 
+def lock_folder_named(name: str, monkeypatch):
+    """Make folders called ``name`` unlistable, as chmod 000 does for a user other than root (the
+    suite may run as root); returns the real ``os.scandir``."""
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(os.fsdecode(path)).name == name:
+            raise PermissionError(13, "Permission denied", os.fsdecode(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return real_scandir
+
+
 def folder_of_one(tmp_path: Path, name: str) -> Path:
     """``tmp_path/scans`` holding one phantom slice saved as ``name``."""
     src = tmp_path / "scans"
@@ -63,14 +77,7 @@ def test_a_folder_that_cannot_be_listed_gets_an_error_row(tmp_path, tiny_classif
     (src / "locked").mkdir(parents=True)
     Image.fromarray(head(0)).save(src / "a.png")
     Image.fromarray(head(1)).save(src / "locked" / "b.png")
-    real_scandir = os.scandir
-
-    def scandir(path="."):  # what a chmod 000 folder does for a user other than root
-        if Path(os.fsdecode(path)).name == "locked":
-            raise PermissionError(13, "Permission denied", os.fsdecode(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    real_scandir = lock_folder_named("locked", monkeypatch)
     clf = Classifier(tiny_classifier)
     run_predict(src, tmp_path / "out", clf, None, progress=False)
     got = {r["path"]: r for r in rows(tmp_path / "out")}
@@ -196,14 +203,7 @@ def test_segment_gives_a_blank_image_an_empty_mask_and_an_unlistable_folder_a_ro
     src = folder_of_one(tmp_path, "brain.png")
     Image.fromarray(np.zeros((64, 64), np.uint8)).save(src / "blank.png")
     (src / "locked").mkdir()
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if Path(os.fsdecode(path)).name == "locked":
-            raise PermissionError(13, "Permission denied", os.fsdecode(path))
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    lock_folder_named("locked", monkeypatch)
     run_segment(src, tmp_path / "seg", BrightBlobSegmenter(), progress=False)
     with (tmp_path / "seg" / "segments.csv").open(newline="") as fh:
         got = {r["path"]: r for r in csv.DictReader(fh)}
