@@ -604,3 +604,57 @@ def test_patch_training_scales_windows_like_whole_slices_and_validates_on_whole_
         unet.train_stage(cache, tmp_path / "q", stage="coarse", size=32, patch=64, net=TINY)
     with pytest.raises(ValueError, match="multiple of 32"):
         unet.train_stage("unused.npz", "unused", stage="coarse", size=256, patch=100, net={"arch": "lite0-unet"})
+
+
+def _mask_extent(mask):
+    ys, xs = np.nonzero(mask)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+def test_refine_redraws_each_region_on_the_box_of_its_own_fine_mask():
+    meta = {"size": 32, "fine_size": 32, "margin": 0.25, "threshold": 0.5, "min_area": 1}
+    box, (h, w) = (40, 30, 60, 50), (120, 140)
+    image = np.zeros((h, w), np.uint8)
+    # a fine net that says "tumor" everywhere: each pass's mask is exactly the square it was shown,
+    # so each further pass grows the square by the margin around the previous mask
+    first = unet.UNetCascadeSegmenter(None, AllTumor(), meta, boxes_from=FixedBoxes(box)).predict([image])[0]
+    sq1 = unet.square_box(box, 0.25, h, w)
+    assert _mask_extent(first.mask) == sq1
+    fine = Recording(AllTumor())
+    seg = unet.UNetCascadeSegmenter(None, fine, {**meta, "refine": 2}, boxes_from=FixedBoxes(box))
+    assert seg.refine == 2
+    (res,) = seg.predict([image])
+    sq2 = unet.square_box(_mask_extent(first.mask), 0.25, h, w)
+    sq3 = unet.square_box(sq2, 0.25, h, w)
+    assert fine.asked == [1, 1, 1]  # one region, three passes
+    want = np.zeros((h, w), bool)
+    want[max(sq3[1], 0):min(sq3[3], h), max(sq3[0], 0):min(sq3[2], w)] = True
+    np.testing.assert_array_equal(res.mask > 0, want)
+    assert unet.UNetCascadeSegmenter(None, AllTumor(), {**meta, "refine": 2}, boxes_from=FixedBoxes(box),
+                                     refine=0).predict([image])[0].mask.tolist() == first.mask.tolist()
+    with pytest.raises(ValueError, match="0 or more"):
+        unet.UNetCascadeSegmenter(None, AllTumor(), meta, refine=-1)
+
+
+def test_refine_keeps_a_region_whose_next_pass_draws_nothing():
+    class FirstCallOnly(torch.nn.Module):  # draws the whole crop once, then nothing
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return torch.full_like(x, 5.0 if self.calls == 1 else -5.0)
+
+    meta = {"size": 32, "fine_size": 32, "margin": 0.25, "threshold": 0.5, "min_area": 1}
+    image = np.zeros((100, 100), np.uint8)
+    plain = unet.UNetCascadeSegmenter(None, AllTumor(), meta, boxes_from=FixedBoxes((30, 30, 50, 50))).predict([image])[0]
+    fine = FirstCallOnly()
+    (res,) = unet.UNetCascadeSegmenter(None, fine, {**meta, "refine": 1},
+                                       boxes_from=FixedBoxes((30, 30, 50, 50))).predict([image])
+    assert fine.calls == 2 and res.found
+    np.testing.assert_array_equal(res.mask, plain.mask)
+    # no region at all: nothing to refine, the fine net is never asked
+    idle = Recording(AllTumor())
+    (none,) = unet.UNetCascadeSegmenter(NoTumor(), idle, {**meta, "refine": 1}).predict([np.full((64, 64), 90, np.uint8)])
+    assert not none.found and idle.asked == []

@@ -37,10 +37,11 @@ def choose_conf(table: list[dict], max_false_rate: float) -> dict:
 def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
               confs: Sequence[float] = (0.1, 0.25, 0.4, 0.55), max_false_rate: float = 0.03,
               device: str = "cpu", batch: int = 16, min_areas: Sequence[int] = (None,),
-              extra_no_tumor: Sequence[str | os.PathLike] = ()) -> dict:
+              extra_no_tumor: Sequence[str | os.PathLike] = (), refines: Sequence[int] = (None,)) -> dict:
     """Score each threshold on ``data_dir/images/val`` (from ``seg-data``) and write ``tune.json``.
 
     ``min_areas`` (U-Net cascade only): smallest coarse region kept, swept with each threshold.
+    ``refines`` (U-Net cascade only): extra fine passes on the fine net's own box, swept likewise.
     ``extra_no_tumor``: more no-tumor scans (files, folders, or ``.txt`` lists of paths) counted with the
     validation ones in the false-mask rate; one already among them (same file) counts once.
     """
@@ -61,16 +62,18 @@ def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: 
     truths += [None] * (len(images) - len(truths))
     scans = [read_scan(p).image for p in images]
     table = []
-    for conf, min_area in [(c, a) for c in confs for a in min_areas]:
+    for conf, min_area, refine in [(c, a, k) for c in confs for a in min_areas for k in refines]:
         seg = load_segmenter(weights, device=device, conf=conf)
-        if min_area is not None:
-            if not hasattr(seg, "min_area"):
-                raise ValueError(f"{weights}: --min-areas applies to the U-Net cascade only")
-            seg.min_area = int(min_area)
+        for attr, value, flag in (("min_area", min_area, "--min-areas"), ("refine", refine, "--refines")):
+            if value is not None:
+                if not hasattr(seg, attr):
+                    raise ValueError(f"{weights}: {flag} applies to the U-Net cascade only")
+                setattr(seg, attr, int(value))
         preds = [r.mask for i in range(0, len(scans), batch) for r in seg.predict(scans[i:i + batch])]
         tumor = [(p, t) for p, t in zip(preds, truths) if t is not None and (t > 127).any()]
         healthy = [p for p, t in zip(preds, truths) if t is None or not (t > 127).any()]
         table.append({"conf": conf, **({"min_area": int(min_area)} if min_area is not None else {}),
+                      **({"refine": int(refine)} if refine is not None else {}),
                       "n_tumor": len(tumor), "n_no_tumor": len(healthy),
                       "mean_dice": float(np.mean([_dice(p, t) for p, t in tumor])) if tumor else None,
                       "detection_rate": float(np.mean([p.any() for p, _ in tumor])) if tumor else None,
@@ -78,7 +81,8 @@ def tune_conf(weights: str | os.PathLike, data_dir: str | os.PathLike, out_dir: 
     best = choose_conf(table, max_false_rate)
     result = {"weights": str(weights), "split": "val", "max_false_rate": max_false_rate, "table": table,
               "n_extra_no_tumor": len(extra),
-              "chosen_conf": best["conf"], "chosen_min_area": best.get("min_area"), "rule": "highest mean Dice with false-mask rate <= max_false_rate"}
+              "chosen_conf": best["conf"], "chosen_min_area": best.get("min_area"),
+              **({"chosen_refine": best["refine"]} if "refine" in best else {}), "rule": "highest mean Dice with false-mask rate <= max_false_rate"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "tune.json").write_text(json.dumps(result, indent=2))
     return result
@@ -101,6 +105,15 @@ def _scan_paths(items: Sequence[str | os.PathLike]) -> list[Path]:
     return paths
 
 
+def _passes(text: str) -> int:
+    import argparse
+
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text}: a number of passes is 0 or more")
+    return value
+
+
 def add_arguments(p) -> None:
     p.add_argument("--weights", required=True, help="segmenter checkpoint (weights-only, from `export`)")
     p.add_argument("--data", required=True, help="YOLO-seg dataset folder from `seg-data` (uses images/val)")
@@ -109,6 +122,8 @@ def add_arguments(p) -> None:
     p.add_argument("--max-false-rate", type=float, default=0.03)
     p.add_argument("--min-areas", type=int, nargs="+", help="U-Net cascade: also sweep the smallest coarse "
                                                              "region kept (coarse pixels)")
+    p.add_argument("--refines", type=_passes, nargs="+", help="U-Net cascade: also sweep the extra fine passes "
+                                                               "on the fine net's own box (0 = none)")
     p.add_argument("--extra-no-tumor", nargs="+", default=[],
                    help="more no-tumor scans for the false-mask rate: files, folders or .txt lists of paths "
                         "(for example the no-tumor slices of the classifier's validation split)")
@@ -116,9 +131,11 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     result = tune_conf(args.weights, args.data, args.out, args.confs, args.max_false_rate, args.device,
-                       min_areas=args.min_areas or (None,), extra_no_tumor=args.extra_no_tumor)
+                       min_areas=args.min_areas or (None,), extra_no_tumor=args.extra_no_tumor,
+                       refines=args.refines or (None,))
     for row in result["table"]:
         print(json.dumps(row))
     print(f"chosen conf: {result['chosen_conf']}" + (f", min_area: {result['chosen_min_area']}"
-                                                     if result.get("chosen_min_area") is not None else ""))
+                                                     if result.get("chosen_min_area") is not None else "")
+          + (f", refine: {result['chosen_refine']}" if "chosen_refine" in result else ""))
     return 0

@@ -205,12 +205,16 @@ class UNetCascadeSegmenter:
     coarse net asked only on slices where the coarse net keeps no region; its regions go to the fine net
     there. Where the coarse net finds something nothing changes, so the rescue can only add lesions (and
     false masks). A gate and a rescue do not come together: one removes what the other adds.
+
+    ``refine`` (default ``meta.get("refine", 0)``): more fine passes. Each redraws every region on a
+    square around the box of its own fine mask (above 0.5), a better box than the coarse net's; a
+    region whose new mask is empty keeps its previous one, so no region is lost or gained.
     """
 
     def __init__(self, coarse: torch.nn.Module | None, fine: torch.nn.Module, meta: dict, device: str = "cpu",
                  threshold: float | None = None, min_area: int | None = None, max_regions: int = 2,
                  boxes_from=None, batch_size: int = 32, gate: torch.nn.Module | None = None,
-                 rescue: torch.nn.Module | None = None):
+                 rescue: torch.nn.Module | None = None, refine: int | None = None):
         for part, net in (("gate", gate), ("rescue", rescue)):
             if (net is None) != (part not in meta):
                 raise ValueError(f"a {part} network and meta[{part!r}] (size, threshold, min_area) come together")
@@ -226,6 +230,9 @@ class UNetCascadeSegmenter:
         self.threshold = float(meta["threshold"] if threshold is None else threshold)
         self.min_area = int(meta["min_area"] if min_area is None else min_area)
         self.max_regions, self.boxes_from, self.batch_size = max_regions, boxes_from, batch_size
+        self.refine = int(meta.get("refine", 0) if refine is None else refine)
+        if self.refine < 0:
+            raise ValueError(f"refine must be 0 or more fine passes, not {self.refine}")
 
     @property
     def name(self) -> str:
@@ -293,11 +300,15 @@ class UNetCascadeSegmenter:
             regions = self.coarse_regions(images)
         jobs = [(i, r, square_box(r["box"], self.margin, *images[i].shape[:2]))
                 for i, rs in enumerate(regions) for r in rs]
-        patches = [crop_square(images[i], sq, self.fine_size) for i, _, sq in jobs]
-        fine = self._probs(self.fine, patches) if patches else []
+        maps = self._fine_maps(images, [(i, sq) for i, _, sq in jobs])
+        for _ in range(self.refine):
+            redo = [(j, square_box(_mask_box(m), self.margin, *m.shape)) for j, m in enumerate(maps) if (m > 0.5).any()]
+            for (j, _), m in zip(redo, self._fine_maps(images, [(jobs[j][0], sq) for j, sq in redo])):
+                if (m > 0.5).any():
+                    maps[j] = m
         prob = [np.zeros(im.shape[:2], np.float32) for im in images]
-        for (i, _, sq), p in zip(jobs, fine):
-            prob[i] = np.maximum(prob[i], paste_square(p, sq, *images[i].shape[:2]))
+        for (i, _, _), m in zip(jobs, maps):
+            prob[i] = np.maximum(prob[i], m)
         results = []
         for i, im in enumerate(images):
             mask = prob[i] > 0.5
@@ -313,6 +324,19 @@ class UNetCascadeSegmenter:
                                      boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                                      scores=np.asarray(scores, np.float32)))
         return results
+
+
+    def _fine_maps(self, images: Sequence[np.ndarray], crops: Sequence[tuple[int, tuple]]) -> list[np.ndarray]:
+        """The fine net's probability on each ``(image index, square box)``, pasted back to (H, W) of that image."""
+        patches = [crop_square(images[i], sq, self.fine_size) for i, sq in crops]
+        fine = self._probs(self.fine, patches) if patches else []
+        return [paste_square(p, sq, *images[i].shape[:2]) for (i, sq), p in zip(crops, fine)]
+
+
+def _mask_box(prob: np.ndarray) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) around the pixels of an (H, W) probability map above 0.5 (there must be some)."""
+    ys, xs = np.nonzero(prob > 0.5)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
