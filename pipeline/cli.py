@@ -198,7 +198,8 @@ def _args_predict(p):
     p.add_argument("--overlays", action="store_true", help="write each scan with the mask outline and label")
     p.add_argument("--gradcam", action="store_true",
                    help="write OUT/gradcam/<path>.png: the classifier input with the Grad-CAM map of its label")
-    p.add_argument("--nifti-slices", type=_nifti_slices, help="all | middle | nonempty | 3,4,5: axial slices of a NIfTI")
+    p.add_argument("--nifti-slices", type=_nifti_slices,
+                   help="all | middle | nonempty | 3,4,5: slices of a NIfTI volume or frames of a multi-frame DICOM")
 
 
 def _args_train_seg(p):

@@ -21,12 +21,10 @@ import numpy as np
 
 from pipeline.scans import Scan, ScanReadError, read_scans
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz")
-
-
 def iter_input_files(root: Path, exclude: Path | None = None,
                      unlisted: list[OSError] | None = None) -> Iterator[Path]:
-    """Every non-hidden file under ``root``, sorted, except those under ``exclude`` (the output).
+    """Every non-hidden file under ``root``, sorted, except those under ``exclude`` (the output) and
+    DICOMDIR files (a DICOM export's index of its files, not a scan).
 
     Linked folders are followed (a study tree often links series in), each real folder once. A
     folder that cannot be listed (permissions) is appended to ``unlisted`` when given, else skipped.
@@ -46,7 +44,7 @@ def iter_input_files(root: Path, exclude: Path | None = None,
             dirnames[:] = [d for d in dirnames if (here / d).resolve() != exclude]
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith("."):
+            if not name.startswith(".") and name.upper() != "DICOMDIR":
                 yield here / name
 
 
@@ -79,7 +77,6 @@ class ResultsCSV:
     def __init__(self, path: Path, columns: Sequence[str]):
         self.path, self.columns = path, list(columns)
         self.done: set[str] = set()
-        self.done_files: set[str] = set()
         if path.exists() and path.stat().st_size > 0:
             self._repair_and_load()
         else:
@@ -98,10 +95,10 @@ class ResultsCSV:
                              f"use another --out")
         for row in reader:
             self.done.add(row["path"])
-            self.done_files.add(row["path"].split("#z=")[0])
 
     def pending(self, files: Sequence[Path], root: Path) -> list[Path]:
-        """Files still to process: not listed yet, or volumes with slices that may still be missing.
+        """Files still to process: those without a row of their own. A volume (a NIfTI, a multi-frame
+        DICOM) has rows per slice, ``path#z=NN``, so it is read again and its missing slices done.
 
         A volume whose own path is listed (an error row) is final, like any other file.
         """
@@ -109,8 +106,6 @@ class ResultsCSV:
         for p in files:
             rel = csv_key(p.relative_to(root).as_posix())
             if rel in self.done:
-                continue
-            if rel in self.done_files and not rel.lower().endswith(VOLUME_SUFFIXES):
                 continue
             todo.append(p)
         return todo
@@ -259,23 +254,50 @@ class FolderRun:
     lock: object = None
 
 
+#: How volumes are cut into the slices keyed ``path#z=NN``, recorded with every run's settings. 2: along
+#: the file's own slice axis, numbered as the file numbers them (NIfTI), and one slice per frame of a
+#: multi-frame DICOM; before, NIfTI volumes were cut along their RAS axis 2 and a DICOM gave one frame.
+SLICING = 2
+
+
 def check_settings(out: Path, csv_name: str, settings: dict) -> None:
     """Resume only what the same models made: ``OUT/<csv>.settings.json`` records them on the first run;
-    a later run with other settings (another checkpoint, threshold, mode) is refused, not mixed in."""
+    a later run with other settings (another checkpoint, threshold, mode) is refused, not mixed in.
+
+    A folder from before ``slicing`` was recorded resumes if it holds no volume slice (no ``#z=`` row):
+    only those rows would mean something else now."""
     import json
 
     path = out / f"{csv_name}.settings.json"
-    plain = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    plain = json.loads(json.dumps({**settings, "slicing": SLICING}, sort_keys=True, default=str))
     if path.is_file():
         old = json.loads(path.read_text())
+        adopted = "slicing" not in old and not _has_slice_rows(out / csv_name)
+        if adopted:  # recorded now, so slices this run adds are not taken for older ones next time
+            old["slicing"] = SLICING
         if old != plain:
+            if set(k for k in set(old) | set(plain) if old.get(k) != plain.get(k)) == {"slicing"}:
+                raise ValueError(f"{out}: holds volume slices (#z=NN rows) cut the way versions before slicing "
+                                 f"{SLICING} cut them (a NIfTI along its RAS axis, a multi-frame DICOM as one "
+                                 f"frame), which are not the slices this version reads; use another --out, or "
+                                 f"delete that folder to redo it")
             diff = {k: (old.get(k), plain.get(k)) for k in sorted(set(old) | set(plain)) if old.get(k) != plain.get(k)}
             raise ValueError(f"{out}: holds results made with other settings ({diff}, as (then, now)); "
                              f"use another --out, or delete that folder to redo it")
-        return
+        if not adopted:
+            return
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(plain, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _has_slice_rows(csv_path: Path) -> bool:
+    """Whether a results CSV has a volume-slice row (``path#z=NN``); its raw bytes are searched."""
+    try:
+        with open(csv_path, "rb") as fh:
+            return any(b"#z=" in line for line in fh)
+    except FileNotFoundError:
+        return False
 
 
 def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str],

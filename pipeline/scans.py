@@ -7,7 +7,8 @@ single-image :func:`read_scan`).  Supported inputs:
   orientation tag; of a multi-page TIFF whose pages share one size and mode (a slice stack), the
   middle page, else the first,
 * DICOM (``.dcm .dicom`` or any file with the ``DICM`` magic at byte 128) via pydicom,
-* NIfTI (``.nii .nii.gz``) via nibabel -- a 3D volume yields one Scan per axial slice,
+* NIfTI (``.nii .nii.gz``) via nibabel -- a 3D volume yields one Scan per slice along the file's
+  third axis (its stored plane: axial, coronal or sagittal), shown as a radiology viewer shows it,
 * figshare (Cheng et al. 2017) MATLAB v7.3 ``.mat`` files via h5py.
 
 Every failure -- missing, empty, truncated, mislabelled or unsupported file --
@@ -18,9 +19,10 @@ Intensity mapping to uint8 (``Scan.image``), unless ``window=(center, width)`` i
 given, in which case that linear window is used for every format:
 
 * 8-bit rasters: kept as is (colour -> ITU-R 601 luma, alpha ignored).
-* 16-bit / 32-bit / float rasters and ``.mat`` images: min-max over the image.
-* DICOM: RescaleSlope/Intercept, then the file's first WindowCenter/WindowWidth,
-  else min-max; MONOCHROME1 is inverted afterwards.
+* 16-bit / 32-bit / float rasters (16-bit colour: its luma) and ``.mat`` images: min-max over the image.
+* DICOM: colour to luma, RescaleSlope/Intercept, then the file's first WindowCenter/WindowWidth,
+  else min-max (over all frames of a multi-frame file); MONOCHROME1 is inverted afterwards.
+  A multi-frame file gives one Scan per selected frame, chosen and keyed like a NIfTI volume's slices.
 * NIfTI: one window per volume, the 0.5/99.5 percentiles of the nonzero voxels.
 
 A linear window ``(c, w)`` maps ``c - w/2`` -> 0 and ``c + w/2`` -> 255, clipping
@@ -234,6 +236,46 @@ def _middle_of_stack(im, n_frames: int) -> int:
     return n_frames // 2 if same else 0
 
 
+def _stored_bits(path: Path, im) -> int:
+    """Bits per sample as the file stores them (PNG's IHDR, TIFF's BitsPerSample); 8 when unknown."""
+    try:
+        if im.format == "PNG":
+            with open(path, "rb") as f:
+                head = f.read(25)
+            return int(head[24]) if len(head) == 25 and head[12:16] == b"IHDR" else 8
+        if im.format == "TIFF":
+            bits = im.tag_v2.get(258, 8)
+            return int(max(bits) if isinstance(bits, (tuple, list)) else bits)
+    except (OSError, TypeError, ValueError):
+        pass
+    return 8
+
+
+#: numpy versions of PIL's EXIF transposes (``ImageOps.exif_transpose``), on (H, W[, C]) arrays
+_EXIF_TURNS = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+               5: lambda a: a.swapaxes(0, 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+               8: lambda a: np.rot90(a, 1)}
+
+
+def _decode_high_depth_colour(path: Path, key: str, frame: int, orientation: int) -> np.ndarray:
+    """(H, W) float64 luma of a 16-bit colour or grey+alpha raster at full depth, EXIF-turned."""
+    import cv2
+
+    buf = np.frombuffer(path.read_bytes(), np.uint8)
+    if frame:
+        ok, pages = cv2.imdecodemulti(buf, cv2.IMREAD_UNCHANGED)
+        arr = pages[frame] if ok and frame < len(pages) else None
+    else:
+        arr = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ScanReadError(key, "cannot decode the 16-bit colour image")
+    arr = arr.astype(np.float64)
+    if arr.ndim == 3:
+        # OpenCV's channel order is B, G, R[, A]; two channels are grey + alpha
+        arr = arr[..., 0] if arr.shape[2] < 3 else arr[..., 0] * 0.114 + arr[..., 1] * 0.587 + arr[..., 2] * 0.299
+    return np.ascontiguousarray(_EXIF_TURNS.get(orientation, lambda a: a)(arr))
+
+
 def _read_raster(path: Path, key: str, window) -> list[Scan]:
     from PIL import Image, UnidentifiedImageError
 
@@ -260,12 +302,14 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
         # a photographed or phone-exported slice is stored sideways with an EXIF tag saying so; read it
         # as every viewer shows it, so masks and boxes match what the user sees
         orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+        # the file's own format and depth: the turned copy below no longer knows them
+        fmt = _PIL_FORMATS.get(im.format or "", (im.format or "unknown").lower())
+        deep_colour = im.mode in ("RGB", "RGBA", "LA") and _stored_bits(path, im) > 8
         if orientation in range(2, 9):
             from PIL import ImageOps
 
             im = ImageOps.exif_transpose(im)
         mode = im.mode
-        fmt = _PIL_FORMATS.get(im.format or "", (im.format or "unknown").lower())
         try:
             raw = np.asarray(im)
         except Exception:  # noqa: BLE001 - exotic modes numpy can't view directly
@@ -283,7 +327,11 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
             meta["exif_orientation"] = int(orientation)
         dpi = im.info.get("dpi")
         try:
-            if mode in _EIGHT_BIT_MODES:
+            if deep_colour:
+                # Pillow opens 16-bit colour and grey+alpha as 8-bit modes, keeping only the high byte
+                vals, gray = _decode_high_depth_colour(path, key, frame, orientation), None
+                meta["orig_dtype"] = "uint16"
+            elif mode in _EIGHT_BIT_MODES:
                 if mode in ("1", "L"):
                     gray = np.asarray(im.convert("L"))
                 elif mode in ("LA", "La"):
@@ -351,7 +399,7 @@ def _ensure_transfer_syntax(ds) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def _read_dicom(path: Path, key: str, window) -> list[Scan]:
+def _read_dicom(path: Path, key: str, window, nifti_slices="nonempty") -> list[Scan]:
     import pydicom
 
     try:
@@ -363,7 +411,7 @@ def _read_dicom(path: Path, key: str, window) -> list[Scan]:
         raise ScanReadError(key, "no pixel data")
     try:
         _ensure_transfer_syntax(ds)
-        arr = ds.pixel_array
+        arr = ds.pixel_array  # pydicom >= 3 hands YBR colour over as RGB
     except Exception as e:  # noqa: BLE001
         raise ScanReadError(key, f"cannot decode DICOM pixel data: {type(e).__name__}: {e}") from e
 
@@ -376,25 +424,19 @@ def _read_dicom(path: Path, key: str, window) -> list[Scan]:
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     pix = np.asarray(arr, dtype=np.float64)
-    if n_frames > 1 and pix.ndim >= 3 and pix.shape[0] == n_frames:
-        mid = n_frames // 2
-        pix = pix[mid]
-        meta["n_frames"] = n_frames
-        meta["frame_index"] = mid
-    if samples > 1 and pix.ndim == 3:
-        if photometric.startswith("YBR"):
-            pix = pix[..., 0]
-        else:
-            pix = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114
-    if pix.ndim != 2:
+    if samples > 1 and pix.ndim >= 3 and pix.shape[-1] == samples:
+        pix = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114
+    is_stack = n_frames > 1 and pix.ndim == 3 and pix.shape[0] == n_frames
+    if pix.ndim != (3 if is_stack else 2):
         raise ScanReadError(key, f"unsupported DICOM pixel array shape {tuple(arr.shape)}")
+    stack = pix if is_stack else pix[None]
 
     try:
         slope = float(_first(ds.get("RescaleSlope", 1)) or 1.0)
         intercept = float(_first(ds.get("RescaleIntercept", 0)) or 0.0)
     except (TypeError, ValueError):
         slope, intercept = 1.0, 0.0
-    pix = pix * slope + intercept
+    stack = stack * slope + intercept
     meta["rescale"] = (slope, intercept)
 
     used = window
@@ -408,15 +450,15 @@ def _read_dicom(path: Path, key: str, window) -> list[Scan]:
         except (TypeError, ValueError):
             used = None
     if used is not None:
-        image = _apply_center_width(pix, used)
+        images = _apply_center_width(stack, used)
         meta["window"] = (float(used[0]), float(used[1]))
     else:
-        image = _minmax(pix)
+        images = _minmax(stack)  # a multi-frame series: one range for all its frames, as for a volume
         meta["window"] = None
         source = "minmax"
     meta["window_source"] = source
     if photometric == "MONOCHROME1":
-        image = (255 - image).astype(np.uint8)
+        images = (255 - images).astype(np.uint8)
     meta["photometric"] = photometric or None
 
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
@@ -430,7 +472,18 @@ def _read_dicom(path: Path, key: str, window) -> list[Scan]:
         val = ds.get(tag)
         if val not in (None, ""):
             meta[name] = int(val) if name == "instance_number" else str(val)
-    return [Scan(image=image, key=key, meta=meta)]
+    if not is_stack:
+        return [Scan(image=np.ascontiguousarray(images[0]), key=key, meta=meta)]
+    # a multi-frame object (an enhanced MR series in one file) is a volume: one Scan per frame,
+    # chosen and keyed like the slices of a NIfTI volume
+    meta["n_frames"] = n_frames
+    scans = []
+    for k in _select_slices(np.moveaxis(stack, 0, -1), nifti_slices, key):
+        if nifti_slices == "nonempty" and is_blank(images[k]):
+            continue
+        scans.append(Scan(image=np.ascontiguousarray(images[k]), key=f"{key}#z={k:02d}",
+                          meta={**meta, "frame_index": int(k), "slice_index": int(k)}))
+    return scans
 
 
 # --------------------------------------------------------------------------- NIfTI
@@ -455,6 +508,47 @@ def _select_slices(vol: np.ndarray, nifti_slices, key: str) -> list[int]:
     return out
 
 
+#: The plane a slice lies in, by the RAS world axis its normal runs along.
+_PLANES = {0: "sagittal", 1: "coronal", 2: "axial"}
+
+
+def _voxel_orientation(affine: np.ndarray) -> np.ndarray:
+    """``nib.io_orientation`` of a (4, 4) affine, (3, 2): per voxel axis its RAS world axis and
+    direction (+1/-1). An axis with no direction in the affine (a 2D file's zero third column) gets
+    the world axis the other two leave, running forward."""
+    import nibabel as nib
+
+    ornt = nib.io_orientation(affine)
+    if np.isnan(ornt).any():
+        known = [int(a) for a in ornt[:, 0] if not np.isnan(a)]
+        if len(set(known)) != len(known) or len(known) < 2:
+            return np.array([[0, 1], [1, 1], [2, 1]], float)  # nothing usable: read the array as RAS
+        free = [a for a in (0, 1, 2) if a not in known]
+        ornt[np.isnan(ornt[:, 0])] = [free[0], 1]
+    return ornt
+
+
+def _display_slice(sl: np.ndarray, ornt: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """A slice ``data[:, :, k]`` (voxel axes 0, 1) turned for a radiology viewer, and the voxel axes
+    (row, column) it runs along.
+
+    Whatever the plane, the upper of the two in-plane world axes (S over A over R) runs down the rows
+    and the other along the columns, each from its + end: superior (or anterior, on an axial slice) at
+    the top, the patient's right on the screen's left, anterior on the left of a sagittal slice --
+    as DICOM viewers, Slicer and ITK-SNAP show them.
+    """
+    (w0, d0), (w1, d1) = ornt[0], ornt[1]
+    rows_axis, cols_axis = (0, 1) if w0 > w1 else (1, 0)
+    out = sl if rows_axis == 0 else sl.T
+    d_rows, d_cols = (d0, d1) if rows_axis == 0 else (d1, d0)
+    # each voxel axis runs toward + world when its direction is +1; the display wants the + end first
+    if d_rows > 0:
+        out = out[::-1, :]
+    if d_cols > 0:
+        out = out[:, ::-1]
+    return out, (rows_axis, cols_axis)
+
+
 def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
     import nibabel as nib
 
@@ -466,10 +560,9 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
             pass
         elif len(shape) not in (2, 3):
             raise ScanReadError(key, f"unsupported NIfTI shape {shape} (need 2D or 3D)")
-        if len(shape) >= 3:
-            img = nib.as_closest_canonical(img)
         vol = np.asarray(img.get_fdata(dtype=np.float32))
         zooms = tuple(float(z) for z in img.header.get_zooms())
+        affine = np.asarray(img.affine, float)
     except ScanReadError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -480,13 +573,13 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
     if is_2d:
         vol = vol[:, :, None]
     vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
+    # Slices are cut along the file's own third axis, the plane it was acquired or stored in, and
+    # numbered as the file numbers them; only their display is turned to the viewer's convention.
+    ornt = _voxel_orientation(affine if affine.shape == (4, 4) else np.eye(4))
+    zooms = zooms + (1.0,) * (3 - len(zooms))
 
     meta_base: dict = {"format": "nifti", "orig_dtype": dtype, "orig_shape": shape,
-                       "n_slices": int(vol.shape[2])}
-    if len(zooms) >= 2:
-        meta_base["spacing"] = (zooms[1], zooms[0])  # displayed rows run along axis 1
-    if len(zooms) >= 3 and not is_2d:
-        meta_base["slice_thickness"] = zooms[2]
+                       "n_slices": int(vol.shape[2]), "plane": _PLANES[int(ornt[2, 0])]}
 
     if window is not None:
         lo, hi = window[0] - window[1] / 2.0, window[0] + window[1] / 2.0
@@ -504,9 +597,12 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
 
     scans = []
     for z in ([0] if is_2d else _select_slices(vol, nifti_slices, key)):
-        sl = np.flipud(vol[:, :, z].T)
+        sl, (rows_axis, cols_axis) = _display_slice(vol[:, :, z], ornt)
         meta = dict(meta_base)
         meta["slice_index"] = int(z)
+        meta["spacing"] = (zooms[rows_axis], zooms[cols_axis])
+        if not is_2d:
+            meta["slice_thickness"] = zooms[2]
         image = _linear_window(sl, lo, hi)
         if nifti_slices == "nonempty" and not is_2d and is_blank(image):
             continue  # an edge slice whose few voxels all fall outside the volume's window
@@ -579,12 +675,14 @@ def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "non
                window: tuple[float, float] | None = None) -> list[Scan]:
     """Read one file into a list of :class:`Scan` (each image (H, W) uint8).
 
-    2D formats give exactly one Scan.  A 3D NIfTI volume (axes reoriented with
-    ``nib.as_closest_canonical``) gives one Scan per selected axial slice (axis 2),
-    displayed radiology-style as ``np.flipud(vol[:, :, z].T)``; ``nifti_slices`` is
-    "all", "middle", "nonempty" (slices that are not one value after the volume's window;
-    may give an empty list for a blank volume) or a sequence of slice indices.  A 2D NIfTI gives one Scan keyed by
-    the plain path; a 4D NIfTI with last dim 1 is squeezed.
+    2D formats give exactly one Scan.  A 3D NIfTI volume gives one Scan per selected slice along
+    the file's third voxel axis (``#z=NN`` and ``meta["slice_index"]`` count as the file does, as a
+    viewer's slice number does; ``meta["plane"]`` says axial, coronal or sagittal), turned by the
+    file's affine the way radiology viewers show it: the patient's right on the screen's left,
+    superior (axial: anterior) at the top, anterior on the left of a sagittal slice.
+    ``nifti_slices`` is "all", "middle", "nonempty" (slices that are not one value after the
+    volume's window; may give an empty list for a blank volume) or a sequence of slice indices.
+    A 2D NIfTI (or a 4D one with last dim 1) is read as a volume of one slice, its key the plain path.
 
     ``window=(center, width)``, in the file's intensity units (after DICOM rescale),
     overrides the default per-format normalisation described in the module docstring.
@@ -618,7 +716,7 @@ def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "non
     suf = _suffix(p)
     try:
         if _has_dicm_magic(p) or suf in _DICOM_SUFFIXES:
-            return _read_dicom(p, key, window)
+            return _read_dicom(p, key, window, nifti_slices)
         if suf in _RASTER_SUFFIXES:
             return _read_raster(p, key, window)
         if suf in _NIFTI_SUFFIXES:

@@ -262,3 +262,29 @@ def test_a_name_too_long_for_its_overlay_costs_the_picture_not_the_run(tmp_path,
     run_predict(src, tmp_path / "out", Classifier(tiny_classifier), None, progress=False, overlays=True)
     assert rows(tmp_path / "out")[0]["status"] == "ok"
     assert "picture not written" in capsys.readouterr().err
+
+
+def test_a_folder_from_before_slicing_was_recorded_resumes_unless_it_holds_volume_slices(tmp_path, tiny_classifier):
+    import json
+
+    from tests.scan_fixtures import write_nifti
+
+    src = folder_of_one(tmp_path, "a.png")
+    clf = Classifier(tiny_classifier)
+    out = tmp_path / "out"
+    run_predict(src, out, clf, None, progress=False)
+    record = out / "predictions.csv.settings.json"
+    assert json.loads(record.read_text())["slicing"] == 2
+    older = {k: v for k, v in json.loads(record.read_text()).items() if k != "slicing"}
+    record.write_text(json.dumps(older))  # as written before volumes were cut the file's way
+    # no slice rows: nothing means anything else now, so it resumes, and the record says so from now on
+    vol = np.stack([head(k).astype(np.float32) for k in range(3)], -1)
+    write_nifti(src / "v.nii.gz", vol)
+    assert run_predict(src, out, clf, None, progress=False)["rows_written"] == 3
+    assert json.loads(record.read_text())["slicing"] == 2
+    Image.fromarray(head(4)).save(src / "b.png")
+    assert run_predict(src, out, clf, None, progress=False)["rows_written"] == 1  # its own slices are not "older"
+    # a folder whose #z= rows an older version wrote is refused, not topped up with other slices
+    record.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="holds volume slices .* cut the way versions before slicing 2"):
+        run_predict(src, out, clf, None, progress=False)

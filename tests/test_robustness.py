@@ -101,6 +101,28 @@ def test_failed_nifti_error_row_is_final(tmp_path, tiny_classifier):
     assert not any("#z=" in r["path"] for r in rows2)
 
 
+def test_a_multi_frame_dicom_cut_short_gets_its_missing_frames_on_rerun(tmp_path, tiny_classifier):
+    from tests.scan_fixtures import write_dicom
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    frames = np.stack([(make_phantom("glioma", 64, k)[0].astype(np.uint16) * 16) for k in range(3)])
+    write_dicom(src / "series", frames)  # an enhanced-MR export: one file, no suffix, three frames
+    write_png(src / "a.png", make_phantom("meningioma", 64, 1)[0])
+    clf = Classifier(tiny_classifier)
+    out = tmp_path / "out"
+    run_predict(src, out, clf, None, batch_size=4, workers=1, progress=False, nifti_slices="all")
+    csv_path = out / "predictions.csv"
+    rows = read_rows(csv_path)
+    assert sorted(r["path"] for r in rows) == ["a.png", "series#z=00", "series#z=01", "series#z=02"]
+    # a killed run that had written only two of the frames
+    lines = csv_path.read_bytes().splitlines(keepends=True)
+    csv_path.write_bytes(b"".join(line for line in lines if b"series#z=02" not in line))
+    again = run_predict(src, out, clf, None, batch_size=4, workers=1, progress=False, nifti_slices="all")
+    assert again["rows_written"] == 1
+    assert sorted(r["path"] for r in read_rows(csv_path)) == sorted(r["path"] for r in rows)
+
+
 # --- 3. linked folders and link loops ----------------------------------------------------------------
 
 def test_linked_folder_is_walked_and_link_loop_neither_hangs_nor_duplicates(tmp_path, tiny_classifier):
@@ -545,3 +567,14 @@ def test_environment_finds_opencv_under_its_headless_distribution(monkeypatch):
 
     monkeypatch.setattr(importlib.metadata, "version", only_headless)
     assert environment()["opencv-python"] == "4.99.0"
+
+
+def test_a_dicom_exports_index_file_is_not_an_input(tmp_path):
+    root = tmp_path / "export"
+    (root / "S1").mkdir(parents=True)
+    write_png(root / "S1" / "IM0001.png", make_phantom("glioma", 64, 1)[0])
+    (root / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # an index of the files, no pixels
+    (root / "S1" / "dicomdir").write_bytes(b"\0" * 200)
+    (root / "notes.txt").write_text("not a scan")  # any other file still becomes an error row
+    rels = sorted(p.relative_to(root).as_posix() for p in iter_input_files(root))
+    assert rels == ["S1/IM0001.png", "notes.txt"]

@@ -189,6 +189,78 @@ def test_16bit_png_minmax(tmp_path):
     assert np.abs(img - expected).max() <= 1
 
 
+@pytest.mark.parametrize("kind", ["rgb16.png", "grey_alpha16.png", "rgb16.tiff"])
+def test_16bit_colour_keeps_its_low_bits(tmp_path, kind):
+    import cv2
+
+    ramp = np.tile(np.linspace(0, 4095, 8).astype(np.uint16), (3, 1))  # 12 bits stored in 16: dark at 8 bits
+    if kind.startswith("grey_alpha"):
+        import struct
+        import zlib
+
+        from PIL import Image
+
+        def chunk(tag, data):
+            return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+        # neither Pillow nor OpenCV writes 16-bit grey+alpha (PNG colour type 4): write the chunks
+        h, w = ramp.shape
+        la = np.stack([ramp, np.full_like(ramp, 65535)], -1).astype(">u2")
+        rows = b"".join(b"\0" + la[y].tobytes() for y in range(h))
+        path = tmp_path / kind
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0))
+                         + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+        assert Image.open(path).mode in ("LA", "RGBA")  # Pillow opens it as 8-bit RGBA
+    else:
+        path = tmp_path / kind
+        assert cv2.imwrite(str(path), np.stack([ramp, ramp, ramp], -1))
+    s = read_scan(path)
+    assert s.meta["orig_dtype"] == "uint16"
+    np.testing.assert_array_equal(s.image[0], np.round(np.linspace(0, 255, 8)).astype(np.uint8))
+
+
+def test_16bit_colour_png_with_an_exif_orientation_is_turned_at_full_depth(tmp_path):
+    import struct
+    import zlib
+
+    import cv2
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    grey = rng.integers(0, 4096, (6, 9), dtype=np.uint16)  # 12 bits in 16
+    ok, png = cv2.imencode(".png", np.stack([grey, grey, grey], -1))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: a viewer turns it 90 degrees clockwise
+    body = exif.tobytes()
+    body = body[6:] if body.startswith(b"Exif\0\0") else body
+    chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+    data = png.tobytes()
+    (tmp_path / "turned16.png").write_bytes(data[:33] + chunk + data[33:])  # after IHDR, before IDAT
+    s = read_scan(tmp_path / "turned16.png")
+    assert s.meta["orig_dtype"] == "uint16" and s.meta["format"] == "png" and s.meta["exif_orientation"] == 6
+    g = grey.astype(np.float64)
+    want = np.round((g - g.min()) / (g.max() - g.min()) * 255)
+    np.testing.assert_allclose(s.image, np.rot90(want, -1), atol=1)
+
+
+def test_exif_turns_of_arrays_match_pillow():
+    import io
+
+    from PIL import Image, ImageOps
+
+    from pipeline.scans import _EXIF_TURNS
+
+    arr = np.arange(3 * 5, dtype=np.uint8).reshape(3, 5) * 10
+    for orientation in range(2, 9):
+        im = Image.fromarray(arr)
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        im.save(buf, format="PNG", exif=exif)
+        want = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))))
+        np.testing.assert_array_equal(_EXIF_TURNS[orientation](arr), want, err_msg=str(orientation))
+
+
 def test_16bit_constant_maps_to_zero_and_window(tmp_path):
     s = read_scan(write_png(tmp_path / "c16.png", np.full((10, 10), 1234, np.uint16)))
     assert s.image.dtype == np.uint8 and not s.image.any()
@@ -283,13 +355,51 @@ def test_dicom_signed_implicit_vr_and_no_suffix(tmp_path):
     np.testing.assert_array_equal(s.image, [[0, 128], [191, 255]])
 
 
-def test_dicom_multiframe_middle(tmp_path):
+def test_dicom_multiframe_is_a_volume_of_frames(tmp_path):
     frames = np.stack([np.arange(12, dtype=np.uint16).reshape(3, 4) * (k + 1) for k in range(3)])
     frames[1] = frames[1][::-1]  # make the middle frame distinguishable
-    s = read_scan(write_dicom(tmp_path / "mf.dcm", frames))
-    assert s.meta["n_frames"] == 3 and s.meta["frame_index"] == 1
+    p = write_dicom(tmp_path / "mf.dcm", frames)
+    scans = read_scans(p, nifti_slices="all")
+    assert [s.key for s in scans] == [f"{p}#z={k:02d}" for k in range(3)]  # every frame, each named
+    assert [s.meta["frame_index"] for s in scans] == [0, 1, 2] and all(s.meta["n_frames"] == 3 for s in scans)
+    s = read_scan(p)  # the middle frame
+    assert s.meta["frame_index"] == 1 and s.key == f"{p}#z=01"
     assert s.meta["orig_shape"] == (3, 3, 4) and s.image.shape == (3, 4)
-    assert s.image[-1, 0] == 0 and s.image[0, -1] == 255
+    assert s.image[-1, 0] == 0 and np.argmax(s.image[0]) == 3  # the reversed ramp
+    # one intensity range for the series, as for a volume: the brightest voxel is in the last frame
+    assert scans[2].image.max() == 255 and scans[0].image.max() < scans[1].image.max() < 255
+    assert [x.key for x in read_scans(p, nifti_slices=[2])] == [f"{p}#z=02"]
+
+
+def test_dicom_colour_is_luma_whatever_the_photometric(tmp_path):
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    def write(name, rgb, photometric):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(tmp_path / name), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PlanarConfiguration = 2, 6, 3, 0
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        if photometric == "YBR_FULL":
+            rgb = pydicom.pixels.convert_color_space(rgb, "RGB", "YBR_FULL")
+        ds.PixelData = np.ascontiguousarray(rgb, np.uint8).tobytes()
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        return read_scan(tmp_path / name).image
+
+    rgb = np.zeros((2, 6, 3), np.uint8)
+    rgb[:, :2, 1] = 255  # green: luma 150
+    rgb[:, 2:4, 0] = 255  # red: luma 76
+    rgb[:, 4:, 2] = 255  # blue: luma 29
+    for photometric in ("RGB", "YBR_FULL"):
+        image = write(f"{photometric}.dcm", rgb, photometric)
+        # min-max after luma: green 255, red (76 - 29) / (150 - 29) of the range, blue 0
+        assert (image[0, 0], image[0, 5]) == (255, 0), photometric
+        assert abs(int(image[0, 2]) - round(255 * 47 / 121)) <= 3, photometric
 
 
 def test_dicom_without_pixel_data(tmp_path):
@@ -328,13 +438,66 @@ def test_nifti_all_keys_orientation_and_spacing(tmp_path):
         assert s.meta["slice_index"] == z and s.meta["format"] == "nifti"
         assert s.meta["orig_shape"] == (32, 24, 5) and s.meta["spacing"] == pytest.approx((0.8, 0.9))
     assert not scans[0].image.any() and not scans[4].image.any()
-    # flipud(vol[:, :, z].T): voxel (x=1, y=Y-2) lands at row 1, col 1
+    # radiology display of an RAS file: voxel (x=1, y=Y-2) lands at row 1 (anterior at the top) and
+    # col X-2 (the patient's right, +x, on the screen's left)
     img = scans[2].image
-    assert img[1, 1] == 255 and np.unravel_index(np.argmax(img), img.shape) == (1, 1)
-    # increasing y runs upwards in the display, increasing x runs right
-    assert img[20, 10] < img[5, 10] and img[10, 5] < img[10, 20]
+    assert img[1, 30] == 255 and np.unravel_index(np.argmax(img), img.shape) == (1, 30)
+    # increasing y (anterior) runs upwards in the display, increasing x (right) runs left
+    assert img[20, 10] < img[5, 10] and img[10, 5] > img[10, 20]
+    assert all(s.meta["plane"] == "axial" and s.meta["slice_thickness"] == pytest.approx(3.0) for s in scans)
     # one window per volume: the same voxel ramp is brighter on later slices
     assert scans[1].image[10, 10] < scans[2].image[10, 10] < scans[3].image[10, 10]
+
+
+def _marker_volume(shape, at):
+    vol = np.full(shape, 50, np.float32)
+    vol[at] = 1000
+    return vol
+
+
+def _argmax(image):
+    return tuple(int(v) for v in np.unravel_index(np.argmax(image), image.shape))
+
+
+def test_nifti_coronal_and_sagittal_stacks_are_cut_in_their_own_plane(tmp_path):
+    # a coronal stack: voxel axes run toward R, S, A, 5 thick slices of 64 x 48
+    coronal = np.array([[0.9, 0, 0, 0], [0, 0, 6.0, 0], [0, 0.8, 0, 0], [0, 0, 0, 1]])
+    p = write_nifti(tmp_path / "cor.nii.gz", _marker_volume((64, 48, 5), (60, 40, 2)), affine=coronal,
+                    zooms=(0.9, 0.8, 6.0))
+    scans = read_scans(p, nifti_slices="all")
+    assert [s.key for s in scans] == [f"{p}#z={z:02d}" for z in range(5)]  # 5 slices, not 48 strips
+    s = scans[2]
+    assert s.image.shape == (48, 64) and s.meta["plane"] == "coronal"
+    assert s.meta["spacing"] == pytest.approx((0.8, 0.9)) and s.meta["slice_thickness"] == pytest.approx(6.0)
+    # superior (voxel y = 40 of 48) near the top; the patient's right (voxel x = 60 of 64) on the left
+    assert _argmax(s.image) == (47 - 40, 63 - 60)
+    # a sagittal stack: voxel axes run toward A, S, R; anterior on the left, superior at the top
+    sagittal = np.array([[0, 0, 5.0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])
+    q = write_nifti(tmp_path / "sag.nii", _marker_volume((40, 30, 3), (35, 25, 1)), affine=sagittal)
+    (t,) = read_scans(q, nifti_slices=[1])
+    assert t.image.shape == (30, 40) and t.meta["plane"] == "sagittal"
+    assert _argmax(t.image) == (29 - 25, 39 - 35)
+
+
+def test_nifti_slices_keep_the_file_numbering_and_turn_the_same_as_ras(tmp_path):
+    ras = write_nifti(tmp_path / "ras.nii", _marker_volume((20, 16, 6), (3, 12, 4)))
+    # the same anatomy stored L-P-I: every axis reversed, so file slice 6-1-4 = 1 holds the marker
+    lpi_affine = np.diag([-1.0, -1.0, -1.0, 1.0])
+    lpi_affine[:3, 3] = [19, 15, 5]
+    lpi = write_nifti(tmp_path / "lpi.nii", _marker_volume((20, 16, 6), (16, 3, 1)), affine=lpi_affine)
+    (a,) = read_scans(ras, nifti_slices=[4])
+    (b,) = read_scans(lpi, nifti_slices=[1])
+    assert b.key.endswith("lpi.nii#z=01") and b.meta["slice_index"] == 1
+    np.testing.assert_array_equal(a.image, b.image)  # what a viewer shows: the same picture
+
+
+def test_nifti_2d_reads_like_a_volume_of_one_slice(tmp_path):
+    plane = _marker_volume((6, 8), (5, 7))
+    flipped = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flat = read_scan(write_nifti(tmp_path / "flat.nii", plane, affine=flipped))
+    one = read_scan(write_nifti(tmp_path / "one.nii", plane[:, :, None], affine=flipped))
+    np.testing.assert_array_equal(flat.image, one.image)
+    assert _argmax(flat.image) == (0, 5)  # x runs toward the left (-1): voxel x = 5 is the 6th column
 
 
 def test_nifti_selection_modes(tmp_path):

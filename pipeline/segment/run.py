@@ -218,7 +218,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="reader threads")
     p.add_argument("--nifti-slices", type=parse_nifti_slices, default="nonempty",
-                   help="all | middle | nonempty | comma list: which axial slices of a NIfTI volume")
+                   help="all | middle | nonempty | comma list: which slices of a NIfTI volume or frames of a "
+                        "multi-frame DICOM")
 
 
 def run(args) -> int:
