@@ -125,17 +125,27 @@ def _percentile_interval(values: np.ndarray, alpha: float) -> tuple[float, float
     return (float(lo), float(hi))
 
 
+def _resampled_metrics(y_true, y_pred, n_boot: int, seed: int, n_classes: int) -> dict[str, np.ndarray]:
+    """:func:`metrics_from_confusions` of the resamples, precision NaN where a class was never predicted."""
+    cms = _resampled_confusions(y_true, y_pred, n_boot, seed, n_classes)
+    stats = metrics_from_confusions(cms)
+    # a resample without a prediction of the class has no precision (0/0); counting it as the point
+    # estimate's 0 would pull the lower bound to 0 for a class that is always right when predicted
+    stats["precision"] = np.where(cms.sum(-2) > 0, stats["precision"], np.nan)
+    return stats
+
+
 def bootstrap_ci(y_true: Sequence[int], y_pred: Sequence[int], metric="accuracy", n_boot: int = 1000,
                  seed: int = 0, alpha: float = 0.05, n_classes: int = len(CLASSES)) -> tuple[float, float]:
     """Percentile-bootstrap ``1 - alpha`` interval of ``metric`` over resampled (true, pred) pairs.
 
     ``metric``: ``"accuracy"``, ``"macro_f1"``, or ``("recall" | "precision" | "f1", class_idx)``.
-    Resamples where the metric is undefined (e.g. a class drawn zero times) are skipped;
-    an empty input gives ``(nan, nan)``. Deterministic for a given ``seed``.
+    Resamples where the metric is undefined (e.g. a class drawn zero times, or for precision
+    never predicted) are skipped; an empty input gives ``(nan, nan)``. Deterministic for a given ``seed``.
     """
     if len(y_true) == 0:
         return (math.nan, math.nan)
-    stats = metrics_from_confusions(_resampled_confusions(y_true, y_pred, n_boot, seed, n_classes))
+    stats = _resampled_metrics(y_true, y_pred, n_boot, seed, n_classes)
     return _percentile_interval(_metric_values(stats, metric), alpha)
 
 
@@ -146,7 +156,7 @@ def bootstrap_cis(y_true: Sequence[int], y_pred: Sequence[int], classes: Sequenc
     if len(y_true) == 0:
         nan = (math.nan, math.nan)
         return {"accuracy": nan, "macro_f1": nan, **{k: {c: nan for c in classes} for k in ("recall", "precision", "f1")}}
-    stats = metrics_from_confusions(_resampled_confusions(y_true, y_pred, n_boot, seed, len(classes)))
+    stats = _resampled_metrics(y_true, y_pred, n_boot, seed, len(classes))
     out: dict = {m: _percentile_interval(stats[m], alpha) for m in ("accuracy", "macro_f1")}
     for kind in ("recall", "precision", "f1"):
         out[kind] = {c: _percentile_interval(stats[kind][:, i], alpha) for i, c in enumerate(classes)}
@@ -162,7 +172,7 @@ def mcnemar(y_true: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int])
 
     ``b``: samples A gets right and B wrong; ``c``: B right, A wrong. With ``b + c < 25`` the
     exact two-sided binomial test (``statistic`` = min(b, c)), otherwise chi-square with 1
-    degree of freedom and continuity correction, ``(|b - c| - 1)^2 / (b + c)``.
+    degree of freedom and continuity correction, ``max(|b - c| - 1, 0)^2 / (b + c)``.
     """
     from scipy import stats
 
@@ -175,7 +185,8 @@ def mcnemar(y_true: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int])
         p = 1.0 if b + c == 0 else float(stats.binomtest(min(b, c), b + c, 0.5).pvalue)
         statistic, method = float(min(b, c)), "exact binomial"
     else:
-        statistic = (abs(b - c) - 1) ** 2 / (b + c)
+        # the correction must not overshoot: b == c is no evidence at all (statistic 0, p = 1)
+        statistic = max(abs(b - c) - 1, 0) ** 2 / (b + c)
         p, method = float(stats.chi2.sf(statistic, 1)), "chi-square, continuity-corrected"
     return {"b": b, "c": c, "statistic": float(statistic), "p_value": min(1.0, p), "method": method,
             "n": int(len(y_true))}

@@ -65,7 +65,11 @@ def write_predictions(path: str | os.PathLike, paths: Sequence[str], y_true: Seq
 
 def read_predictions(path: str | os.PathLike) -> dict:
     """Read a predictions CSV -> ``{"paths": list[str], "y_true": (N,), "y_pred": (N,), "probs": (N, 4) or None,
-    "found": list[str], "source": str}``. Raises ValueError naming what is missing."""
+    "found": list[str], "skipped": list[str], "source": str}``. Raises ValueError naming what is missing.
+
+    ``skipped``: paths of the rows ``predict`` could not read (status error, no label), in file
+    order; they are not classifications, so they are left out of every metric but counted.
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "predictions.csv"
@@ -91,9 +95,10 @@ def read_predictions(path: str | os.PathLike) -> dict:
             return False
         return pred_col != "label" or bool(row.get("label"))
 
-    paths, y_true, y_pred, kept = [], [], [], []
+    paths, y_true, y_pred, kept, skipped = [], [], [], [], []
     for i, row in enumerate(rows, start=2):
         if not scored(row):
+            skipped.append(row["path"])
             continue
         if from_folder:
             parent = Path(row["path"]).parent.name
@@ -111,7 +116,8 @@ def read_predictions(path: str | os.PathLike) -> dict:
     if all(c in cols for c in prob_cols) and all(r[c] not in ("", None) for r in kept for c in prob_cols):
         probs = np.array([[float(r[c]) for c in prob_cols] for r in kept], np.float64).reshape(-1, len(CLASSES))
     return {"paths": paths, "y_true": np.array(y_true, np.int64), "y_pred": np.array(y_pred, np.int64),
-            "probs": probs, "found": [r.get("found", "") or "" for r in kept], "source": str(path)}
+            "probs": probs, "found": [r.get("found", "") or "" for r in kept], "skipped": skipped,
+            "source": str(path)}
 
 
 # --- matching paths to clean_test.txt -------------------------------------------------------------
@@ -122,6 +128,13 @@ def _resolved(p: str) -> str:
 
 def _tail(p: str, k: int = 3) -> str:
     return "/".join(Path(str(p).replace("\\", "/")).parts[-k:])
+
+
+#: How paths of two lists are matched, in order: resolved, then ``Testing/<class>/<file>``, then
+#: ``<class>/<file>`` (``predict`` writes paths relative to its input). Shared by :func:`clean_mask`
+#: and the pairing of runs in :mod:`pipeline.report`.
+PATH_KEYS = (("resolved path", _resolved), ("last three path components", lambda p: _tail(p, 3)),
+             ("last two path components", lambda p: _tail(p, 2)))
 
 
 def clean_mask(paths: Sequence[str], clean: set[str]) -> tuple[np.ndarray, str]:
@@ -135,13 +148,13 @@ def clean_mask(paths: Sequence[str], clean: set[str]) -> tuple[np.ndarray, str]:
     mask = np.array([_resolved(p) in clean for p in paths], bool)
     if mask.any() or not paths or not clean:
         return mask, "resolved path"
-    for k, words in ((3, "three"), (2, "two")):  # Testing/<class>/<file>; <class>/<file> as predict writes it
-        tails = {_tail(c, k) for c in clean}
-        tail_mask = np.array([_tail(p, k) in tails for p in paths], bool)
+    for how, key in PATH_KEYS[1:]:
+        tails = {key(c) for c in clean}
+        tail_mask = np.array([key(p) in tails for p in paths], bool)
         if tail_mask.any():
             print(f"warning: no path matched the clean list after resolving against {Path.cwd()}; matched "
-                  f"{int(tail_mask.sum())} by their last {words} components instead", file=sys.stderr)
-            return tail_mask, f"last {words} path components"
+                  f"{int(tail_mask.sum())} by their {how.replace(' path', '')} instead", file=sys.stderr)
+            return tail_mask, how
     print(f"warning: none of the {len(paths)} paths is in the clean list (compared as resolved paths and by "
           f"their last three or two components): the clean subset is empty", file=sys.stderr)
     return mask, "resolved path"
@@ -183,10 +196,11 @@ def metrics_with_ci(y_true: Sequence[int], y_pred: Sequence[int], n_boot: int = 
 
 def evaluate_predictions(pred: dict, clean: set[str] | None = None, n_boot: int = 1000, seed: int = 0,
                          alpha: float = 0.05, subsets: dict[str, set[str]] | None = None) -> dict:
-    """``{"all": metrics, "clean": metrics or absent, "subsets": {name: metrics} or absent}``
-    for a :func:`read_predictions` result. ``subsets`` are named path sets (resolved, as
+    """``{"n_skipped": rows not scored, "all": metrics, "clean": metrics or absent, "subsets": {name: metrics}
+    or absent}`` for a :func:`read_predictions` result. ``subsets`` are named path sets (resolved, as
     :func:`pipeline.audit.load_clean_list` gives), e.g. the Testing slices of one source."""
     out = {"bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha},
+           "n_skipped": len(pred.get("skipped", ())),
            "all": metrics_with_ci(pred["y_true"], pred["y_pred"], n_boot, seed, alpha)}
     if clean is not None:
         mask, how = clean_mask(pred["paths"], clean)
@@ -316,24 +330,36 @@ def run(args) -> int:
     (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
     summary = {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4), "macro_f1": round(v["macro_f1"], 4)}
                for k, v in [*result.items(), *result.get("subsets", {}).items()]
-               if k not in ("source", "bootstrap", "subsets") and v["n"]}
-    print(json.dumps({"out": str(out), **summary}))
+               if k not in ("source", "bootstrap", "subsets", "n_skipped") and v["n"]}
+    if result["n_skipped"]:
+        print(f"warning: {result['n_skipped']} rows of {pred['source']} were not scored (read errors) and are "
+              f"left out of every metric", file=sys.stderr)
+    skipped = {"n_skipped": result["n_skipped"]} if result["n_skipped"] else {}
+    print(json.dumps({"out": str(out), **summary, **skipped}))
     return 0
 
 
 def _write_rows(dest: Path, pred: dict, probs: np.ndarray) -> None:
-    """Re-write a foreign predictions CSV in our column layout (pred kept as given, not re-derived)."""
+    """Re-write a foreign predictions CSV in our column layout (pred kept as given, not re-derived).
+
+    Rows that were not scored are kept, with a ``status`` column saying ``error``, so that
+    ``compare`` on this folder still counts them.
+    """
     dest.parent.mkdir(parents=True, exist_ok=True)
+    skipped = pred.get("skipped", [])
     with open(dest, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(PRED_COLUMNS)
+        w.writerow(PRED_COLUMNS + (["status"] if skipped else []))
+        ok = ["ok"] if skipped else []
         for i, p in enumerate(pred["paths"]):
             k = int(pred["y_pred"][i])
             pr = probs[i]
             fmt = (lambda v: "" if np.isnan(v) else f"{v:.6f}")
             w.writerow([p, CLASSES[int(pred["y_true"][i])], CLASSES[k], fmt(pr[k]), *[fmt(v) for v in pr],
-                        pred["found"][i] if i < len(pred["found"]) else ""])
+                        pred["found"][i] if i < len(pred["found"]) else "", *ok])
+        for p in skipped:
+            w.writerow([p, *[""] * (len(PRED_COLUMNS) - 1), "error"])
 
 
-__all__ = ("PRED_COLUMNS", "read_predictions", "write_predictions", "clean_mask", "evaluate_predictions",
-                          "metrics_with_ci", "predict_cache", "add_arguments", "run")
+__all__ = ("PRED_COLUMNS", "PATH_KEYS", "read_predictions", "write_predictions", "clean_mask",
+           "evaluate_predictions", "metrics_with_ci", "predict_cache", "add_arguments", "run")

@@ -2,10 +2,11 @@
 
 Each run is a ``predictions.csv`` (from ``evaluate-cls`` or any model writing the same columns).
 The report gives accuracy, macro-F1, per-class recall then precision (a missed tumor costs most)
-with percentile-bootstrap 95% intervals, McNemar tests of paired runs (same model, different
-input mode, e.g. ``lite0-masked`` vs ``lite0-full``), confusion matrices, a forest plot of
-accuracy and macro-F1, and optionally a Grad-CAM panel. Output: ``report.md`` (figures linked),
-``report.html`` (figures embedded, one self-contained file), ``compare.json`` and the PNGs.
+with percentile-bootstrap intervals (95% unless ``--alpha`` says otherwise), McNemar tests of
+paired runs (same model, different input mode, e.g. ``lite0-masked`` vs ``lite0-full``),
+confusion matrices, a forest plot of accuracy and macro-F1, and optionally a Grad-CAM panel.
+Output: ``report.md`` (figures linked), ``report.html`` (figures embedded, one self-contained file),
+``compare.json`` and the PNGs.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ import numpy as np
 
 from pipeline import CLASSES
 from pipeline.evaluate import mcnemar
-from pipeline.evaluate_cls import _jsonable, clean_mask, load_clean, metrics_with_ci, parse_subsets, read_predictions
+from pipeline.evaluate_cls import (PATH_KEYS, _jsonable, clean_mask, load_clean, metrics_with_ci, parse_subsets,
+                                   read_predictions)
 
 MODES = ("full", "crop", "masked")
 #: A class whose clean count is below this, or below SMALL_FRACTION of its full count, is flagged.
@@ -100,12 +102,10 @@ def parse_runs(specs: Sequence[str]) -> dict[str, Path]:
 # --- paired comparison ---------------------------------------------------------------------------
 
 def _align(pa: dict, pb: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Indices into a and b of the images both runs scored (matched by resolved path, else by the
-    last three path components)."""
-    from pipeline.evaluate_cls import _resolved, _tail
-
+    """Indices into a and b of the images both runs scored (matched by resolved path, else by the last
+    three, else the last two path components, as :func:`pipeline.evaluate_cls.clean_mask` matches)."""
     best = (np.zeros(0, int), np.zeros(0, int))
-    for key in (_resolved, _tail):
+    for _, key in PATH_KEYS:
         ka = {key(p): i for i, p in enumerate(pa["paths"])}
         ib, ia = [], []
         for j, p in enumerate(pb["paths"]):
@@ -132,6 +132,8 @@ def paired_test(pa: dict, pb: dict, mask_a: np.ndarray | None = None) -> dict:
                          f"labels; are they the same test set?")
     y = pa["y_true"][ia]
     res = mcnemar(y, pa["y_pred"][ia], pb["y_pred"][ib])
+    if not len(y):  # nothing to test: no statistic, and p = 1 would read as a result
+        res["statistic"] = res["p_value"] = float("nan")
     res["acc_a"] = float(np.mean(pa["y_pred"][ia] == y)) if len(y) else float("nan")
     res["acc_b"] = float(np.mean(pb["y_pred"][ib] == y)) if len(y) else float("nan")
     return res
@@ -141,11 +143,13 @@ def describe_pair(a: str, b: str, res: dict, subset: str, alpha: float = 0.05) -
     """One plain sentence: the accuracy difference, the discordant counts and the p-value, no more."""
     n = res["n"]
     if n == 0:
-        return f"{subset}: no images scored by both {a} and {b}."
+        images = "images" if subset == "ALL" else f"{subset} images"  # CLEAN: they may share others
+        return (f"{subset}: {a} and {b} share no {images} (compared by resolved path and by the last three or "
+                f"two path components), so there is nothing to test.")
     diff = 100 * (res["acc_a"] - res["acc_b"])
     lead = (f"{subset} (n={n}): {a} {100 * res['acc_a']:.1f}% vs {b} {100 * res['acc_b']:.1f}% accuracy "
             f"({diff:+.1f} points); {res['b'] + res['c']} images right for only one of them "
-            f"({res['b']} only {a}, {res['c']} only {b}); McNemar ({res['method']}) {_fmt_p(res['p_value'])}.")
+            f"({res['b']} only {a}, {res['c']} only {b}); McNemar ({res['method']}) {_fmt_p(res['p_value'], alpha)}.")
     if res["b"] + res["c"] == 0:
         return lead + " The two runs are right on exactly the same images."
     if res["p_value"] < alpha:
@@ -156,9 +160,21 @@ def describe_pair(a: str, b: str, res: dict, subset: str, alpha: float = 0.05) -
             f"(which is not evidence that they are equal).")
 
 
-def _fmt_p(p: float) -> str:
-    """``p = 0.039`` or ``p < 0.001``."""
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+def _fmt_p(p: float, alpha: float = 0.05) -> str:
+    """``p = 0.039`` or ``p < 0.001``; more decimals where three would round p across ``alpha``
+    (0.04995 is ``p = 0.04995``, not ``p = 0.050`` next to "significant at 0.05")."""
+    if p < 0.001 <= alpha:
+        return "p < 0.001"
+    for decimals in range(3, 16):
+        text = f"{p:.{decimals}f}"
+        if (float(text) < alpha) == (p < alpha) and (float(text) > 0 or p == 0):
+            return f"p = {text}"
+    return f"p = {p!r}"
+
+
+def _level(alpha: float) -> str:
+    """The confidence level of ``alpha`` as printed: ``95%``, ``90%``, ``99.5%``."""
+    return f"{100 * (1 - alpha):g}%"
 
 
 # --- figures ------------------------------------------------------------------------------------
@@ -174,6 +190,20 @@ def _plt():
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _unique_stems(names: Sequence[str]) -> dict[str, str]:
+    """``{name: file-safe stem}``, distinct per name: ``a full`` and ``a_full`` would both be ``a_full``,
+    so the later one gets ``a_full-2``. Names that collide with nothing keep their plain stem."""
+    stems, taken = {}, set()
+    for name in names:
+        stem, k = _safe(name), 2
+        # compared case-blind: on macOS or Windows `A.png` and `a.png` are one file
+        while stem.lower() in taken:
+            stem, k = f"{_safe(name)}-{k}", k + 1
+        stems[name] = stem
+        taken.add(stem.lower())
+    return stems
 
 
 def plot_confusions(name: str, metrics: dict[str, dict], out_png: Path) -> Path:
@@ -200,7 +230,7 @@ def plot_confusions(name: str, metrics: dict[str, dict], out_png: Path) -> Path:
     return out_png
 
 
-def plot_forest(results: dict[str, dict], out_png: Path) -> Path:
+def plot_forest(results: dict[str, dict], out_png: Path, alpha: float = 0.05) -> Path:
     """Accuracy and macro-F1 with their intervals, ALL vs CLEAN, one row per run."""
     plt = _plt()
     names = list(results)
@@ -222,7 +252,7 @@ def plot_forest(results: dict[str, dict], out_png: Path) -> Path:
                             label=f"{key.upper()}" if metric == "accuracy" else None)
         ax.set_yticks(range(len(names)), names)
         ax.invert_yaxis()
-        ax.set_xlabel(f"{'accuracy' if metric == 'accuracy' else 'macro-F1'} (95% bootstrap CI)")
+        ax.set_xlabel(f"{'accuracy' if metric == 'accuracy' else 'macro-F1'} ({_level(alpha)} bootstrap CI)")
         ax.grid(axis="x", alpha=0.3)
     axes[0, 0].legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -242,18 +272,25 @@ def _cell(m: dict | None, value, ci) -> str:
     return f"{value:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _predicted(m: dict, c: str) -> int:
+    """How many images ``m`` predicted as class ``c`` (a column of its confusion matrix)."""
+    return int(np.asarray(m["confusion"])[:, CLASSES.index(c)].sum())
+
+
 def run_table(m_all: dict, m_clean: dict | None) -> list[list[str]]:
-    """Rows [metric, ALL, CLEAN]: accuracy, macro-F1, recall per class, then precision per class."""
+    """Rows [metric, ALL, CLEAN]: accuracy, macro-F1, recall per class, then precision per class.
+    A recall row's n counts the images of the class, a precision row's the images predicted as it."""
     header = ["metric", f"ALL (n={m_all['n']})", f"CLEAN (n={m_clean['n']})" if m_clean else "CLEAN"]
     rows = [header]
     for key, label in (("accuracy", "accuracy"), ("macro_f1", "macro-F1")):
         rows.append([label, _cell(m_all, m_all[key], m_all["ci"][key]),
                      _cell(m_clean, m_clean[key], m_clean["ci"][key]) if m_clean else "–"])
-    for kind in ("recall", "precision"):
+    for kind, count, says in (("recall", lambda m, c: m["per_class"][c]["support"], "n"),
+                              ("precision", _predicted, "predicted n")):
         for c in CLASSES:
-            n_all = m_all["per_class"][c]["support"]
-            n_clean = m_clean["per_class"][c]["support"] if m_clean else None
-            label = f"{kind} {c} (n={n_all}" + (f"/{n_clean})" if m_clean else ")")
+            n_all = count(m_all, c)
+            n_clean = count(m_clean, c) if m_clean else None
+            label = f"{kind} {c} ({says}={n_all}" + (f"/{n_clean})" if m_clean else ")")
             rows.append([label, _cell(m_all, m_all["per_class"][c][kind], m_all["ci"][kind][c]),
                          _cell(m_clean, m_clean["per_class"][c][kind], m_clean["ci"][kind][c]) if m_clean else "–"])
     return rows
@@ -300,9 +337,16 @@ def tumor_table(results: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def _md_escape(text: str) -> str:
+    """Markdown-safe text: a ``|`` would end a table cell, ``<``/``>`` could open an HTML tag."""
+    return (str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+            .replace("\n", " "))
+
+
 def _md_table(rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    cells = [[_md_escape(c) for c in r] for r in rows]
+    out = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(cells[0])]
+    out += ["| " + " | ".join(r) + " |" for r in cells[1:]]
     return "\n".join(out)
 
 
@@ -314,25 +358,44 @@ def _html_table(rows: list[list[str]]) -> str:
 
 # --- the report ---------------------------------------------------------------------------------
 
-def header_notes(results: dict[str, dict], clean_size: int | None) -> list[str]:
-    """Dataset lines: n and per-class n on ALL and CLEAN, flagging classes the clean subset has few of."""
-    first = next(iter(results.values()))
-    a = first["all"]
-    per_all = {c: a["per_class"][c]["support"] for c in CLASSES}
-    lines = [f"ALL = every scored Testing image: n = {a['n']} ("
-             + ", ".join(f"{c} {per_all[c]}" for c in CLASSES) + ").",
-             "Macro-F1 averages the classes present in a set's truth: a class absent from it (no tumor in a "
-             "tumor-only source, say) is left out even where it was predicted; those predictions still lower "
-             "the recall of the classes they were taken from."]
-    c = first.get("clean")
-    if c is None:
+def _class_counts(m: dict) -> str:
+    return f"n = {m['n']} (" + ", ".join(f"{c} {m['per_class'][c]['support']}" for c in CLASSES) + ")"
+
+
+def _per_run(results: dict[str, dict], describe) -> str:
+    """``describe(run result)`` once when it is the same for every run, else ``name text`` per run."""
+    texts = {name: describe(r) for name, r in results.items()}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return "; ".join(f"{name}: {t}" for name, t in texts.items())
+
+
+def header_notes(results: dict[str, dict], clean_size: int | None, alpha: float = 0.05) -> list[str]:
+    """Dataset lines: n and per-class n on ALL and CLEAN (per run where runs differ), rows a run could
+    not score, and classes the clean subset has few of."""
+    lines = [f"ALL = every scored Testing image: {_per_run(results, lambda r: _class_counts(r['all']))}."]
+    skipped = [(name, r.get("n_skipped", 0)) for name, r in results.items() if r.get("n_skipped", 0)]
+    if skipped:
+        lines.append("; ".join(f"{name}: {k} row{'s' if k > 1 else ''} not scored (read errors), excluded"
+                               for name, k in skipped) + ".")
+    lines.append("Macro-F1 averages the classes present in a set's truth: a class absent from it (no tumor in a "
+                 "tumor-only source, say) is left out even where it was predicted; those predictions still lower "
+                 "the recall of the classes they were taken from.")
+    intervals = (f"Intervals: {_level(alpha)} percentile bootstrap over images (a percentile interval cannot reach "
+                 f"past an observed 0% or 100%, so for a small class it is too narrow, e.g. [1.000, 1.000]). Recall "
+                 f"is listed before precision: a missed tumor costs most.")
+    if any(r.get("clean") is None for r in results.values()):
         lines.append("No clean list was given (`--clean`): only ALL is reported; ALL includes Testing images "
                      "that have near-copies in Training, so its scores are optimistic.")
-        return lines
-    per_clean = {k: c["per_class"][k]["support"] for k in CLASSES}
+        return lines + [intervals]
     lines.append(f"CLEAN = Testing images with no near-copy in Training (audit; {clean_size} listed, "
-                 f"{c['n']} matched here, by {c.get('matched_by', 'resolved path')}): n = {c['n']} ("
-                 + ", ".join(f"{k} {per_clean[k]}" for k in CLASSES) + ").")
+                 + _per_run(results, lambda r: f"{r['clean']['n']} matched here, by "
+                                               f"{r['clean'].get('matched_by', 'resolved path')}): "
+                                               f"{_class_counts(r['clean'])}")
+                 + ".")
+    # flag a class by the run that has the fewest clean images of it
+    per_all = {k: max(r["all"]["per_class"][k]["support"] for r in results.values()) for k in CLASSES}
+    per_clean = {k: min(r["clean"]["per_class"][k]["support"] for r in results.values()) for k in CLASSES}
     small = [k for k in CLASSES if per_clean[k] < SMALL_N or per_clean[k] < SMALL_FRACTION * max(per_all[k], 1)]
     if small:
         small.sort(key=lambda k: per_clean[k] / max(per_all[k], 1))
@@ -340,10 +403,7 @@ def header_notes(results: dict[str, dict], clean_size: int | None) -> list[str]:
                                                               for k in small)
                      + ": their recall/precision intervals on CLEAN are wide, and CLEAN accuracy/macro-F1 weigh "
                        "the classes differently from ALL, so ALL vs CLEAN is not a like-for-like comparison.")
-    lines.append("Intervals: 95% percentile bootstrap over images (a percentile interval cannot reach past an "
-                 "observed 0% or 100%, so for a small class it is too narrow, e.g. [1.000, 1.000]). Recall is listed "
-                 "before precision: a missed tumor costs most.")
-    return lines
+    return lines + [intervals]
 
 
 def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None = None,
@@ -364,7 +424,8 @@ def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None 
     preds = {name: read_predictions(path) for name, path in runs.items()}
     results, masks = {}, {}
     for name, p in preds.items():
-        r = {"source": p["source"], "all": metrics_with_ci(p["y_true"], p["y_pred"], n_boot, seed, alpha)}
+        r = {"source": p["source"], "n_skipped": len(p.get("skipped", ())),
+             "all": metrics_with_ci(p["y_true"], p["y_pred"], n_boot, seed, alpha)}
         if clean is not None:
             mask, how = clean_mask(p["paths"], clean)
             masks[name] = mask
@@ -386,10 +447,11 @@ def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None 
         tests.append(t)
 
     figures: list[tuple[str, str]] = []
-    forest = plot_forest(results, out / "accuracy_ci.png")
-    figures.append(("Accuracy and macro-F1 with 95% CI, ALL vs CLEAN", forest.name))
+    forest = plot_forest(results, out / "accuracy_ci.png", alpha)
+    figures.append((f"Accuracy and macro-F1 with {_level(alpha)} CI, ALL vs CLEAN", forest.name))
+    stems = _unique_stems(list(results))
     for name in results:
-        png = plot_confusions(name, results[name], out / f"confusion_{_safe(name)}.png")
+        png = plot_confusions(name, results[name], out / f"confusion_{stems[name]}.png")
         figures.append((f"Confusion matrix: {name}", png.name))
     gradcam_png = None
     if gradcam_cls or gradcam_data:
@@ -398,7 +460,7 @@ def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None 
         gradcam_png = _gradcam(gradcam_cls, gradcam_data, out / "gradcam.png", gradcam_n, seed, device)
         figures.append((f"Grad-CAM: {gradcam_cls} on a sample of right and wrong predictions", gradcam_png.name))
 
-    notes = header_notes(results, len(clean) if clean is not None else None)
+    notes = header_notes(results, len(clean) if clean is not None else None, alpha)
     md = _markdown(title, notes, results, tests, figures, alpha, len(pair_list))
     (out / "report.md").write_text(md)
     (out / "report.html").write_text(_html(title, notes, results, tests, figures, alpha, len(pair_list), out))
@@ -431,10 +493,12 @@ def _pair_section(tests: list[dict], alpha: float, n_pairs: int) -> list[str]:
     for t in tests:
         lines.append(f"**{t['a']} vs {t['b']}**")
         for key in ("all", "clean"):
-            if key in t:
+            if key in t and not t[key]["n"]:
+                lines.append(f"- McNemar {key.upper()}: not run. {t[key]['text']}")
+            elif key in t:
                 r = t[key]
                 lines.append(f"- McNemar {key.upper()}: b = {r['b']}, c = {r['c']}, statistic = {r['statistic']:.3f}, "
-                             f"{_fmt_p(r['p_value'])} ({r['method']}, n = {r['n']}). "
+                             f"{_fmt_p(r['p_value'], alpha)} ({r['method']}, n = {r['n']}). "
                              f"What this shows: {r['text']}")
     if n_pairs > 1:
         lines.append(f"\n{n_pairs} pairs are tested on each subset and the p-values are not adjusted; with a "
@@ -446,7 +510,8 @@ def _markdown(title, notes, results, tests, figures, alpha, n_pairs) -> str:
     parts = [f"# {title}", "", *[f"- {n}" for n in notes], "", "## Summary", "", _md_table(summary_table(results)), "",
              "## Is there a tumor?", "", TUMOR_NOTE, "", _md_table(tumor_table(results)), ""]
     for name, r in results.items():
-        parts += [f"## {name}", "", f"Predictions: `{r['source']}`", "", _md_table(run_table(r["all"], r.get("clean"))), ""]
+        parts += [f"## {_md_escape(name)}", "", f"Predictions: `{r['source']}`", "",
+                  _md_table(run_table(r["all"], r.get("clean"))), ""]
     parts += ["## Paired runs (McNemar)", ""]
     parts += _pair_section(tests, alpha, n_pairs) if tests else [
         "No paired runs (name runs `<model>-<mode>`, e.g. `lite0-masked` and `lite0-full`, or pass `--pairs A:B`)."]

@@ -235,3 +235,141 @@ def test_compare_reports_tumor_found_on_a_subset(tmp_path):
     assert sub["accuracy"] == pytest.approx(np.mean(full[:40] == y[:40]))
     md = (tmp_path / "report" / "report.md").read_text()
     assert "tumor found heldout" in md and f"{100 * found / len(tumor):.1f}%" in md
+
+
+# --- bugs found in review of the metrics/report code; each test failed before its fix ------------
+
+def test_report_prints_the_interval_level_of_alpha(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from pipeline.evaluate_cls import metrics_with_ci
+    from pipeline.report import build_report, plot_forest
+
+    _, _, _, runs = _runs(tmp_path)
+    build_report({k: Path(v) for k, v in runs.items()}, tmp_path / "r90", n_boot=50, alpha=0.1)
+    md = (tmp_path / "r90" / "report.md").read_text()
+    assert "90% percentile bootstrap" in md and "with 90% CI" in md and "95%" not in md
+    assert json.loads((tmp_path / "r90" / "compare.json").read_text())["results"]["yolo"]["all"]["ci_level"] == 0.9
+    # the forest plot's axis says it too
+    closed = []
+    monkeypatch.setattr(plt, "close", closed.append)
+    y = np.arange(40) % 4
+    plot_forest({"x": {"all": metrics_with_ci(y, y, n_boot=20, alpha=0.01)}}, tmp_path / "f.png", alpha=0.01)
+    assert closed[0].axes[0].get_xlabel() == "accuracy (99% bootstrap CI)"
+    monkeypatch.undo()
+    plt.close(closed[0])
+
+
+def test_confusion_pngs_of_runs_with_one_safe_name_do_not_overwrite_each_other(tmp_path):
+    from pipeline import report
+
+    _, _, _, runs = _runs(tmp_path)
+    summary = report.build_report({"a full": Path(runs["lite0-full"]), "a_full": Path(runs["lite0-masked"])},
+                                  tmp_path / "r", n_boot=20)
+    assert summary["results"]["a full"]["all"]["confusion"] != summary["results"]["a_full"]["all"]["confusion"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "![Confusion matrix: a full](confusion_a_full.png)" in md
+    assert "![Confusion matrix: a_full](confusion_a_full-2.png)" in md
+    pngs = [(tmp_path / "r" / f"confusion_{s}.png").read_bytes() for s in ("a_full", "a_full-2")]
+    assert pngs[0] != pngs[1]
+    # names that collide with nothing keep today's file names; a collision is found case-blind
+    assert report._unique_stems(["lite0-full", "lite0 masked"]) == {"lite0-full": "lite0-full",
+                                                                   "lite0 masked": "lite0_masked"}
+    assert report._unique_stems(["a full", "a_full", "A_FULL", "a_full-2"]) == {
+        "a full": "a_full", "a_full": "a_full-2", "A_FULL": "A_FULL-3", "a_full-2": "a_full-2-2"}
+
+
+def test_rows_not_scored_are_counted_in_metrics_and_report(tmp_path):
+    from pipeline.evaluate_cls import read_predictions, run
+    from pipeline.report import build_report
+
+    testing = tmp_path / "Testing"
+    rows = [f"{testing / CLASSES[i % 4] / f'{i}.jpg'},{CLASSES[i % 4]},0.9,ok," for i in range(12)]
+    rows[3] = f"{testing / 'pituitary' / '3.jpg'},,,error,empty file (0 bytes)"
+    rows[7] = f"{testing / 'pituitary' / '7.jpg'},,,error,not an image"
+    (tmp_path / "predict.csv").write_text("path,label,confidence,status,error\n" + "\n".join(rows) + "\n")
+    pred = read_predictions(tmp_path / "predict.csv")
+    assert len(pred["paths"]) == 10 and pred["skipped"] == [str(testing / "pituitary" / f"{i}.jpg") for i in (3, 7)]
+
+    run(_args(predictions=str(tmp_path / "predict.csv"), out=str(tmp_path / "ev")))
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n_skipped"] == 2 and m["all"]["n"] == 10 and m["all"]["accuracy"] == 1.0
+    # the re-written CSV keeps them, so compare on the evaluate-cls folder still counts them
+    assert len(read_predictions(tmp_path / "ev")["skipped"]) == 2
+
+    (tmp_path / "other").mkdir()
+    _, _, _, runs = _runs(tmp_path / "other")
+    summary = build_report({"ev": tmp_path / "ev", "yolo": Path(runs["yolo"])}, tmp_path / "r", n_boot=20)
+    assert summary["results"]["ev"]["n_skipped"] == 2 and summary["results"]["yolo"]["n_skipped"] == 0
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "ev: 2 rows not scored (read errors), excluded." in md and "yolo: 0" not in md
+    assert json.loads((tmp_path / "r" / "compare.json").read_text())["results"]["ev"]["n_skipped"] == 2
+
+
+def test_a_predict_csv_pairs_with_a_run_of_absolute_paths(tmp_path):
+    from pipeline.report import build_report
+
+    y, full, masked, runs = _runs(tmp_path)
+    # predict writes <class>/<file> relative to its input and has no `true` column
+    rows = [f"{CLASSES[k]}/Te-{i:04d}.jpg,{CLASSES[p]},0.9,ok," for i, (k, p) in enumerate(zip(y, masked))]
+    (tmp_path / "predict.csv").write_text("path,label,confidence,status,error\n" + "\n".join(rows) + "\n")
+    summary = build_report({"lite0-full": Path(runs["lite0-full"]), "lite0-masked": tmp_path / "predict.csv"},
+                           tmp_path / "r", n_boot=20)
+    t = summary["pairs"][0]["all"]
+    ref = mcnemar(y, masked, full)
+    assert (t["n"], t["b"], t["c"]) == (200, ref["b"], ref["c"])
+
+
+def test_runs_that_share_no_images_get_no_test(tmp_path):
+    from pipeline.report import build_report
+
+    y, full, _, runs = _runs(tmp_path)
+    other = [str(tmp_path / "Elsewhere" / CLASSES[k] / f"x-{i}.jpg") for i, k in enumerate(y)]
+    _write_external(tmp_path / "other.csv", other, y, full)
+    summary = build_report({"m-full": Path(runs["lite0-full"]), "m-crop": tmp_path / "other.csv"}, tmp_path / "r",
+                           clean_path=str(tmp_path / "clean_test.txt"), n_boot=20)
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "McNemar ALL: b =" not in md and "McNemar CLEAN: b =" not in md and "p = 1.000" not in md
+    assert "McNemar ALL: not run. ALL: m-crop and m-full share no images" in md
+    assert "McNemar CLEAN: not run. CLEAN: m-crop and m-full share no CLEAN images" in md
+    t = json.loads((tmp_path / "r" / "compare.json").read_text())["pairs"][0]["all"]
+    assert t["n"] == 0 and t["p_value"] is None and summary["pairs"][0]["clean"]["n"] == 0
+
+
+def test_p_value_is_never_printed_across_alpha():
+    from pipeline.report import _fmt_p, describe_pair
+
+    assert _fmt_p(0.04995) == "p = 0.04995" and _fmt_p(0.0499999) == "p = 0.0499999"
+    assert _fmt_p(0.0501) == "p = 0.050" and _fmt_p(0.05) == "p = 0.050"  # not below alpha: "not significant"
+    assert _fmt_p(0.73) == "p = 0.730" and _fmt_p(0.0004) == "p < 0.001" and _fmt_p(0.0) == "p < 0.001"
+    assert _fmt_p(0.0104, alpha=0.01) == "p = 0.010" and _fmt_p(0.00995, alpha=0.01) == "p = 0.00995"
+    assert _fmt_p(0.0003, alpha=0.0005) == "p = 0.0003"  # a Bonferroni-sized alpha: not "p < 0.001"
+    sig = describe_pair("A", "B", {"n": 400, "acc_a": .9, "acc_b": .86, "b": 30, "c": 14, "p_value": 0.04995,
+                                   "method": "chi-square, continuity-corrected"}, "ALL")
+    assert "p = 0.04995" in sig and "unlikely to be chance" in sig
+
+
+def test_markdown_escapes_names_and_states_n_per_run(tmp_path):
+    import re
+
+    from pipeline.report import build_report
+
+    y, full, masked, runs = _runs(tmp_path)
+    paths = [str(tmp_path / "Testing" / CLASSES[k] / f"Te-{i:04d}.jpg") for i, k in enumerate(y)]
+    _write_external(tmp_path / "short.csv", paths[:190], y[:190], masked[:190])
+    build_report({"a|b": Path(runs["lite0-full"]), "<c>": tmp_path / "short.csv"}, tmp_path / "r",
+                 clean_path=str(tmp_path / "clean_test.txt"), n_boot=20)
+    md = (tmp_path / "r" / "report.md").read_text()
+    tables = [b.splitlines() for b in md.split("\n\n") if b.startswith("| ")]
+    assert tables
+    for lines in tables:  # every row of a table has as many cell borders as its header
+        assert len({len(re.findall(r"(?<!\\)\|", line)) for line in lines}) == 1, lines
+    assert "| a\\|b |" in md and "| &lt;c&gt; |" in md and "## &lt;c&gt;" in md
+    # n of each run where they differ, not the first run's for all
+    n_clean_short = sum(1 for i in range(190) if (i % 3 == 0 and y[i] != 2) or i == 2)
+    assert "a|b: n = 200 (" in md and "<c>: n = 190 (" in md
+    assert "a|b: 51 matched here, by resolved path" in md and f"<c>: {n_clean_short} matched here" in md
+    # a precision row counts the images predicted as the class, not its true images
+    k = CLASSES.index("glioma")
+    assert f"| precision glioma (predicted n={int(np.sum(full == k))}/" in md
+    assert f"| recall glioma (n={int(np.sum(y == k))}/" in md

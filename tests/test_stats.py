@@ -106,3 +106,33 @@ def test_mcnemar_no_disagreement_and_symmetry():
     b = np.where(np.random.default_rng(5).random(200) < 0.5, y, b)
     ab, ba = mcnemar(y, a, b), mcnemar(y, b, a)
     assert (ab["b"], ab["c"]) == (ba["c"], ba["b"]) and ab["p_value"] == pytest.approx(ba["p_value"])
+
+
+def _discordant(b, c):
+    """Truth all 0; A right and B wrong on ``b`` samples, the other way round on ``c``."""
+    y = np.zeros(b + c, int)
+    return y, np.r_[np.zeros(b), np.ones(c)].astype(int), np.r_[np.ones(b), np.zeros(c)].astype(int)
+
+
+def test_mcnemar_continuity_correction_stops_at_zero():
+    # (|b-c| - 1)^2 without a floor gave b = c = 13 a statistic of 1/26 and p = 0.84, below p of b=14, c=13
+    tie, one_off, two_off = (mcnemar(*_discordant(b, 13)) for b in (13, 14, 15))
+    assert tie["method"].startswith("chi") and tie["statistic"] == 0.0 and tie["p_value"] == 1.0
+    assert tie["p_value"] >= one_off["p_value"] > two_off["p_value"]
+    assert two_off["statistic"] == pytest.approx(1 / 28)
+
+
+def test_bootstrap_precision_skips_resamples_without_a_prediction():
+    # glioma is right both times it is predicted; resamples that drew neither prediction used to
+    # count as precision 0 and pulled the interval to (0.0, 1.0)
+    y, p = [0, 0, 0, 1, 1], [0, 0, 1, 1, 1]
+    assert classification_metrics(y, p)["per_class"]["glioma"]["precision"] == 1.0
+    assert bootstrap_ci(y, p, ("precision", 0), n_boot=500) == (1.0, 1.0)
+    assert bootstrap_cis(y, p, n_boot=500)["precision"]["glioma"] == (1.0, 1.0)
+    # the point estimate keeps its convention: a class present but never predicted has precision 0,
+    # and no resample has a precision for it, so no interval
+    never = classification_metrics([0, 0, 1, 1], [0, 0, 0, 0])["per_class"]["meningioma"]
+    assert never["precision"] == 0.0
+    assert all(math.isnan(v) for v in bootstrap_ci([0, 0, 1, 1], [0, 0, 0, 0], ("precision", 1)))
+    # recall and F1 intervals are untouched: F1 of a never-predicted class is still 0
+    assert bootstrap_ci([0, 0, 1, 1], [0, 0, 0, 0], ("f1", 1)) == (0.0, 0.0)
