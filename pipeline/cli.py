@@ -327,6 +327,21 @@ def cmd_sources(a):
     print(json.dumps(write_sources(tag_sources(a.root, a.figshare, workers=a.workers), a.out), indent=2))
 
 
+def _trained_on_segmenter(classifier, cls_name) -> str:
+    """``--seg auto`` for a crop/masked classifier: the segmenter whose masks it was trained on. Another
+    one draws other boxes and other found/not-found calls than the model learnt from."""
+    if getattr(classifier, "segmenter", None):
+        return classifier.segmenter
+    sha = getattr(classifier, "segmenter_sha256", None)
+    if sha:
+        raise ConfigError(f"--seg auto: {cls_name} was trained on masks of a segmenter with sha256 {sha[:16]}..., "
+                          f"which weights/manifest.json does not list; pass that checkpoint with --seg PATH")
+    print(f"warning: {cls_name} does not record which segmenter its training masks came from (trained before "
+          f"this was recorded); --seg auto uses the default segmenter, which may draw other boxes. Pass the "
+          f"one it was trained on with --seg NAME_OR_PATH", file=sys.stderr)
+    return "auto"
+
+
 @command("predict", "run the whole chain on a folder of scans -> predictions.csv (resumable)")
 def cmd_predict(a):
     from pipeline.batch import run_predict
@@ -343,8 +358,8 @@ def cmd_predict(a):
         raise ConfigError(f"--mode {mode}: the classifier {a.cls} was trained on {classifier.mode} inputs; "
                           f"pass a classifier trained on {mode} (--cls)")
     seg = a.seg
-    if seg == "auto" and getattr(classifier, "segmenter", None):  # the one its crop member was trained on
-        seg = classifier.segmenter
+    if seg == "auto" and mode != "full":
+        seg = _trained_on_segmenter(classifier, a.cls)
     segmenter = load_segmenter(seg, a.device, backend)
     if mode != "full" and segmenter is None:
         raise ConfigError(f"--mode {mode} (classifier {a.cls}) needs a segmenter: pass --seg auto or --seg NAME "

@@ -58,12 +58,27 @@ def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "
     with ThreadPoolExecutor(workers) as pool:
         results = list(tqdm(pool.map(one, zip(samples, masks)), total=len(samples), desc=f"cache {mode} {size}px",
                             disable=None))
+    made_by = _segmenter_sha256(masks_dir) if mode != "full" else None
     return savez_atomic(out,
                         images=np.stack([r[0] for r in results]),
                         labels=np.array([CLASSES.index(s.label) for s in samples], np.int64),
                         paths=np.array([str(s.path) for s in samples]),
                         found=np.array([r[1] for r in results], bool),
-                        mode=np.array(mode), size=np.array(size), margin=np.array(margin))
+                        mode=np.array(mode), size=np.array(size), margin=np.array(margin),
+                        **({"segmenter_sha256": np.array(made_by)} if made_by else {}))
+
+
+def _segmenter_sha256(masks_dir: str | os.PathLike) -> str | None:
+    """The sha256 of the segmenter that wrote ``masks_dir`` (``segment``'s record beside it), if known:
+    a crop or masked classifier must later read masks from that same segmenter."""
+    import json
+
+    record = Path(masks_dir).parent / "segments.csv.settings.json"
+    try:
+        seg = json.loads(record.read_text()).get("segmenter") or {}
+    except (OSError, ValueError):
+        return None
+    return seg.get("weights_sha256") if isinstance(seg, dict) else None
 
 
 def load_cache(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -34,6 +34,9 @@ class Classifier:
         if tuple(self.meta.get("classes", CLASSES)) != CLASSES:
             raise WeightsError(f"{weights}: classes {self.meta.get('classes')} differ from {CLASSES}")
         self.mode, self.size = self.meta["mode"], int(self.meta["size"])
+        #: a crop/masked model: the segmenter whose masks it was trained on (manifest name), and its sha256
+        #: as training recorded it (``--seg auto`` needs one of the two to pick the right masks)
+        self.segmenter, self.segmenter_sha256 = _trained_on_segmenter(weights, self.meta)
         from pipeline.weights import resolve, sha256_file
 
         self.fingerprint = {"weights_sha256": sha256_file(resolve(weights, verify=False))}
@@ -118,8 +121,10 @@ class ClassifierEnsemble:
             self.meta["second_opinion"] = {"below": self.below, "members": [m.meta for m in self.second_opinion]}
             self.fingerprint["second_opinion"] = {
                 "below": self.below, "members": sorted(m.fingerprint["weights_sha256"] for m in self.second_opinion)}
-        #: the segmenter whose masks the crop/masked members were trained on (``--seg auto`` picks it)
+        #: the segmenter whose masks the crop/masked members were trained on (``--seg auto`` picks it):
+        #: a manifest name, else the sha256 training recorded
         self.segmenter: str | None = None
+        self.segmenter_sha256: str | None = None
         #: run the members side by side (ONNX Runtime sessions only; torch shares one thread pool)
         self.parallel = all(m.backend == "onnx" for m in everyone)
 
@@ -229,7 +234,33 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
 
     ensemble = ClassifierEnsemble(build(members), name=name, second_opinion=build(extra), below=below)
     ensemble.segmenter = spec.get("segmenter")
+    if not ensemble.segmenter:  # a list of checkpoints: what their crop/masked members record
+        readers = [m for m in [*ensemble.members, *ensemble.second_opinion] if m.mode != "full"]
+        recorded = {m.segmenter or m.segmenter_sha256 for m in readers} - {None}
+        if len(recorded) > 1:
+            raise WeightsError(f"{name}: its members were trained on masks of different segmenters "
+                               f"({', '.join(sorted(recorded))}); one run reads one segmenter's masks")
+        if recorded and all(m.segmenter or m.segmenter_sha256 for m in readers):
+            ensemble.segmenter = readers[0].segmenter
+            ensemble.segmenter_sha256 = readers[0].segmenter_sha256
     return ensemble
+
+
+def _trained_on_segmenter(weights: str | os.PathLike, meta: dict) -> tuple[str | None, str | None]:
+    """(manifest name, sha256) of the segmenter a crop/masked checkpoint was trained on; (None, None) for a
+    whole-slice model or one that records neither (trained before the cache recorded it)."""
+    from pipeline.weights import listed_name, load_manifest
+
+    if meta.get("mode") == "full":
+        return None, None
+    manifest = load_manifest()
+    entry = manifest.get(str(weights)) or manifest.get(listed_name(weights, manifest) or "") or {}
+    sha = meta.get("segmenter_sha256")
+    if entry.get("segmenter"):
+        return entry["segmenter"], sha
+    named = next((n for n, e in manifest.items() if sha and e.get("kind") == "segmenter" and e.get("sha256") == sha),
+                 None)
+    return named, sha
 
 
 def export_checkpoint(run_best: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> str:

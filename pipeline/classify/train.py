@@ -64,7 +64,7 @@ def _without(cache: dict, path_list: str) -> dict:
 
 def _joined(a: dict, b: dict) -> dict:
     """Two caches of the same mode, size and margin as one (per-sample arrays concatenated)."""
-    for key in ("mode", "size", "margin"):
+    for key in ("mode", "size", "margin", "segmenter_sha256"):
         if key in a and key in b and a[key] != b[key]:
             raise ValueError(f"cannot join caches with different {key}: {a[key]} and {b[key]}")
     n = len(a["labels"])
@@ -106,7 +106,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
             raise ValueError(f"{drop}: none of its paths is in {train_cache} or {val_cache}; check the list "
                              f"was made from the same dataset root")
         print(f"left out {n_dropped} slices listed in {drop}")
-    for key in ("mode", "size", "margin"):  # epochs are chosen on val: it must be the same input
+    for key in ("mode", "size", "margin", "segmenter_sha256"):  # epochs are chosen on val: the same input
         if key in tr and key in va and tr[key] != va[key]:
             raise ValueError(f"{val_cache}: {key} {va[key]} differs from {train_cache}'s {tr[key]}; "
                              f"make both with the same `crop` settings")
@@ -129,6 +129,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
             "input_std": INPUT_STD, "train_cache": str(train_cache), "val_cache": str(val_cache),
             "margin": float(tr["margin"]) if "margin" in tr else 0.25, "n_train": int(len(tr["labels"])),
             "n_val": int(len(va["labels"]))}
+    if "segmenter_sha256" in tr:  # predict --seg auto finds it again by this hash
+        meta["segmenter_sha256"] = str(tr["segmenter_sha256"])
     if drop:
         meta.update({"drop": str(drop), "n_dropped": n_dropped})
     if refit:
