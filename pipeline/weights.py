@@ -48,6 +48,12 @@ def listed_name(path: str | os.PathLike, manifest: dict | None = None) -> str | 
     return next((n for n, e in manifest.items() if (WEIGHTS_DIR / e["file"]).resolve() == path.resolve()), None)
 
 
+def name_of_sha256(sha256: str | None, manifest: dict | None = None) -> str | None:
+    """The manifest name whose pinned sha256 is ``sha256``, or None."""
+    manifest = load_manifest() if manifest is None else manifest
+    return next((n for n, e in manifest.items() if sha256 and e.get("sha256") == sha256), None)
+
+
 def resolve(name_or_path: str | os.PathLike, manifest: dict | None = None, verify: bool = True) -> Path:
     """Path of a checkpoint given by manifest name or path, sha256-checked against the manifest.
 
@@ -62,8 +68,14 @@ def resolve(name_or_path: str | os.PathLike, manifest: dict | None = None, verif
     else:
         path = WEIGHTS_DIR / entry["file"]
     if not path.is_file():
-        hint = (f" Run `make weights` (downloads {entry['url']}) or place the file there."
-                if entry and entry.get("url") else "")
+        if entry and entry.get("url"):
+            hint = f" Run `make weights` (downloads {entry['url']}) or place the file there."
+        elif entry:  # trained by this project: it ships in the repository
+            hint = " It ships with the repository: restore it with `git checkout -- weights/`."
+        elif str(name_or_path) == Path(name_or_path).name and not Path(name_or_path).suffix:
+            hint = f" It is not a name in {MANIFEST.name} either; known names: {', '.join(sorted(manifest))}."
+        else:
+            hint = ""
         raise WeightsError(f"{path}: checkpoint not found.{hint}")
     if verify and entry and entry.get("sha256"):
         actual = sha256_file(path)
@@ -95,15 +107,27 @@ def download(name: str, manifest: dict | None = None, timeout: float = 30.0) -> 
         return dest
     if not entry.get("url"):
         raise WeightsError(f"{name}: no download URL; it is trained by this project (see its model card)")
+    import http.client
+
     tmp = dest.with_suffix(dest.suffix + ".part")
     try:
         with urllib.request.urlopen(entry["url"], timeout=timeout) as response, open(tmp, "wb") as fh:
+            headers = getattr(response, "headers", None) or {}
+            expected = headers.get("Content-Length")
+            received = 0
             while block := response.read(1 << 20):
                 fh.write(block)
-    except OSError as exc:
+                received += len(block)
+        # a dropped connection can end the body early without an error: a short file must not pass,
+        # least of all where the manifest has no hash yet and this download's would be recorded
+        if expected is not None and expected.isdigit() and received != int(expected):
+            raise OSError(f"the connection ended after {received} of {expected} bytes")
+    except (OSError, http.client.HTTPException) as exc:
         tmp.unlink(missing_ok=True)
-        raise WeightsError(f"{name}: could not download {entry['url']} ({exc}). Without internet, copy the file "
-                           f"to {dest} by hand (sha256 {entry.get('sha256')})") from exc
+        by_hand = (f"copy the file to {dest} by hand (sha256 {entry['sha256']})" if entry.get("sha256") else
+                   f"copy the file to {dest} by hand; its sha256 is not known offline, so check it against "
+                   f"the publisher's before use")
+        raise WeightsError(f"{name}: could not download {entry['url']} ({exc}). Without internet, {by_hand}") from exc
     actual = sha256_file(tmp)
     if entry.get("sha256") and actual != entry["sha256"]:
         tmp.unlink(missing_ok=True)

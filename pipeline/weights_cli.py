@@ -40,6 +40,39 @@ def _record_sha(name: str) -> None:
             print(f"{name}: recorded sha256 {entry['sha256']} in {_weights.MANIFEST}")
 
 
+def _broken_links(name: str, entry: dict, manifest: dict) -> list[str]:
+    """What an entry names that is not there as named: the manifest names it ``needs`` or gives as its
+    ``segmenter``, an ensemble's members, and the coarse stage a cascade borrows (pinned by sha256)."""
+    problems = [f"names {other!r} ({why}), which is not in the manifest"
+                for why, others in (("needs", entry.get("needs") or []), ("segmenter", [entry["segmenter"]]
+                                                                          if entry.get("segmenter") else []))
+                for other in others if other not in manifest]
+    path = _weights.WEIGHTS_DIR / entry["file"]
+    if entry.get("kind") == "classifier-ensemble":
+        try:
+            spec = json.loads(path.read_text())
+            names = [*spec.get("members", []), *(spec.get("second_opinion") or {}).get("members", []),
+                     *([spec["segmenter"]] if spec.get("segmenter") else [])]
+        except (OSError, ValueError, AttributeError) as exc:
+            return problems + [f"{path} is not a readable ensemble file ({exc})"]
+        problems += [f"{path} names {m!r}, neither a manifest name nor a file beside it" for m in names
+                     if m not in manifest and not (path.parent / m).is_file()]
+    elif entry.get("kind") == "segmenter" and path.suffix == ".pt":
+        try:
+            meta = _weights.load_checkpoint(path).get("meta", {})
+        except _weights.WeightsError as exc:
+            return problems + [str(exc)]
+        ref = meta.get("coarse_from")
+        if ref:
+            from pipeline.segment.unet import with_borrowed_coarse
+
+            try:
+                with_borrowed_coarse({"meta": meta})
+            except (_weights.WeightsError, KeyError) as exc:
+                problems.append(f"borrows the coarse stage of {ref.get('name')!r} (sha256 {ref.get('sha256')}): {exc}")
+    return problems
+
+
 def run(args) -> int:
     """0 when every requested download and check succeeded, else 1."""
     manifest = _weights.load_manifest(_weights.MANIFEST)
@@ -67,10 +100,17 @@ def run(args) -> int:
                           f"(git checkout weights/)", file=sys.stderr)
                     rc = 1
                 continue
-            print(f"{name}: {sha}")
+            problems = _broken_links(name, entry, manifest) if sha != "MISMATCH" else []
+            print(f"{name}: {sha}" + (" (but see the error below)" if problems else ""))
             if sha == "MISMATCH":
-                print(f"error: {_weights.WEIGHTS_DIR / entry['file']}: sha256 does not match the manifest "
-                      f"({entry['sha256']}); delete it and download again", file=sys.stderr)
+                path = _weights.WEIGHTS_DIR / entry["file"]
+                fix = ("delete it and download again (`--download " + name + "`)" if entry.get("url") else
+                       "it ships with the repository: restore it with `git checkout -- weights/`")
+                print(f"error: {path}: sha256 {_weights.sha256_file(path)} does not match the manifest "
+                      f"({entry['sha256']}); {fix}", file=sys.stderr)
+                rc = 1
+            for problem in problems:
+                print(f"error: {name}: {problem}", file=sys.stderr)
                 rc = 1
     if args.list or not (args.download or args.verify):
         rows = [("name", "file", "present", "sha256", "license")]

@@ -306,3 +306,27 @@ def test_yolo_cls_export_leaves_other_files_alone(tmp_path):
         f.write_bytes(b"x")
     export_cache_as_folders({"train": path}, tmp_path / "images")
     assert mine.is_file() and other.is_file()
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"classes": None}, "the checkpoint records none"),
+    ({"classes": ["meningioma", "glioma", "notumor", "pituitary"]}, "differ from"),
+    ({"mode": "Crop"}, "input mode 'Crop' is not one of full, crop, masked"),
+    ({"size": None}, "no input size"),
+])
+def test_a_classifier_checkpoint_must_say_what_it_reads_and_answers(tmp_path, change, says):
+    from pipeline.classify.models import create_model
+    from pipeline.classify.predict import Classifier, export_checkpoint
+    from pipeline.weights import WeightsError
+
+    meta = {"model": "smallcnn", "mode": "crop", "size": 32, "classes": list(CLASSES), "margin": 0.5}
+    meta.update({k: v for k, v in change.items() if v is not None})
+    for k in [k for k, v in change.items() if v is None]:
+        del meta[k]
+    path = tmp_path / "best.pt"
+    torch.save({"state_dict": create_model("smallcnn").state_dict(), "meta": meta}, path)
+    with pytest.raises(WeightsError, match=says):
+        Classifier(path)
+    with pytest.raises(WeightsError, match=says):
+        export_checkpoint(path, tmp_path / "shipped.pt")
+    assert not (tmp_path / "shipped.pt").exists()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -557,6 +559,18 @@ def test_a_cascade_can_borrow_its_coarse_stage_pinned_by_sha256(tmp_path):
     unet.export_cascade(tmp_path / "coarse2" / "best.pt", tmp_path / "fine" / "best.pt", shipped)
     with pytest.raises(WeightsError, match=r"shipped\.pt: sha256 .* pinned"):
         load_segmenter(borrowed)
+    # exported from a relative path, loaded from another folder: the link holds
+    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", shipped, threshold=0.2,
+                        min_area=1)
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        unet.export_cascade("shipped.pt", "fine2/best.pt", "relative.pt", threshold=0.2, min_area=1, borrow_coarse=True)
+        os.chdir(tmp_path / "fine")
+        got = load_segmenter(tmp_path / "relative.pt").predict(images)
+    finally:
+        os.chdir(cwd)
+    assert all(a.found == b.found and np.array_equal(a.mask, b.mask) for a, b in zip(want, got))
     # only a cascade's coarse stage can be borrowed, not a training run's
     with pytest.raises(ValueError, match="only a cascade checkpoint"):
         unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", tmp_path / "x.pt",

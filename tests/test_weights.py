@@ -110,6 +110,67 @@ def test_download_records_unknown_sha_then_checks_it(wdir, monkeypatch, capsys):
     assert "manifest says" in capsys.readouterr().err and not (wdir / "unk.pt").exists()
 
 
+class CutShort(io.BytesIO):
+    """A response whose connection ends before the length it announced."""
+
+    headers = {"Content-Length": "100000"}
+
+
+def test_a_download_cut_short_is_refused_and_its_hash_not_recorded(wdir, monkeypatch, capsys):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: CutShort(b"x" * 5000))
+    assert _run("--download", "unk") == 1
+    err = capsys.readouterr().err
+    assert "ended after 5000 of 100000 bytes" in err and "check it against the publisher" in err
+    assert not (wdir / "unk.pt").exists() and not list(wdir.glob("*.part"))
+    assert W.load_manifest(W.MANIFEST)["unk"]["sha256"] is None
+    whole = type("Whole", (io.BytesIO,), {"headers": {"Content-Length": "5000"}})
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: whole(b"x" * 5000))
+    assert _run("--download", "unk") == 0 and (wdir / "unk.pt").stat().st_size == 5000
+
+
+def test_a_missing_file_says_how_to_get_it_back(wdir):
+    manifest = W.load_manifest(W.MANIFEST)
+    manifest["good"]["url"] = None  # trained by the project: it ships with the repository
+    (wdir / "good.pt").unlink()
+    with pytest.raises(WeightsError, match="git checkout -- weights/"):
+        W.resolve("good", manifest=manifest)
+    with pytest.raises(WeightsError, match="not a name in manifest.json either; known names: absent, good, unk"):
+        W.resolve("goood", manifest=manifest)
+
+
+def test_verify_follows_what_an_entry_names(wdir, capsys):
+    net = {"arch": "tiny"}
+    torch.save({"coarse": {"w": torch.ones(2)}, "meta": {"task": "segment", "net": net, "size": 32}}, wdir / "donor.pt")
+    torch.save({"meta": {"task": "segment", "net": net, "size": 32,
+                         "coarse_from": {"name": "donor", "sha256": W.sha256_file(wdir / "donor.pt")}}},
+               wdir / "borrower.pt")
+    (wdir / "pair.json").write_text(json.dumps({"members": ["good", "own.pt"], "segmenter": "borrower"}))
+    (wdir / "own.pt").write_bytes(b"a member beside the file")
+    manifest = json.loads((wdir / "manifest.json").read_text())
+    manifest["weights"] += [
+        {"name": "donor", "file": "donor.pt", "url": None, "sha256": W.sha256_file(wdir / "donor.pt"),
+         "kind": "segmenter"},
+        {"name": "borrower", "file": "borrower.pt", "url": None, "sha256": W.sha256_file(wdir / "borrower.pt"),
+         "kind": "segmenter", "needs": ["donor"]},
+        {"name": "pair", "file": "pair.json", "url": None, "sha256": W.sha256_file(wdir / "pair.json"),
+         "kind": "classifier-ensemble", "segmenter": "borrower"}]
+    (wdir / "manifest.json").write_text(json.dumps(manifest))
+    assert _run("--verify") == 0
+    capsys.readouterr()
+    # the donor is re-saved (and re-pinned in the manifest): its own check passes, the borrower's link does not
+    torch.save({"coarse": {"w": torch.zeros(2)}, "meta": {"task": "segment", "net": net, "size": 32}}, wdir / "donor.pt")
+    manifest["weights"][-3]["sha256"] = W.sha256_file(wdir / "donor.pt")
+    (wdir / "own.pt").unlink()
+    manifest["weights"][-1]["segmenter"] = "gone"
+    (wdir / "manifest.json").write_text(json.dumps(manifest))
+    assert _run("--verify") == 1
+    captured = capsys.readouterr()
+    assert "donor: ok\n" in captured.out and "borrower: ok (but see the error below)" in captured.out
+    assert re.search(r"borrower: borrows the coarse stage of 'donor' .*pinned", captured.err)
+    assert "pair: names 'gone' (segmenter), which is not in the manifest" in captured.err
+    assert "pair.json names 'own.pt', neither a manifest name nor a file beside it" in captured.err
+
+
 def test_resolve_refuses_sha_mismatch(wdir):
     manifest = W.load_manifest(W.MANIFEST)
     assert W.resolve("good", manifest=manifest) == wdir / "good.pt"

@@ -19,6 +19,27 @@ from pipeline.roi import View, view_of
 from pipeline.weights import WeightsError, load_checkpoint
 
 
+def check_classifier_meta(meta, source) -> dict:
+    """``meta`` if it says what the network reads and answers: ``classes`` in this project's order, a
+    ``mode`` of :data:`pipeline.roi.MODES`, an input ``size``; else WeightsError naming ``source``. A
+    checkpoint that leaves one out would be run on inputs it may never have seen."""
+    from pipeline.roi import MODES
+
+    if not isinstance(meta, dict):
+        raise WeightsError(f"{source}: its meta is not a dict")
+    if "classes" not in meta or tuple(meta["classes"]) != CLASSES:
+        raise WeightsError(f"{source}: classes {meta.get('classes')} differ from {CLASSES}"
+                           + (" (the checkpoint records none)" if "classes" not in meta else ""))
+    if meta.get("mode") not in MODES:
+        raise WeightsError(f"{source}: input mode {meta.get('mode')!r} is not one of {', '.join(MODES)}")
+    try:
+        if int(meta["size"]) < 1:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise WeightsError(f"{source}: no input size (meta['size'] = {meta.get('size')!r})") from None
+    return meta
+
+
 class Classifier:
     """A trained stage-2 model plus the input settings it was trained with.
 
@@ -30,9 +51,7 @@ class Classifier:
         ckpt = load_checkpoint(weights, map_location="cpu")
         if "state_dict" not in ckpt or "meta" not in ckpt:
             raise WeightsError(f"{weights}: not a classifier checkpoint (expected keys state_dict and meta)")
-        self.meta = ckpt["meta"]
-        if tuple(self.meta.get("classes", CLASSES)) != CLASSES:
-            raise WeightsError(f"{weights}: classes {self.meta.get('classes')} differ from {CLASSES}")
+        self.meta = check_classifier_meta(ckpt["meta"], weights)
         self.mode, self.size = self.meta["mode"], int(self.meta["size"])
         #: a crop/masked model: the segmenter whose masks it was trained on (manifest name), and its sha256
         #: as training recorded it (``--seg auto`` needs one of the two to pick the right masks)
@@ -273,6 +292,7 @@ def export_checkpoint(run_best: str | os.PathLike, dest: str | os.PathLike, half
         raise WeightsError(f"{run_best}: not a loadable weights-only checkpoint ({type(exc).__name__}: {exc})"[:500]) from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "meta" not in ckpt:
         raise WeightsError(f"{run_best}: not a training best.pt (expected keys state_dict and meta)")
+    check_classifier_meta(ckpt["meta"], run_best)
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
     torch.save({"state_dict": state, "meta": ckpt["meta"]}, dest)
     return sha256_file(dest)

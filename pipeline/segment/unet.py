@@ -786,13 +786,19 @@ def with_borrowed_coarse(ckpt: dict) -> dict:
     if its sha256 is the pinned one, and its coarse network must be the one this meta describes, so the
     pair always runs as it was measured. Any other checkpoint is returned unchanged.
     """
-    from pipeline.weights import WeightsError, resolve, sha256_file
+    from pipeline.weights import WeightsError, name_of_sha256, resolve, sha256_file
 
     meta = ckpt.get("meta", {})
     ref = meta.get("coarse_from")
     if not ref or "coarse" in ckpt:
         return ckpt
-    path = resolve(ref["name"], verify=False)  # the pinned sha256 is the stricter check, and one hash is enough
+    try:
+        path = resolve(ref["name"], verify=False)  # the pinned sha256 is the stricter check, and one hash is enough
+    except WeightsError:
+        listed = name_of_sha256(ref.get("sha256"))  # a path that is not there (another folder, another machine)
+        if listed is None:
+            raise
+        path = resolve(listed, verify=False)
     actual = sha256_file(path)
     if actual != ref["sha256"]:
         raise WeightsError(f"{path}: sha256 {actual}, but the cascade that borrows its coarse stage pinned "
@@ -866,11 +872,13 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
                       "min_area": int(area), "epoch": g["meta"]["epoch"]}
         parts[part] = pack(g["state_dict"])
     if borrow_coarse:
-        from pipeline.weights import listed_name, sha256_file
+        from pipeline.weights import listed_name, name_of_sha256, sha256_file
 
         del parts["coarse"]
-        meta["coarse_from"] = {"name": listed_name(coarse_best) or str(coarse_best),
-                               "sha256": sha256_file(coarse_best)}
+        sha = sha256_file(coarse_best)
+        # a manifest name where there is one; else the absolute path, which holds from any folder
+        meta["coarse_from"] = {"name": listed_name(coarse_best) or name_of_sha256(sha)
+                               or str(Path(coarse_best).resolve()), "sha256": sha}
         meta.setdefault("coarse_net", c["meta"]["net"])
     torch.save({**parts, "meta": meta}, dest)
     return meta
