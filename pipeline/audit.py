@@ -12,8 +12,10 @@ Method, per image:
 2. frame the head: the largest outer contour of the content mask (pixels above
    ``BG_THRESHOLD`` or ``OTSU_FRACTION`` x the Otsu level, whichever is higher), filled;
    centre and extent from its moments (= its bounding box for an elliptic head, but
-   stable to a pixel of JPEG ringing, to contrast edits and to detached text), so the same
-   slice saved with other margins, padding, resolution or contrast still lines up;
+   stable to a pixel of JPEG ringing, to mild contrast edits and to detached text), so the same
+   slice saved with other margins, padding, resolution or contrast still lines up. Not robust:
+   a lifted background (a brightness, gamma or equalisation edit) can move the outline, and a
+   mirrored copy is not looked for, so such copies can be missed;
 3. warp that frame to a ``THUMB_SIZE`` x ``THUMB_SIZE`` uint8 thumbnail (anti-aliased),
    kept for pixel confirmation;
 4. resize to 32x32, 2-D DCT, top-left 8x8 block (DC included) compared with its
@@ -71,6 +73,7 @@ HASH_SIZE = 8
 AUDIT_JSON = "audit.json"
 DUPLICATES_CSV = "duplicates.csv"
 TRAIN_DUPLICATES_CSV = "train_duplicates.csv"
+TEST_DUPLICATES_CSV = "test_duplicates.csv"
 CLEAN_TEST_TXT = "clean_test.txt"
 
 Item = tuple  # (path, label)
@@ -340,6 +343,10 @@ def _match(ftr: Features, fte: Features, *, max_distance: int, min_corr: float) 
                         _exact_pairs(fte, ftr, same=False))
     ti, tj, td = _candidate_pairs(ftr.hashes, ftr.hashes, max_distance, upper=True)
     within = _with_exact(_confirm(ftr, ftr, ti, tj, td, min_corr), _exact_pairs(ftr, ftr, same=True))
+    # copies among the Testing slices: one may be a copy of a Training slice that the other is not
+    # close enough to, and copies inside Testing make its slices fewer than they look
+    si, sj, sd = _candidate_pairs(fte.hashes, fte.hashes, max_distance, upper=True)
+    within_test = _with_exact(_confirm(fte, fte, si, sj, sd, min_corr), _exact_pairs(fte, fte, same=True))
 
     cross_rows = []
     for p in cross:
@@ -348,18 +355,21 @@ def _match(ftr: Features, fte: Features, *, max_distance: int, min_corr: float) 
                            "test_label": a, "train_label": b, "distance": p["distance"],
                            "corr": p["corr"], "pearson": p["pearson"], "spearman": p["spearman"],
                            "kind": p["kind"], "same_label": a == b})
-    train_rows = []
-    for p in within:
-        a, b = ftr.labels[p["i"]], ftr.labels[p["j"]]
-        train_rows.append({"path_a": ftr.paths[p["i"]], "path_b": ftr.paths[p["j"]],
-                           "label_a": a, "label_b": b, "distance": p["distance"],
-                           "corr": p["corr"], "pearson": p["pearson"], "spearman": p["spearman"],
-                           "kind": p["kind"], "same_label": a == b})
+    def internal_rows(pairs, f):
+        rows = []
+        for p in pairs:
+            (pa, a), (pb, b) = sorted([(f.paths[p["i"]], f.labels[p["i"]]), (f.paths[p["j"]], f.labels[p["j"]])])
+            rows.append({"path_a": pa, "path_b": pb, "label_a": a, "label_b": b, "distance": p["distance"],
+                         "corr": p["corr"], "pearson": p["pearson"], "spearman": p["spearman"],
+                         "kind": p["kind"], "same_label": a == b})
+        return sorted(rows, key=lambda r: (r["path_a"], r["path_b"]))
+
     cross_rows.sort(key=lambda r: (r["test_path"], r["train_path"]))
-    train_rows.sort(key=lambda r: (r["path_a"], r["path_b"]))
-    return {"cross": cross_rows, "train": train_rows, "train_features": ftr,
+    return {"cross": cross_rows, "train": internal_rows(within, ftr), "test": internal_rows(within_test, fte),
+            "train_features": ftr,
             "test_features": fte, "errors": ftr.errors + fte.errors,
             "n_cross_candidates": int(len(ci)), "n_train_candidates": int(len(ti)),
+            "n_test_candidates": int(len(si)),
             "test_best_corr": best}
 
 
@@ -384,8 +394,9 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
               test_items: Sequence[Item] | None = None) -> dict:
     """Audit ``test_dir`` against ``train_dir`` and write the report files to ``out_dir``.
 
-    Writes ``audit.json``, ``duplicates.csv``, ``train_duplicates.csv`` and
-    ``clean_test.txt``; returns the ``audit.json`` dict. ``train_items``/``test_items``
+    Writes ``audit.json``, ``duplicates.csv``, ``train_duplicates.csv``, ``test_duplicates.csv`` and
+    ``clean_test.txt`` (the Testing slices with no copy in Training, directly or through a copy in
+    Testing); returns the ``audit.json`` dict. ``train_items``/``test_items``
     override the folder listing (``pipeline.datasets.list_class_folder``).
     """
     t0 = time.perf_counter()
@@ -401,7 +412,7 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
 
     res = find_duplicates(train_items, test_items, max_distance=max_distance,
                           min_corr=min_corr, workers=workers)
-    cross, within, fte = res["cross"], res["train"], res["test_features"]
+    cross, within, within_test, fte = res["cross"], res["train"], res["test"], res["test_features"]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -409,9 +420,18 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
                ((r["test_path"], r["train_path"], r["distance"], r["same_label"]) for r in cross))
     _write_csv(out / TRAIN_DUPLICATES_CSV, ("path_a", "path_b", "distance", "same_label"),
                ((r["path_a"], r["path_b"], r["distance"], r["same_label"]) for r in within))
+    _write_csv(out / TEST_DUPLICATES_CSV, ("path_a", "path_b", "distance", "same_label"),
+               ((r["path_a"], r["path_b"], r["distance"], r["same_label"]) for r in within_test))
 
+    from pipeline.datasets import duplicate_groups
+
+    # a Testing slice is not clean if anything in its group of copies (Testing copies included) is a
+    # copy of a Training slice: T2 ~ T1 ~ A puts T2 in Training as surely as T1
     copied = {r["test_path"] for r in cross}
-    clean = sorted(p for p, ok in zip(fte.paths, fte.ok) if ok and p not in copied)
+    groups = duplicate_groups((r["path_a"], r["path_b"]) for r in within_test)
+    leaked_groups = {groups[p] for p in copied if p in groups}
+    via_testing = {p for p, g in groups.items() if g in leaked_groups and p not in copied}
+    clean = sorted(p for p, ok in zip(fte.paths, fte.ok) if ok and p not in copied and p not in via_testing)
     (out / CLEAN_TEST_TXT).write_text("".join(p + "\n" for p in clean), encoding="utf-8", errors="surrogateescape")
     clean_set = set(clean)
 
@@ -427,6 +447,7 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
             "n_test": len(paths),
             "n_train": sum(1 for _, lab in train_items if lab == c),
             "test_with_train_copy": sum(1 for p in paths if p in copied),
+            "test_copy_via_testing": sum(1 for p in paths if p in via_testing),
             "test_clean": sum(1 for p in paths if p in clean_set),
             "test_clean_borderline": sum(1 for p in paths if p in borderline_set),
         }
@@ -445,6 +466,11 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
             "n_test": len(test_items),
             "n_test_with_train_copy": len(copied),
             "n_test_clean": len(clean),
+            # a clean slice's Testing copies count once here: the clean subset's distinct slices
+            "n_test_clean_groups": len({groups.get(p, p) for p in clean}),
+            "n_test_copy_via_testing": len(via_testing),
+            "n_test_internal_duplicate_pairs": len(within_test),
+            "n_test_internal_label_conflicts": sum(not r["same_label"] for r in within_test),
             "n_test_clean_borderline": len(borderline),
             "n_test_unreadable": int((~fte.ok).sum()),
             "n_cross_pairs": len(cross),
@@ -458,6 +484,7 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
             "n_errors": len(res["errors"]),
             "n_cross_candidates": res["n_cross_candidates"],
             "n_train_candidates": res["n_train_candidates"],
+            "n_test_candidates": res["n_test_candidates"],
         },
         "per_class": per_class,
         "label_conflicts": {
@@ -465,6 +492,8 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
                       for r in cross if not r["same_label"]],
             "train": [conflict(r, "path_a", "path_b", "label_a", "label_b")
                       for r in within if not r["same_label"]],
+            "test": [conflict(r, "path_a", "path_b", "label_a", "label_b")
+                     for r in within_test if not r["same_label"]],
         },
         "parameters": {
             "max_distance": max_distance, "min_corr": min_corr, "workers": workers,
@@ -480,8 +509,16 @@ def run_audit(train_dir, test_dir, out_dir, *, max_distance: int = DEFAULT_MAX_D
     return audit
 
 
-def load_clean_list(path, base=None) -> set[str]:
-    """Read ``clean_test.txt`` back as a set of resolved path strings.
+class PathList(set):
+    """A set of resolved path strings that also keeps each path as written (absolute, links not
+    followed) in ``written``: where the images are links, only the written form ends in
+    ``Testing/<class>/<file>``, which matching by the last components needs."""
+
+    written: list
+
+
+def load_clean_list(path, base=None) -> PathList:
+    """Read ``clean_test.txt`` back as a set of resolved path strings (with ``.written``, see :class:`PathList`).
 
     Relative lines are resolved against ``base``; by default against the ``cwd`` recorded
     in the sibling ``audit.json`` (the directory the audit ran from), else the current one.
@@ -495,10 +532,13 @@ def load_clean_list(path, base=None) -> set[str]:
         except (OSError, ValueError):
             base = None
     base = Path(base) if base is not None else Path.cwd()
-    out = set()
+    out = PathList()
+    out.written = []
     for line in path.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
         line = line.strip()
         if line:
             p = Path(line)
-            out.add(str((p if p.is_absolute() else base / p).resolve()))
+            absolute = p if p.is_absolute() else base / p
+            out.add(str(absolute.resolve()))
+            out.written.append(str(absolute))
     return out

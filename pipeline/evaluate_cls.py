@@ -149,7 +149,8 @@ def clean_mask(paths: Sequence[str], clean: set[str]) -> tuple[np.ndarray, str]:
     if mask.any() or not paths or not clean:
         return mask, "resolved path"
     for how, key in PATH_KEYS[1:]:
-        tails = {key(c) for c in clean}
+        # the paths as written, where the list has them: a linked image resolves to another name
+        tails = {key(c) for c in [*clean, *getattr(clean, "written", ())]}
         tail_mask = np.array([key(p) in tails for p in paths], bool)
         if tail_mask.any():
             print(f"warning: no path matched the clean list after resolving against {Path.cwd()}; matched "

@@ -199,3 +199,34 @@ def test_hash_ignores_margins_and_distinguishes_images(tmp_path):
     ha, hb, hc = (audit.image_features(str(p))[0] for p in (a, b, c))
     d = audit.hamming_matrix(np.array([ha]), np.array([hb, hc]))[0]
     assert d[1] <= 4 < 12 <= d[0]
+
+
+def test_copies_inside_testing_are_found_and_a_copy_of_a_leaked_copy_is_not_clean(tmp_path, monkeypatch):
+    tr, te = tmp_path / "Training", tmp_path / "Testing"
+    a = _write(tr / "glioma" / "a.jpg", _scan(1))
+    _write(tr / "glioma" / "b.jpg", _scan(2))
+    (te / "glioma").mkdir(parents=True)
+    t1 = shutil.copy(a, te / "glioma" / "t1.jpg")
+    t2 = shutil.copy(t1, te / "glioma" / "t2.jpg")  # a Testing copy of a leaked Testing slice
+    new = _write(te / "glioma" / "new.jpg", _scan(3))
+    twin = shutil.copy(new, te / "glioma" / "new_twin.jpg")  # two clean copies: one distinct slice
+    res = audit.run_audit(tr, te, tmp_path / "out")
+    pairs = {frozenset((r["path_a"], r["path_b"])) for r in _rows(tmp_path / "out" / "test_duplicates.csv")}
+    assert frozenset((str(t1), str(t2))) in pairs and frozenset((str(new), str(twin))) in pairs
+    t = res["totals"]
+    assert t["n_test_clean"] == 2 and t["n_test_clean_groups"] == 1
+    assert t["n_test_internal_duplicate_pairs"] == 2 and t["n_test_internal_label_conflicts"] == 0
+
+    # t2 matched a directly here (pixel copies); when only t1 is close enough to a, t2 must still go
+    real = audit.find_duplicates
+
+    def t2_misses_a(train_items, test_items, **kw):
+        found = real(train_items, test_items, **kw)
+        found["cross"] = [r for r in found["cross"] if r["test_path"] != str(t2)]
+        return found
+
+    monkeypatch.setattr(audit, "find_duplicates", t2_misses_a)
+    res = audit.run_audit(tr, te, tmp_path / "out2")
+    clean = (tmp_path / "out2" / "clean_test.txt").read_text().splitlines()
+    assert clean == sorted([str(new), str(twin)])
+    assert res["totals"]["n_test_copy_via_testing"] == 1 and res["per_class"]["glioma"]["test_copy_via_testing"] == 1

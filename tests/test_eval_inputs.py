@@ -80,6 +80,26 @@ def test_clean_subset_of_a_predict_csv_is_not_silently_empty(tmp_path, capsys, m
     assert "last two components" in capsys.readouterr().err
 
 
+def test_a_clean_list_of_linked_images_matches_predict_paths(tmp_path, monkeypatch):
+    import os
+
+    from pipeline.audit import load_clean_list
+    from pipeline.evaluate_cls import clean_mask
+
+    store, testing = tmp_path / "store", tmp_path / "data" / "Testing" / "glioma"
+    store.mkdir()
+    testing.mkdir(parents=True)
+    (store / "blob-17").write_bytes(b"x")  # the dataset's files live elsewhere, under other names
+    os.symlink(store / "blob-17", testing / "Te-gl_0001.jpg")
+    clean = tmp_path / "clean_test.txt"
+    clean.write_text(f"{testing / 'Te-gl_0001.jpg'}\n")
+    listed = load_clean_list(clean, base=tmp_path)
+    assert len(listed) == 1  # one slice, however many forms of its path are kept
+    monkeypatch.chdir(store)  # predict's relative paths do not resolve from here
+    mask, how = clean_mask(["glioma/Te-gl_0001.jpg", "glioma/Te-gl_0002.jpg"], listed)
+    assert mask.tolist() == [True, False] and how == "last two path components"
+
+
 # A label-image mask (values 0/2/4, or any nonzero values all <= --threshold) is read as EMPTY: a tumor
 #    slice silently becomes an "empty truth" slice and the prediction on it a "false mask".
 def test_label_image_truth_is_not_silently_read_as_empty(tmp_path):

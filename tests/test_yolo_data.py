@@ -58,3 +58,15 @@ def test_dataset_folder_from_phantoms(tmp_path):
         assert images and {p.stem for p in images} == labels
     backgrounds = list((tmp_path / "yolo" / "labels" / "train").glob("background_*.txt"))
     assert backgrounds and all(p.read_text() == "" for p in backgrounds)
+
+
+def test_a_label_mask_is_refused_not_read_as_no_lesion(tmp_path):
+    import cv2
+    import pytest
+
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=2, size=64, seed=1)
+    masks = sorted((root / "seg" / "masks").iterdir())
+    lesion = next(m for m in masks if cv2.imread(str(m), cv2.IMREAD_GRAYSCALE).any())
+    cv2.imwrite(str(lesion), (cv2.imread(str(lesion), cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8))  # 0/1
+    with pytest.raises(ValueError, match=rf"{lesion.name}: a mask with values \(up to 1\) but none above 127"):
+        build_yolo_dataset(tmp_path / "yolo", root / "seg", val_fraction=0.2, test_fraction=0.2)

@@ -183,6 +183,11 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
         mask = read_image_file(s.mask, cv2.IMREAD_GRAYSCALE)
         if mask is None:
             raise FileNotFoundError(f"{s.mask}: unreadable mask")
+        if mask.any() and not (mask > 127).any():
+            # every stage reads these linked masks as tumor above 127: a 0/1 label mask or a dark
+            # colour one would train and score as a slice with no lesion, without a word
+            raise ValueError(f"{s.mask}: a mask with values (up to {int(mask.max())}) but none above 127; seg-data "
+                             f"needs 0/255 masks (tumor 255): convert it, e.g. np.where(mask > 0, 255, 0)")
         _link(s.image, out / "images" / part / f"{name}{s.image.suffix.lower()}")
         _link(s.mask, out / "masks" / part / f"{name}.png")
         label = out / "labels" / part / f"{name}.txt"
