@@ -358,10 +358,11 @@ def cmd_predict(a):
         raise ConfigError(f"--mode {mode}: the classifier {a.cls} was trained on {classifier.mode} inputs; "
                           f"pass a classifier trained on {mode} (--cls)")
     seg = a.seg
-    if seg == "auto" and mode != "full":
+    reads_masks = any(v[0] != "full" for v in getattr(classifier, "views", [(mode,)]))  # second opinions too
+    if seg == "auto" and reads_masks:
         seg = _trained_on_segmenter(classifier, a.cls)
     segmenter = load_segmenter(seg, a.device, backend)
-    if mode != "full" and segmenter is None:
+    if reads_masks and segmenter is None:
         raise ConfigError(f"--mode {mode} (classifier {a.cls}) needs a segmenter: pass --seg auto or --seg NAME "
                           f"(see weights/manifest.json)")
     counts = run_predict(a.input, a.out, classifier, segmenter, mode=mode, batch_size=a.batch_size,

@@ -98,3 +98,37 @@ def test_a_list_of_members_agrees_on_one_segmenter(tmp_path):
     with pytest.raises(WeightsError, match="masks of different segmenters"):
         load_classifier(f"{a},{other}")
     assert load_classifier(f"{checkpoint(tmp_path / 'old.pt')},{whole}").segmenter is None
+
+
+def test_copies_files_beside_and_second_opinions_keep_the_segmenter(tmp_path):
+    import shutil
+
+    from pipeline.cli import _trained_on_segmenter, main
+    from pipeline.config import ConfigError
+    from pipeline.phantoms import make_phantom
+    from pipeline.weights import WEIGHTS_DIR, resolve, sha256_file
+
+    copy = shutil.copy(WEIGHTS_DIR / "cls_lite0_crop_128.pt", tmp_path / "crop_copy.pt")
+    assert Classifier(copy).segmenter == "seg-lite0-cascade"  # the same bytes as the listed member
+    # a segmenter named in an ensemble file is found beside it, as its members are
+    full, crop = checkpoint(tmp_path / "full.pt", mode="full"), checkpoint(tmp_path / "crop.pt")
+    shutil.copy(WEIGHTS_DIR / "seg_lite0_cascade.pt", tmp_path / "myseg.pt")
+    (tmp_path / "beside.json").write_text(json.dumps({"members": ["full.pt", "crop.pt"], "segmenter": "myseg.pt"}))
+    assert load_classifier(tmp_path / "beside.json").segmenter == str(tmp_path / "myseg.pt")
+    # one member records a segmenter nobody lists, the other nothing: refused, as that member alone is
+    unknown = checkpoint(tmp_path / "unknown.pt", segmenter_sha256="cd" * 32)
+    pair = load_classifier(f"{unknown},{crop}")
+    with pytest.raises(ConfigError, match="sha256 cdcdcdcd"):
+        _trained_on_segmenter(pair, "pair")
+    # whole-slice members with a crop second opinion still read masks: auto gives them the named segmenter
+    checkpoint(tmp_path / "full2.pt", mode="full")
+    (tmp_path / "second.json").write_text(json.dumps({"members": ["full.pt", "full2.pt"],
+                                                      "segmenter": "seg-lite0-cascade",
+                                                      "second_opinion": {"members": ["crop.pt"], "below": 0.9}}))
+    src = tmp_path / "scans"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), make_phantom("glioma", 96, 1)[0])
+    assert main(["predict", "--input", str(src), "--out", str(tmp_path / "out"), "--cls", str(tmp_path / "second.json"),
+                 "--device", "cpu", "--backend", "torch"]) == 0
+    used = json.loads((tmp_path / "out" / "predictions.csv.settings.json").read_text())["segmenter"]
+    assert used["weights_sha256"] == sha256_file(resolve("seg-lite0-cascade"))

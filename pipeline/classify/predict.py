@@ -252,16 +252,18 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
         return [Classifier(m, device=device, threads=threads, backend=backend, compile=compile) for m in paths]
 
     ensemble = ClassifierEnsemble(build(members), name=name, second_opinion=build(extra), below=below)
-    ensemble.segmenter = spec.get("segmenter")
-    if not ensemble.segmenter:  # a list of checkpoints: what their crop/masked members record
+    named = spec.get("segmenter")
+    if named:  # a manifest name, or a file beside the ensemble file like its members
+        ensemble.segmenter = named if named in manifest else str(path.parent / named)
+    else:  # a list of checkpoints: what their crop/masked members record
         readers = [m for m in [*ensemble.members, *ensemble.second_opinion] if m.mode != "full"]
         recorded = {m.segmenter or m.segmenter_sha256 for m in readers} - {None}
         if len(recorded) > 1:
             raise WeightsError(f"{name}: its members were trained on masks of different segmenters "
                                f"({', '.join(sorted(recorded))}); one run reads one segmenter's masks")
-        if recorded and all(m.segmenter or m.segmenter_sha256 for m in readers):
-            ensemble.segmenter = readers[0].segmenter
-            ensemble.segmenter_sha256 = readers[0].segmenter_sha256
+        known = next((m for m in readers if m.segmenter or m.segmenter_sha256), None)
+        if known is not None:  # members that record nothing are taken to share it
+            ensemble.segmenter, ensemble.segmenter_sha256 = known.segmenter, known.segmenter_sha256
     return ensemble
 
 
@@ -272,8 +274,12 @@ def _trained_on_segmenter(weights: str | os.PathLike, meta: dict) -> tuple[str |
 
     if meta.get("mode") == "full":
         return None, None
+    from pipeline.weights import name_of_sha256, resolve, sha256_file
+
     manifest = load_manifest()
     entry = manifest.get(str(weights)) or manifest.get(listed_name(weights, manifest) or "") or {}
+    if not entry:  # a copy of a listed checkpoint elsewhere is that checkpoint
+        entry = manifest.get(name_of_sha256(sha256_file(resolve(weights, verify=False)), manifest) or "") or {}
     sha = meta.get("segmenter_sha256")
     if entry.get("segmenter"):
         return entry["segmenter"], sha
