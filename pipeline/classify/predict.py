@@ -254,7 +254,8 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
     ensemble = ClassifierEnsemble(build(members), name=name, second_opinion=build(extra), below=below)
     named = spec.get("segmenter")
     if named:  # a manifest name, or a file beside the ensemble file like its members
-        ensemble.segmenter = named if named in manifest else str(path.parent / named)
+        beside = path.parent / named
+        ensemble.segmenter = str(beside) if named not in manifest and beside.is_file() else named
     else:  # a list of checkpoints: what their crop/masked members record
         readers = [m for m in [*ensemble.members, *ensemble.second_opinion] if m.mode != "full"]
         recorded = {m.segmenter or m.segmenter_sha256 for m in readers} - {None}
