@@ -76,6 +76,19 @@ def test_auto_layer_choice():
 
     m = WithHead()
     assert find_target_layer(m) is m.conv_head
+
+
+@pytest.mark.parametrize("name, layer", [("monai:densenet121", "class_layers.relu"), ("monai:resnet18", "layer4"),
+                                         ("monai:efficientnet-b0", "_conv_head"), ("timm:resnet18", "layer4")])
+def test_the_hooked_layer_is_what_the_head_reads(name, layer):
+    from pipeline.classify.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, pretrained=False).eval()
+    assert find_target_layer(model) is model.get_submodule(layer)
+    if name == "monai:densenet121":  # the last conv of its dense block gave an all-zero map here
+        cam = grad_cam(model, torch.randn(1, 1, 96, 96))
+        assert cam.shape == (96, 96) and cam.max() > 0
     with pytest.raises(ValueError):
         find_target_layer(nn.Linear(2, 2))
 

@@ -20,11 +20,16 @@ from pipeline.classify.models import INPUT_MEAN, INPUT_STD
 
 
 def find_target_layer(model: nn.Module) -> nn.Module:
-    """The layer Grad-CAM hooks by default: timm's ``conv_head`` if the model has one, the last
-    ``nn.Conv2d`` of ``model.features`` (SmallCNN), else the last ``nn.Conv2d`` of the model."""
-    head = getattr(model, "conv_head", None)
-    if isinstance(head, nn.Module):
-        return head
+    """The layer Grad-CAM hooks by default: the last feature map the classifier head reads, all its
+    channels. timm's ``conv_head`` or MONAI EfficientNet's ``_conv_head``; MONAI DenseNet's
+    ``class_layers.relu`` (the last conv of a dense block adds only 32 of its 1024 channels); a
+    ResNet's ``layer4`` (after the residual sum); else the last ``nn.Conv2d`` of ``model.features``
+    (SmallCNN), else the last ``nn.Conv2d`` of the model."""
+    for name in ("conv_head", "_conv_head", "class_layers.relu", "layer4"):
+        try:
+            return model.get_submodule(name)
+        except AttributeError:
+            continue
     features = getattr(model, "features", None)
     for scope in ((features,) if isinstance(features, nn.Module) else ()) + (model,):
         convs = [m for m in scope.modules() if isinstance(m, nn.Conv2d)]
