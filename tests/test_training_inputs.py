@@ -330,3 +330,23 @@ def test_a_classifier_checkpoint_must_say_what_it_reads_and_answers(tmp_path, ch
     with pytest.raises(WeightsError, match=says):
         export_checkpoint(path, tmp_path / "shipped.pt")
     assert not (tmp_path / "shipped.pt").exists()
+
+
+@pytest.mark.parametrize("hflip, vflip", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+def test_augment_flips_and_rotates_without_stretching(hflip, vflip):
+    from pipeline.classify.data import Augment
+
+    size = 96
+    yy, xx = np.mgrid[:size, :size]
+    disk = ((yy - 47.5) ** 2 + (xx - 47.5) ** 2 <= 30 ** 2).astype(np.float32) * 255
+    torch.manual_seed(0)
+    aug = Augment(rotate_deg=12, scale=(1.0, 1.0), translate=0.0, shear_deg=0.0, brightness=0.0, contrast=0.0,
+                  gamma=0.0, hflip=hflip, vflip=vflip)
+    out = aug(torch.from_numpy(disk)[None, None].repeat(16, 1, 1, 1)).numpy()[:, 0]
+    for img in out:  # a disk stays a disk of the same size: its second moments are equal on every axis
+        w = img / img.sum()
+        cy, cx = (w * yy).sum(), (w * xx).sum()
+        cov = np.array([[(w * (yy - cy) ** 2).sum(), (w * (yy - cy) * (xx - cx)).sum()],
+                        [(w * (yy - cy) * (xx - cx)).sum(), (w * (xx - cx) ** 2).sum()]])
+        major, minor = np.sqrt(np.linalg.eigvalsh(cov))[::-1]
+        assert major / minor < 1.02 and abs(img.sum() / disk.sum() - 1) < 0.02

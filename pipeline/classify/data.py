@@ -115,9 +115,11 @@ class Augment(torch.nn.Module):
         fy = torch.where(torch.rand(b, device=dev) < self.vflip, -1.0, 1.0)
         cos, sin = torch.cos(ang), torch.sin(ang)
         theta = torch.zeros(b, 2, 3, device=dev)
+        # a flip mirrors a whole axis, so it multiplies a column (both entries), not one entry: a flip on
+        # the diagonal alone made the map non-orthogonal and stretched a flipped, rotated slice by up to 1.5x
         theta[:, 0, 0] = cos / s * fx
-        theta[:, 0, 1] = (-sin + torch.tan(sh)) / s
-        theta[:, 1, 0] = sin / s
+        theta[:, 1, 0] = sin / s * fx
+        theta[:, 0, 1] = (-sin + torch.tan(sh)) / s * fy
         theta[:, 1, 1] = cos / s * fy
         theta[:, :, 2] = torch.empty(b, 2, device=dev).uniform_(-self.translate, self.translate) * 2
         grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
