@@ -672,3 +672,16 @@ def test_refine_keeps_a_region_whose_next_pass_draws_nothing():
     idle = Recording(AllTumor())
     (none,) = unet.UNetCascadeSegmenter(NoTumor(), idle, {**meta, "refine": 1}).predict([np.full((64, 64), 90, np.uint8)])
     assert not none.found and idle.asked == []
+
+
+@pytest.mark.parametrize("patch", [None, 16])
+def test_a_resumed_training_is_the_same_run(tmp_path, patch):
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    kw = dict(stage="coarse", size=32, epochs=3, batch_size=4, net=TINY, seed=3, patch=patch)
+    whole = unet.train_stage(cache, tmp_path / "whole", **kw)
+    unet.train_stage(cache, tmp_path / "cut", time_hours=1e-9, **kw)  # stops after epoch 1, as a kill would
+    assert len(torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["history"]) == 1
+    resumed = unet.train_stage(cache, tmp_path / "cut", **kw)
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in whole["history"]]
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("whole", "cut"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -693,8 +693,12 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start, best, history = state["epoch"] + 1, state["best"], state["history"]
-        rng = np.random.default_rng(seed + start)
+        rng = np.random.default_rng(seed + start)  # a last.pt from before the draws were saved
     gen = torch.Generator().manual_seed(seed + start)
+    if start and "rng" in state:  # carry on the draws where they stopped: a resumed run is the same run
+        rng.bit_generator.state = state["rng"]
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
     t_start = time.time()
     for epoch in range(start, epochs):
         t0 = time.time()
@@ -741,7 +745,8 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
             torch.save({"state_dict": model.state_dict(), "meta": {**meta, "epoch": epoch + 1, **row}}, out / "best.pt")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                    "meta": meta}, out / "last.tmp")
+                    "meta": meta, "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                    "torch_rng": torch.get_rng_state()}, out / "last.tmp")
         os.replace(out / "last.tmp", last)
         with (out / "curves.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in history for k in r)), restval="")
