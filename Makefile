@@ -276,6 +276,8 @@ CLS_RUNS = $(foreach m,$(MODES),$(OUT)/cls/$(CLS_TAG)_$(m)_$(SIZE)/summary.json)
 cls-train: $(CLS_RUNS) ## train CLS_MODEL on each of MODES (early stopping on the validation split)
 
 # summary.json is written when training ends (early stop included); best.pt appears after epoch 1.
+# A best.pt named as a file (CLS_WEIGHTS of `predict`, e.g. in `make demo`) is made by its training.
+$(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/best.pt: $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.json ; @:
 $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz
 	$(PY) -m pipeline train-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/cls/$(CLS_TAG)_$*_$(SIZE) \
 	  --model $(CLS_MODEL) --pretrained $(CLS_PRETRAINED) --epochs $(CLS_EPOCHS) --batch-size $(CLS_BATCH) \
