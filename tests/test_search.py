@@ -43,3 +43,31 @@ def test_index_refuses_a_crop_mode_classifier(tmp_path, phantom_root):
                 "meta": {"model": "smallcnn", "mode": "crop", "size": 32, "classes": list(CLASSES)}}, path)
     with pytest.raises(ValueError, match="full-slice"):
         build_index(phantom_root / "Testing", tmp_path / "i.npz", Classifier(path))
+
+
+def test_a_volume_finds_itself_and_the_index_file_is_what_was_named(tmp_path, tiny_classifier, capsys):
+    from tests.scan_fixtures import write_nifti
+
+    scans = tmp_path / "scans" / "glioma"
+    scans.mkdir(parents=True)
+    vol = np.zeros((64, 64, 20), np.float32)
+    for z in range(2, 12):  # content only in slices 2-11: the volume's geometric middle (10) is one of them,
+        vol[:, :, z] = make_phantom("glioma", 64, z)[0]  # but not the middle of its non-empty ones (7)
+    write_nifti(scans / "vol.nii.gz", vol)
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray(make_phantom("notumor", 64, 100 + i)[0]).save(tmp_path / "scans" / f"n{i}.png")
+    out = tmp_path / "idx2"  # no .npz suffix: the file is still called what was asked
+    info = build_index(tmp_path / "scans", out, Classifier(tiny_classifier))
+    assert info["out"] == str(out) and out.is_file() and info["indexed"] == 4
+    assert main(["similar", "--index", str(out), "--query", str(scans / "vol.nii.gz"), "-k", "1",
+                 "--cls", str(tiny_classifier), "--device", "cpu"]) == 0
+    hit = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert hit["key"].startswith("glioma/vol.nii.gz#z=") and hit["distance"] == pytest.approx(0, abs=1e-5)
+    out.write_bytes(out.read_bytes()[:200])  # a write cut short
+    assert main(["similar", "--index", str(out), "--query", str(scans / "vol.nii.gz"), "--cls", str(tiny_classifier),
+                 "--device", "cpu"]) != 0
+    assert f"{out}: not an index written by `index`" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["similar", "--index", str(out), "--query", str(scans / "vol.nii.gz"), "-k", "0"])

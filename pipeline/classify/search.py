@@ -15,7 +15,7 @@ import torch
 from pipeline.classify.models import INPUT_MEAN, INPUT_STD
 from pipeline.classify.predict import Classifier
 from pipeline.datasets import DatasetError, canonical_class
-from pipeline.folders import iter_input_files, read_items
+from pipeline.folders import iter_input_files, read_items, savez_atomic
 from pipeline.roi import make_input
 
 
@@ -52,10 +52,12 @@ def build_index(input_dir: str | os.PathLike, out: str | os.PathLike, classifier
     root = Path(input_dir).resolve()
     keys, labels, chunks, batch, errors = [], [], [], [], 0
     for path in iter_input_files(root):
-        for item in read_items(path, root, "middle"):
-            if item.scan is None:
-                errors += 1
-                continue
+        items = read_items(path, root, "nonempty")
+        readable = [it for it in items if it.scan is not None]
+        errors += len(items) - len(readable)
+        # one case per file, the slice `similar` reads from it (read_scan: the middle non-empty slice),
+        # so a volume queried against its own index finds itself
+        for item in readable[len(readable) // 2:][:1]:
             keys.append(item.key)
             labels.append(_label_of(item.key))
             batch.append(make_input(item.scan.image, "full", classifier.size)[0])
@@ -67,8 +69,7 @@ def build_index(input_dir: str | os.PathLike, out: str | os.PathLike, classifier
     if not chunks:
         raise FileNotFoundError(f"{input_dir}: no readable scans to index")
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, embeddings=np.concatenate(chunks).astype(np.float32), keys=np.array(keys),
+    savez_atomic(out, embeddings=np.concatenate(chunks).astype(np.float32), keys=np.array(keys),
              labels=np.array(labels), root=np.array(str(root)),
              classifier=np.array(json.dumps({**classifier.meta, **getattr(classifier, "fingerprint", {})})))
     return {"indexed": len(keys), "errors": errors, "out": str(out)}
@@ -76,9 +77,15 @@ def build_index(input_dir: str | os.PathLike, out: str | os.PathLike, classifier
 
 def search(index: str | os.PathLike, query: np.ndarray, classifier: Classifier, k: int = 5) -> list[dict]:
     """Nearest ``k`` indexed cases to a (H, W) uint8 query slice: key, label, cosine distance."""
-    with np.load(index, allow_pickle=False) as data:
-        emb, keys, labels = data["embeddings"], data["keys"], data["labels"]
-        meta = json.loads(str(data["classifier"]))
+    try:
+        with np.load(index, allow_pickle=False) as data:
+            emb, keys, labels = data["embeddings"], data["keys"], data["labels"]
+            meta = json.loads(str(data["classifier"]))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{index}: no such index (build it with `index`)") from None
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise ValueError(f"{index}: not an index written by `index` ({type(exc).__name__}: {exc}); "
+                         f"build it again") from exc
     if meta.get("model") != classifier.meta.get("model") or int(meta["size"]) != classifier.size:
         raise ValueError(f"{index}: built with {meta.get('model')} at {meta.get('size')} px; "
                          f"query classifier is {classifier.meta.get('model')} at {classifier.size} px")
@@ -91,6 +98,12 @@ def search(index: str | os.PathLike, query: np.ndarray, classifier: Classifier, 
     dist = 1.0 - emb @ q
     order = np.argsort(dist, kind="stable")[:k]
     return [{"key": str(keys[i]), "label": str(labels[i]), "distance": round(float(dist[i]), 6)} for i in order]
+
+
+def _positive(text: str) -> int:
+    from pipeline.cli import _positive_int
+
+    return _positive_int(text)
 
 
 def add_index_arguments(p) -> None:
@@ -107,7 +120,7 @@ def run_index(args) -> int:
 def add_similar_arguments(p) -> None:
     p.add_argument("--index", required=True, help="index .npz from `index`")
     p.add_argument("--query", required=True, help="a scan file")
-    p.add_argument("-k", type=int, default=5, help="how many neighbours")
+    p.add_argument("-k", type=_positive, default=5, help="how many neighbours")
     p.add_argument("--cls", default="cls-lite0-full", help="the classifier the index was built with")
 
 
