@@ -14,8 +14,10 @@ are ``br35h``. Writes ``OUT/sources.csv`` (``path,split,label,source``), one
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -39,9 +41,10 @@ def tag_sources(kaggle_root: str | os.PathLike, figshare_dir: str | os.PathLike,
     from pipeline.audit import find_duplicates
     from pipeline.datasets import DatasetError, list_class_folder
 
-    figshare_images = sorted(Path(figshare_dir, "images").glob("*.jpg"))
+    figshare_images = sorted(p for p in Path(figshare_dir, "images").glob("*")
+                             if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if not figshare_images:
-        raise DatasetError(f"{figshare_dir}: no images/*.jpg (expected the figshare-cheng2017 layout)")
+        raise DatasetError(f"{figshare_dir}: no images/<id>.jpg|.png (expected the figshare-cheng2017 layout)")
     items, split_of = [], {}
     for split in splits:
         for path, label in list_class_folder(Path(kaggle_root) / split):
@@ -51,26 +54,38 @@ def tag_sources(kaggle_root: str | os.PathLike, figshare_dir: str | os.PathLike,
     # figshare on the reference side: its within-set pairs are few, Kaggle's would be many.
     result = find_duplicates([(str(p), "figshare") for p in figshare_images], tumor_items, workers=workers)
     copied = {pair["test_path"] for pair in result["cross"]}
-    return [{"path": p, "split": split_of[p], "label": lab, "source": source_of(lab, p in copied)}
-            for p, lab in items]
+    # a tumor slice that could not be read was never compared: calling it SARTAJ would be a guess
+    unread = {e["path"] for e in result["errors"] if e.get("split") == "test"}
+    for path in sorted(unread):
+        print(f"warning: {path}: unreadable, so its source is unknown", file=sys.stderr)
+    return [{"path": p, "split": split_of[p], "label": lab,
+             "source": "unknown" if p in unread else source_of(lab, p in copied)} for p, lab in items]
 
 
 def write_sources(rows: list[dict], out: str | os.PathLike) -> dict:
     """Write ``sources.csv``, the per-split/source path lists and ``sources.json``; return the counts."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "sources.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "split", "label", "source"])
-        writer.writeheader()
-        writer.writerows(rows)
+    present = [*SOURCES, *sorted({r["source"] for r in rows} - set(SOURCES))]  # "unknown" where a file was unread
+
+    def write_text(path: Path, text: str) -> None:  # names as on disk, whatever their bytes; whole or not at all
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+        os.replace(tmp, path)
+
     for split in sorted({r["split"] for r in rows}):
-        for source in SOURCES:
+        for source in present:
             paths = [r["path"] for r in rows if r["split"] == split and r["source"] == source]
-            (out / f"{split.lower()}_{source}.txt").write_text("".join(p + "\n" for p in paths))
+            write_text(out / f"{split.lower()}_{source}.txt", "".join(p + "\n" for p in paths))
     counts = Counter((r["split"], r["label"], r["source"]) for r in rows)
-    summary = {split: {label: {s: counts[(split, label, s)] for s in SOURCES if counts[(split, label, s)]}
+    summary = {split: {label: {s: counts[(split, label, s)] for s in present if counts[(split, label, s)]}
                        for label in sorted({r["label"] for r in rows})}
                for split in sorted({r["split"] for r in rows})}
-    (out / "sources.json").write_text(json.dumps(summary, indent=2))
+    write_text(out / "sources.json", json.dumps(summary, indent=2))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=["path", "split", "label", "source"], lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "sources.csv", buf.getvalue())  # last: Make takes it as the sign that all is written
     return summary
 

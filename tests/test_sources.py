@@ -67,6 +67,32 @@ def test_missing_figshare_images_is_a_clear_error(tmp_path):
         tag_sources(tmp_path, tmp_path / "nofigshare")
 
 
+def test_unreadable_and_odd_names_are_tagged_as_they_are(tmp_path, capsys):
+    import os
+
+    import cv2
+
+    figshare = tmp_path / "figshare"
+    fig = _write(figshare / "images" / "0.jpg", _scan(300))
+    cv2.imwrite(str(figshare / "images" / "1.png"), _scan(301))  # a PNG export of the set counts too
+    kaggle = tmp_path / "kaggle"
+    _near_copy(fig, kaggle / "Training" / "glioma" / "a.jpg")
+    _near_copy(figshare / "images" / "1.png", kaggle / "Training" / "glioma" / "from_png.jpg")
+    (kaggle / "Training" / "glioma" / "broken.jpg").write_bytes(b"not an image")
+    odd = os.path.join(os.fsencode(kaggle / "Training" / "pituitary"), b"z\xe9.jpg")  # not UTF-8
+    os.makedirs(os.path.dirname(odd), exist_ok=True)
+    with open(odd, "wb") as fh:
+        fh.write(cv2.imencode(".jpg", _scan(400))[1].tobytes())
+    rows = {Path(r["path"]).name: r["source"] for r in tag_sources(kaggle, figshare, splits=("Training",))}
+    assert rows["broken.jpg"] == "unknown" and "broken.jpg: unreadable" in capsys.readouterr().err
+    assert rows["a.jpg"] == rows["from_png.jpg"] == "figshare" and rows[os.fsdecode(b"z\xe9.jpg")] == "sartaj"
+    out = tmp_path / "out"
+    write_sources(tag_sources(kaggle, figshare, splits=("Training",)), out)
+    assert b"z\xe9.jpg" in (out / "training_sartaj.txt").read_bytes()  # written back byte for byte
+    assert [Path(p).name for p in (out / "training_unknown.txt").read_text().split()] == ["broken.jpg"]
+    assert not list(out.glob(".*.tmp"))
+
+
 def test_tumor_vs_none_against_hand_counts():
     # rows true, columns predicted, in CLASSES order (glioma, meningioma, notumor, pituitary)
     k = CLASSES.index("notumor")
