@@ -62,8 +62,8 @@ def _args_split(p):
 
 def _args_phantoms(p):
     p.add_argument("--out", required=True, help="folder for a Kaggle-layout phantom dataset with masks/")
-    p.add_argument("--n-per-class", type=int, default=20)
-    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--n-per-class", type=_positive_int, default=20)
+    p.add_argument("--size", type=_positive_int, default=256)
 
 
 def _args_read(p):
@@ -77,9 +77,9 @@ def _args_crop(p):
     p.add_argument("--masks", help="masks folder from `segment` (needed for crop and masked)")
     p.add_argument("--out", required=True, help="output folder for the caches")
     p.add_argument("--mode", choices=["full", "crop", "masked"])
-    p.add_argument("--size", type=int)
+    p.add_argument("--size", type=_positive_int)
     p.add_argument("--margin", type=float)
-    p.add_argument("--workers", type=int)
+    p.add_argument("--workers", type=_positive_int)
 
 
 def _args_train_cls(p):
@@ -162,7 +162,8 @@ def cmd_crop(a):
         for name, samples in read_split(a.split, a.root).items():
             print(build_cache(samples, out / f"{name}.npz", image_root=a.root, **kw))
     if a.input:
-        print(build_cache(list_class_folder(a.input), out / f"{Path(a.input).name.lower()}.npz",
+        # the folder's own name, also when it is given as `.` or with a trailing slash
+        print(build_cache(list_class_folder(a.input), out / f"{Path(a.input).resolve().name.lower()}.npz",
                           image_root=a.input, **kw))
     if not (a.split or a.input):
         raise ConfigError("crop needs --split (with --root) or --input")
@@ -303,10 +304,20 @@ def cmd_train_yolo_cls(a):
 
     from pipeline.classify.yolo_cls import export_cache_as_folders, predict_yolo_cls, train_yolo_cls
 
+    from pipeline.evaluate_cls import _describe, cache_view
+
     data, out = Path(a.data), Path(a.out)
+    views = {}
+    for part in ("train", "val", "testing"):
+        if (data / f"{part}.npz").is_file() or part != "testing":
+            with np.load(data / f"{part}.npz") as cache:  # reads only the small entries asked for
+                views[part] = cache_view({k: cache[k] for k in ("mode", "size", "margin") if k in cache.files})
+    other = {part: v for part, v in views.items() if v != views["train"]}
+    if other:  # the baseline is scored as it was trained, like every CNN (evaluate-cls checks the same)
+        raise ConfigError(f"{data}: " + "; ".join(f"{part}.npz is {_describe(*v)}" for part, v in other.items())
+                          + f", but train.npz is {_describe(*views['train'])}; make all three with one `crop` setting")
     folders = export_cache_as_folders({"train": data / "train.npz", "val": data / "val.npz"}, out / "images")
-    with np.load(data / "train.npz") as cache:  # reads only the "size" entry
-        size = int(cache["size"])
+    size = int(views["train"][1])
     best = train_yolo_cls(folders, out / "run", imgsz=size, epochs=a.epochs, batch=a.batch, device=a.device,
                           seed=a.seed, time_hours=a.time_hours)
     if (data / "testing.npz").is_file():

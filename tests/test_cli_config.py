@@ -122,3 +122,14 @@ def test_more_config_mistakes_are_refused(tmp_path, text):
 
     with pytest.raises(ConfigError):
         _defaults(tmp_path, text, "predict")
+
+
+def test_crop_names_its_cache_after_the_folder_and_refuses_a_size_of_zero(tmp_path, monkeypatch):
+    from pipeline.phantoms import write_phantom_dataset
+
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=1, size=48, seed=0)
+    monkeypatch.chdir(root / "Testing")
+    assert main(["crop", "--input", ".", "--mode", "full", "--size", "32", "--out", str(tmp_path / "cache")]) == 0
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["testing.npz"]  # not ".npz"
+    with pytest.raises(SystemExit):
+        main(["crop", "--input", ".", "--mode", "full", "--size", "0", "--out", str(tmp_path / "cache")])

@@ -33,3 +33,20 @@ def test_yolo_cls_trains_offline_and_writes_compare_predictions(tiny_caches, tmp
         assert abs(sum(probs) - 1) < 1e-3
         assert row["pred"] == CLASSES[int(np.argmax(probs))]
     assert [r["true"] for r in rows] == [CLASSES[k] for k in np.repeat(np.arange(4), 3)]
+
+
+def test_train_yolo_cls_refuses_caches_of_another_view(tiny_caches, tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for part in ("train", "val"):
+        shutil.copy(tiny_caches / f"{part}.npz", data / f"{part}.npz")
+    (tmp_path / "big").mkdir()
+    phantom_cls_caches(tmp_path / "big", {"testing": 3}, 48)  # scored at another size than trained
+    shutil.copy(tmp_path / "big" / "testing.npz", data / "testing.npz")
+    assert main(["train-yolo-cls", "--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1"]) != 0
+    assert "testing.npz is mode=full size=48" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "run").exists()  # refused before any training
