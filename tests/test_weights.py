@@ -207,3 +207,19 @@ def test_real_manifest_shape():
         assert {"name", "file", "url", "sha256", "license", "kind"} <= set(e), e["name"]
         assert e["sha256"] is None or re.fullmatch(r"[0-9a-f]{64}", e["sha256"]), e["name"]
         assert e["sha256"] or e.get("sha256_source"), f"{e['name']}: unknown sha256 needs a note"
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_old_file(tmp_path, monkeypatch):
+    path = W.save_checkpoint({"w": torch.ones(3)}, tmp_path / "best.pt")
+    assert (path.stat().st_mode & 0o777) == 0o644
+
+    def torn(obj, fh, *a, **k):
+        fh.write(b"half a checkpoint")
+        raise OSError("no space left on device (test)")
+
+    monkeypatch.setattr(torch, "save", torn)
+    with pytest.raises(OSError, match="no space"):
+        W.save_checkpoint({"w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind

@@ -291,7 +291,7 @@ def _trained_on_segmenter(weights: str | os.PathLike, meta: dict) -> tuple[str |
 
 def export_checkpoint(run_best: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> str:
     """Copy a training ``best.pt`` to a small shippable checkpoint (fp16 weights); returns its sha256."""
-    from pipeline.weights import sha256_file
+    from pipeline.weights import save_checkpoint, sha256_file
 
     try:
         ckpt = torch.load(run_best, map_location="cpu", weights_only=True)
@@ -301,5 +301,5 @@ def export_checkpoint(run_best: str | os.PathLike, dest: str | os.PathLike, half
         raise WeightsError(f"{run_best}: not a training best.pt (expected keys state_dict and meta)")
     check_classifier_meta(ckpt["meta"], run_best)
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt["state_dict"].items()}
-    torch.save({"state_dict": state, "meta": ckpt["meta"]}, dest)
+    save_checkpoint({"state_dict": state, "meta": ckpt["meta"]}, dest)
     return sha256_file(dest)

@@ -224,9 +224,9 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    from pipeline.weights import save_checkpoint
+
+    save_checkpoint(obj, path)
 
 
 def write_curves(history: list[dict], out: Path) -> None:

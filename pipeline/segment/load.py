@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from pipeline.weights import WeightsError, load_checkpoint, load_manifest
+from pipeline.weights import WeightsError, load_checkpoint, load_manifest, save_checkpoint
 
 UNET_ARCH = "monai-unet-cascade"  # pipeline.segment.unet.ARCH, without importing MONAI here
 
@@ -28,7 +28,7 @@ def export_yolo_seg(run_best: str | os.PathLike, dest: str | os.PathLike, conf: 
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
     meta = {"yaml": _plain(model.yaml), "names": {int(k): str(v) for k, v in model.names.items()},
             "imgsz": int(imgsz or args.get("imgsz", 256)), "conf": float(conf), "task": "segment"}
-    torch.save({"state_dict": state, "meta": meta}, dest)
+    save_checkpoint({"state_dict": state, "meta": meta}, dest)
 
 
 def _plain(obj):

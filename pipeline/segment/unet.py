@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.folders import read_image_file, savez_atomic
+from pipeline.weights import save_checkpoint
 from pipeline.segment.yolo import SegResult
 
 CACHE_SIZE = 512
@@ -742,12 +743,12 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
         print(json.dumps(row), flush=True)
         if score > best:
             best = score
-            torch.save({"state_dict": model.state_dict(), "meta": {**meta, "epoch": epoch + 1, **row}}, out / "best.pt")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                    "meta": meta, "rng": rng.bit_generator.state, "gen": gen.get_state(),
-                    "torch_rng": torch.get_rng_state()}, out / "last.tmp")
-        os.replace(out / "last.tmp", last)
+            save_checkpoint({"state_dict": model.state_dict(), "meta": {**meta, "epoch": epoch + 1, **row}},
+                            out / "best.pt")
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
+                         "meta": meta, "rng": rng.bit_generator.state, "gen": gen.get_state(),
+                         "torch_rng": torch.get_rng_state()}, last)
         with (out / "curves.csv").open("w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in history for k in r)), restval="")
             writer.writeheader()
@@ -888,7 +889,7 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
         meta["coarse_from"] = {"name": listed_name(coarse_best) or name_of_sha256(sha)
                                or str(Path(coarse_best).resolve()), "sha256": sha}
         meta.setdefault("coarse_net", c["meta"]["net"])
-    torch.save({**parts, "meta": meta}, dest)
+    save_checkpoint({**parts, "meta": meta}, dest)
     return meta
 
 
