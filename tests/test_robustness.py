@@ -578,3 +578,13 @@ def test_a_dicom_exports_index_file_is_not_an_input(tmp_path):
     (root / "notes.txt").write_text("not a scan")  # any other file still becomes an error row
     rels = sorted(p.relative_to(root).as_posix() for p in iter_input_files(root))
     assert rels == ["S1/IM0001.png", "notes.txt"]
+
+
+def test_export_of_a_segmenter_refuses_what_is_not_a_yolo_seg_run(tmp_path, tiny_classifier):
+    from pipeline.segment.load import export_yolo_seg
+    from pipeline.weights import WeightsError
+
+    for bad in (tiny_classifier, tmp_path / "gone.pt"):
+        with pytest.raises(WeightsError, match=rf"{bad.name}: not a"):
+            export_yolo_seg(bad, tmp_path / "seg.pt")
+    assert not (tmp_path / "seg.pt").exists()

@@ -685,3 +685,19 @@ def test_a_resumed_training_is_the_same_run(tmp_path, patch):
     assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in whole["history"]]
     a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True)["model"] for d in ("whole", "cut"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_names_the_file_that_is_not_a_stage(tmp_path, tiny_classifier):
+    from pipeline.weights import WeightsError
+
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    unet.train_stage(cache, tmp_path / "fine", stage="fine", size=32, epochs=1, batch_size=8, net=TINY)
+    torch.save(42, tmp_path / "answer.pt")  # a checkpoint of something else
+    (tmp_path / "torn.pt").write_bytes((tmp_path / "fine" / "best.pt").read_bytes()[:300])
+    for bad, says in ((tiny_classifier, "neither a train-unet best.pt nor a U-Net cascade"),
+                      (tmp_path / "answer.pt", "neither a train-unet best.pt nor a U-Net cascade"),
+                      (tmp_path / "torn.pt", "not a loadable weights-only checkpoint"),
+                      (tmp_path / "gone.pt", "no such checkpoint")):
+        with pytest.raises(WeightsError, match=f"{bad.name}: {says}"):
+            unet.export_cascade(bad, tmp_path / "fine" / "best.pt", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()

@@ -22,8 +22,17 @@ def export_yolo_seg(run_best: str | os.PathLike, dest: str | os.PathLike, conf: 
     from ultralytics.nn.tasks import torch_safe_load
 
     # weights_only load against ultralytics' allow-list of its own classes: no arbitrary code runs.
-    ckpt, _ = torch_safe_load(str(run_best), safe_only=True)
-    model = (ckpt.get("ema") or ckpt["model"]).float()
+    try:
+        ckpt, _ = torch_safe_load(str(run_best), safe_only=True)
+    except Exception as exc:  # noqa: BLE001 - a missing, torn or foreign file fails in many ways
+        raise WeightsError(f"{run_best}: not an ultralytics training checkpoint ({type(exc).__name__}: {exc})"[:500]) from exc
+    model = (ckpt.get("ema") or ckpt.get("model")) if isinstance(ckpt, dict) else None
+    from ultralytics.nn.tasks import SegmentationModel
+
+    if not isinstance(model, SegmentationModel):
+        raise WeightsError(f"{run_best}: not a YOLO-seg training checkpoint (expected an ultralytics best.pt "
+                           f"of a segmentation model, as `train-seg` writes)")
+    model = model.float()
     args = ckpt.get("train_args", {}) or {}
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
     meta = {"yaml": _plain(model.yaml), "names": {int(k): str(v) for k, v in model.names.items()},

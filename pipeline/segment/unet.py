@@ -822,6 +822,25 @@ def with_borrowed_coarse(ckpt: dict) -> dict:
     return {**ckpt, "coarse": donor["coarse"]}
 
 
+def _stage_checkpoint(path: str | os.PathLike) -> dict:
+    """A ``train-unet`` ``best.pt`` or a U-Net cascade checkpoint, weights-only; WeightsError naming the file
+    for anything else (a classifier, a YOLO run, a torn file)."""
+    from pipeline.weights import WeightsError
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such checkpoint") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds on a file that is not a checkpoint
+        raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: {exc})"[:500]) from exc
+    meta = ckpt.get("meta") if isinstance(ckpt, dict) else None
+    is_run = isinstance(meta, dict) and "state_dict" in ckpt and "net" in meta and "stage" in meta
+    is_cascade = isinstance(meta, dict) and meta.get("arch") == ARCH
+    if not (is_run or is_cascade):
+        raise WeightsError(f"{path}: neither a train-unet best.pt nor a U-Net cascade checkpoint")
+    return ckpt
+
+
 def _run_like(ckpt: dict, stage: str) -> dict:
     """A cascade checkpoint's ``stage`` part as a ``best.pt``-shaped dict; any other checkpoint unchanged."""
     ckpt = with_borrowed_coarse(ckpt)
@@ -852,12 +871,12 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
     (:func:`with_borrowed_coarse`), so a new fine stage ships without a second copy of the localiser."""
     if gate_best and rescue_best:
         raise ValueError("a cascade has a gate (removes regions) or a rescue (adds them), not both")
-    raw = torch.load(coarse_best, map_location="cpu", weights_only=True)
+    raw = _stage_checkpoint(coarse_best)
     if borrow_coarse and not (raw.get("meta", {}).get("task") == "segment"
                               and ("coarse" in raw or "coarse_from" in raw["meta"])):
         raise ValueError(f"{coarse_best}: only a cascade checkpoint's coarse stage can be borrowed")
     c = _run_like(raw, "coarse")
-    f = _run_like(torch.load(fine_best, map_location="cpu", weights_only=True), "fine")
+    f = _run_like(_stage_checkpoint(fine_best), "fine")
     if c["meta"].get("stage", "coarse") != "coarse" or f["meta"].get("stage", "fine") != "fine":
         raise ValueError(f"{coarse_best} must be a coarse stage and {fine_best} a fine stage")
 
@@ -874,7 +893,7 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
                                      ("rescue", rescue_best, rescue_threshold, rescue_min_area)):
         if not best_pt:
             continue
-        g = _run_like(torch.load(best_pt, map_location="cpu", weights_only=True), "coarse")
+        g = _run_like(_stage_checkpoint(best_pt), "coarse")
         if g["meta"].get("stage", "coarse") != "coarse":
             raise ValueError(f"{best_pt} must be a coarse stage: the {part} looks at whole slices")
         meta[part] = {"net": g["meta"]["net"], "size": g["meta"]["size"], "threshold": float(thr),
