@@ -202,6 +202,7 @@ def test_savez_atomic_two_writers_of_one_cache_do_not_collide(tmp_path):
     images = np.load(dest)["images"]
     assert images.shape == (300_000,) and len(np.unique(images)) == 1 and images[0] in (0, 7)
     assert [p.name for p in tmp_path.iterdir()] == [dest.name]
+    assert dest.stat().st_mode & 0o777 == 0o644  # readable like any output, not mkstemp's 0600
 
 
 def test_savez_atomic_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
