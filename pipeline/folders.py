@@ -174,6 +174,21 @@ def iter_read(files: Sequence[Path], root: Path, nifti_slices="nonempty", worker
             yield window.popleft().result()
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it: done once, at import, before any thread
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the process's umask (0644 for the usual 022; a user
+    who keeps scans private with 077 gets 0600)."""
+    return 0o666 & ~_UMASK
+
+
 def savez_atomic(path: Path, **arrays: np.ndarray) -> Path:
     """``np.savez`` so that ``path`` is either absent, the old file, or the complete new one.
 
@@ -186,7 +201,7 @@ def savez_atomic(path: Path, **arrays: np.ndarray) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a cache is shared like any other output
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; a cache gets the mode any new file would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

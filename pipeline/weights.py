@@ -98,7 +98,9 @@ def save_checkpoint(obj, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a checkpoint is read by whoever runs the project
+        from pipeline.folders import new_file_mode
+
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; give it the mode any new file would get
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

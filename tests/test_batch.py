@@ -178,6 +178,12 @@ def test_resuming_with_another_model_is_refused(tmp_path, tiny_classifier):
     assert len(read_rows(out / "predictions.csv")) == 1
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def test_savez_atomic_two_writers_of_one_cache_do_not_collide(tmp_path):
     # two trainings started side by side on one dataset build the same cache at the same moment
     dest = tmp_path / "unet_cache_512.npz"
@@ -202,7 +208,7 @@ def test_savez_atomic_two_writers_of_one_cache_do_not_collide(tmp_path):
     images = np.load(dest)["images"]
     assert images.shape == (300_000,) and len(np.unique(images)) == 1 and images[0] in (0, 7)
     assert [p.name for p in tmp_path.iterdir()] == [dest.name]
-    assert dest.stat().st_mode & 0o777 == 0o644  # readable like any output, not mkstemp's 0600
+    assert dest.stat().st_mode & 0o777 == 0o666 & ~_umask()  # as any new file, not mkstemp's 0600
 
 
 def test_savez_atomic_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -219,3 +225,14 @@ def test_savez_atomic_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert np.load(dest)["images"].tolist() == list(range(5))
     assert [p.name for p in tmp_path.iterdir()] == [dest.name]
+
+
+def test_a_private_umask_keeps_caches_private(tmp_path):
+    import subprocess
+    import sys
+
+    # the umask is read once, at import: a fresh process with 077, as a user keeping scans private would run
+    code = ("import numpy as np; from pipeline.folders import savez_atomic; "
+            f"savez_atomic(__import__('pathlib').Path({str(tmp_path / 'c.npz')!r}), a=np.zeros(3))")
+    subprocess.run([sys.executable, "-c", f"import os; os.umask(0o077); exec({code!r})"], check=True)
+    assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o600
