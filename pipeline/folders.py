@@ -189,24 +189,30 @@ def new_file_mode() -> int:
     return 0o666 & ~_UMASK
 
 
-def savez_atomic(path: Path, **arrays: np.ndarray) -> Path:
-    """``np.savez`` so that ``path`` is either absent, the old file, or the complete new one.
+def write_atomic(path: str | os.PathLike, write) -> Path:
+    """Call ``write(binary file)`` so that ``path`` is either absent, the old file, or the complete new one.
 
-    The temporary file has a name of its own, so two runs that build the same cache at once (two
-    trainings started side by side on one dataset) cannot rename each other's file away.
+    The temporary file has a name of its own, so two runs that write the same file at once (two
+    trainings started side by side on one dataset) cannot rename each other's file away; it gets the
+    mode any new file would (mkstemp makes 0600).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; a cache gets the mode any new file would
+            write(fh)
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def savez_atomic(path: Path, **arrays: np.ndarray) -> Path:
+    """``np.savez`` written whole or not at all (:func:`write_atomic`)."""
+    return write_atomic(path, lambda fh: np.savez(fh, **arrays))
 
 
 def read_image_file(path: str | os.PathLike, flags: int = cv2.IMREAD_UNCHANGED) -> np.ndarray | None:

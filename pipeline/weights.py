@@ -88,24 +88,11 @@ def resolve(name_or_path: str | os.PathLike, manifest: dict | None = None, verif
 def save_checkpoint(obj, path: str | os.PathLike) -> Path:
     """``torch.save`` so that ``path`` is either the old file or the whole new one: a run killed mid-write
     must not leave a torn checkpoint that the next run (a resume, an export, Make) would take as done."""
-    import tempfile
-
     import torch
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        from pipeline.folders import new_file_mode
+    from pipeline.folders import write_atomic
 
-        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; give it the mode any new file would get
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(name_or_path: str | os.PathLike, map_location: str = "cpu") -> dict:
