@@ -701,3 +701,22 @@ def test_export_names_the_file_that_is_not_a_stage(tmp_path, tiny_classifier):
         with pytest.raises(WeightsError, match=f"{bad.name}: {says}"):
             unet.export_cascade(bad, tmp_path / "fine" / "best.pt", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_export_unet_keeps_a_source_cascades_setting_unless_told(tmp_path):
+    from pipeline.cli import main
+
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    for run, stage in (("coarse", "coarse"), ("fine", "fine")):
+        unet.train_stage(cache, tmp_path / run, stage=stage, size=32, epochs=1, batch_size=8, net=TINY)
+    shipped = tmp_path / "shipped.pt"
+    unet.export_cascade(tmp_path / "coarse" / "best.pt", tmp_path / "fine" / "best.pt", shipped, threshold=0.3,
+                        min_area=5)
+    assert main(["export-unet", "--coarse", str(shipped), "--fine", str(tmp_path / "fine" / "best.pt"),
+                 "--out", str(tmp_path / "again.pt")]) == 0
+    again = torch.load(tmp_path / "again.pt", weights_only=True)["meta"]
+    assert (again["threshold"], again["min_area"]) == (0.3, 5)
+    assert main(["export-unet", "--coarse", str(tmp_path / "coarse" / "best.pt"), "--fine", str(shipped),
+                 "--out", str(tmp_path / "run.pt"), "--min-area", "3"]) == 0
+    run = torch.load(tmp_path / "run.pt", weights_only=True)["meta"]
+    assert (run["threshold"], run["min_area"]) == (0.5, 3)  # a training run: the documented defaults

@@ -981,8 +981,10 @@ def add_export_arguments(p) -> None:
     p.add_argument("--fine", required=True, help="best.pt of the fine stage, or a cascade checkpoint whose fine "
                                                  "stage is reused")
     p.add_argument("--out", required=True, help="weights-only cascade checkpoint to write")
-    p.add_argument("--threshold", type=float, default=0.5, help="coarse probability threshold")
-    p.add_argument("--min-area", type=int, default=8, help="smallest coarse region kept, in coarse pixels")
+    p.add_argument("--threshold", type=float, help="coarse probability threshold (default: that of a cascade "
+                                                    "given as --coarse, else 0.5)")
+    p.add_argument("--min-area", type=int, help="smallest coarse region kept, in coarse pixels (default: that of a "
+                                                "cascade given as --coarse, else 8)")
     p.add_argument("--gate", help="optional: best.pt of a second coarse net that vetoes slices where it finds "
                                   "no region (a conservative net gating a recall-minded --coarse)")
     p.add_argument("--gate-threshold", type=float, default=0.3, help="the gate's probability threshold")
@@ -1000,7 +1002,12 @@ def add_export_arguments(p) -> None:
 def run_export(args) -> int:
     from pipeline.weights import sha256_file
 
-    meta = export_cascade(args.coarse, args.fine, args.out, args.threshold, args.min_area, half=not args.fp32,
+    # a cascade's coarse stage comes with the setting it was chosen at; a training run's does not
+    source = _stage_checkpoint(args.coarse).get("meta", {})
+    cascade = source.get("arch") == ARCH
+    threshold = args.threshold if args.threshold is not None else (source["threshold"] if cascade else 0.5)
+    min_area = args.min_area if args.min_area is not None else (source["min_area"] if cascade else 8)
+    meta = export_cascade(args.coarse, args.fine, args.out, threshold, min_area, half=not args.fp32,
                           gate_best=args.gate, gate_threshold=args.gate_threshold, gate_min_area=args.gate_min_area,
                           rescue_best=args.rescue, rescue_threshold=args.rescue_threshold,
                           rescue_min_area=args.rescue_min_area, borrow_coarse=args.borrow_coarse)
