@@ -338,7 +338,7 @@ def cmd_sources(a):
     print(json.dumps(write_sources(tag_sources(a.root, a.figshare, workers=a.workers), a.out), indent=2))
 
 
-def _trained_on_segmenter(classifier, cls_name) -> str:
+def _auto_segmenter(classifier, cls_name) -> str:
     """``--seg auto`` for a crop/masked classifier: the segmenter whose masks it was trained on. Another
     one draws other boxes and other found/not-found calls than the model learnt from."""
     if getattr(classifier, "segmenter", None):
@@ -371,7 +371,7 @@ def cmd_predict(a):
     seg = a.seg
     reads_masks = any(v[0] != "full" for v in getattr(classifier, "views", [(mode,)]))  # second opinions too
     if seg == "auto" and reads_masks:
-        seg = _trained_on_segmenter(classifier, a.cls)
+        seg = _auto_segmenter(classifier, a.cls)
     segmenter = load_segmenter(seg, a.device, backend)
     if reads_masks and segmenter is None:
         raise ConfigError(f"--mode {mode} (classifier {a.cls}) needs a segmenter: pass --seg auto or --seg NAME "

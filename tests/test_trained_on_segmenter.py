@@ -70,18 +70,18 @@ def test_the_cache_and_the_checkpoint_record_the_segmenter_of_the_masks(tmp_path
 
 
 def test_auto_finds_a_recorded_segmenter_by_hash_and_refuses_an_unknown_one(tmp_path, capsys):
-    from pipeline.cli import _trained_on_segmenter
+    from pipeline.cli import _auto_segmenter
     from pipeline.config import ConfigError
 
     listed = load_manifest()["seg-lite0-cascade"]["sha256"]
     known = Classifier(checkpoint(tmp_path / "known.pt", segmenter_sha256=listed))
-    assert known.segmenter == "seg-lite0-cascade" and _trained_on_segmenter(known, "known.pt") == "seg-lite0-cascade"
+    assert known.segmenter == "seg-lite0-cascade" and _auto_segmenter(known, "known.pt") == "seg-lite0-cascade"
     unknown = Classifier(checkpoint(tmp_path / "unknown.pt", segmenter_sha256="cd" * 32))
     assert unknown.segmenter is None
     with pytest.raises(ConfigError, match="sha256 cdcdcdcd.*--seg PATH"):
-        _trained_on_segmenter(unknown, "unknown.pt")
+        _auto_segmenter(unknown, "unknown.pt")
     older = Classifier(checkpoint(tmp_path / "older.pt"))  # trained before the record existed
-    assert _trained_on_segmenter(older, "older.pt") == "auto"
+    assert _auto_segmenter(older, "older.pt") == "auto"
     assert "does not record which segmenter" in capsys.readouterr().err
     assert Classifier(checkpoint(tmp_path / "full.pt", mode="full", segmenter_sha256=listed)).segmenter is None
 
@@ -103,7 +103,7 @@ def test_a_list_of_members_agrees_on_one_segmenter(tmp_path):
 def test_copies_files_beside_and_second_opinions_keep_the_segmenter(tmp_path):
     import shutil
 
-    from pipeline.cli import _trained_on_segmenter, main
+    from pipeline.cli import _auto_segmenter, main
     from pipeline.config import ConfigError
     from pipeline.phantoms import make_phantom
     from pipeline.weights import WEIGHTS_DIR, resolve, sha256_file
@@ -119,7 +119,7 @@ def test_copies_files_beside_and_second_opinions_keep_the_segmenter(tmp_path):
     unknown = checkpoint(tmp_path / "unknown.pt", segmenter_sha256="cd" * 32)
     pair = load_classifier(f"{unknown},{crop}")
     with pytest.raises(ConfigError, match="sha256 cdcdcdcd"):
-        _trained_on_segmenter(pair, "pair")
+        _auto_segmenter(pair, "pair")
     # whole-slice members with a crop second opinion still read masks: auto gives them the named segmenter
     checkpoint(tmp_path / "full2.pt", mode="full")
     (tmp_path / "second.json").write_text(json.dumps({"members": ["full.pt", "full2.pt"],

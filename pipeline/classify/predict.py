@@ -55,10 +55,11 @@ class Classifier:
         self.mode, self.size = self.meta["mode"], int(self.meta["size"])
         #: a crop/masked model: the segmenter whose masks it was trained on (manifest name), and its sha256
         #: as training recorded it (``--seg auto`` needs one of the two to pick the right masks)
-        self.segmenter, self.segmenter_sha256 = _trained_on_segmenter(weights, self.meta)
         from pipeline.weights import resolve, sha256_file
 
         self.fingerprint = {"weights_sha256": sha256_file(resolve(weights, verify=False))}
+        self.segmenter, self.segmenter_sha256 = _trained_on_segmenter(weights, self.fingerprint["weights_sha256"],
+                                                                      self.meta)
         self.device = device
         if threads:
             torch.set_num_threads(threads)
@@ -268,25 +269,21 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
     return ensemble
 
 
-def _trained_on_segmenter(weights: str | os.PathLike, meta: dict) -> tuple[str | None, str | None]:
+def _trained_on_segmenter(weights: str | os.PathLike, own_sha256: str, meta: dict) -> tuple[str | None, str | None]:
     """(manifest name, sha256) of the segmenter a crop/masked checkpoint was trained on; (None, None) for a
-    whole-slice model or one that records neither (trained before the cache recorded it)."""
-    from pipeline.weights import listed_name, load_manifest
+    whole-slice model or one that records neither (trained before the cache recorded it). The checkpoint's
+    manifest entry is found by name or by its own hash (a copy of a listed file is that file)."""
+    from pipeline.weights import load_manifest, name_of_sha256
 
     if meta.get("mode") == "full":
         return None, None
-    from pipeline.weights import name_of_sha256, resolve, sha256_file
-
     manifest = load_manifest()
-    entry = manifest.get(str(weights)) or manifest.get(listed_name(weights, manifest) or "") or {}
-    if not entry:  # a copy of a listed checkpoint elsewhere is that checkpoint
-        entry = manifest.get(name_of_sha256(sha256_file(resolve(weights, verify=False)), manifest) or "") or {}
+    entry = manifest.get(str(weights)) or manifest.get(name_of_sha256(own_sha256, manifest) or "") or {}
     sha = meta.get("segmenter_sha256")
     if entry.get("segmenter"):
         return entry["segmenter"], sha
-    named = next((n for n, e in manifest.items() if sha and e.get("kind") == "segmenter" and e.get("sha256") == sha),
-                 None)
-    return named, sha
+    named = name_of_sha256(sha, manifest)
+    return (named if named and manifest[named].get("kind") == "segmenter" else None), sha
 
 
 def export_checkpoint(run_best: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> str:
