@@ -8,7 +8,8 @@ VENV         ?= .venv
 PY           := $(VENV)/bin/python
 DATA_SRC     ?= $(firstword $(wildcard ../shared/datasets))
 DATA         ?= datasets/brain-tumor-mri
-DATA_READY   ?= datasets/.ready
+# what makes DATA available: the datasets/ links (data); none when DATA is set to a folder of your own
+DATA_READY   ?= $(if $(filter datasets/brain-tumor-mri,$(DATA)),datasets/.ready)
 OUT          ?= runs
 DEVICE       ?= auto
 SEED         ?= 0
@@ -77,7 +78,7 @@ CLEAN   = $(OUT)/audit/clean_test.txt
 
 .PHONY: help setup data audit split weights seg-data seg-train seg-train-fine seg-train-yolo seg-tune seg-diagnose seg-eval seg-eval-default segment crop cls-train \
         baseline sources reference loso evaluate shipped-eval compare report bench \
-        predict all demo test phantoms clean-venv
+        predict all demo test phantoms clean-venv FORCE
 
 # Trained runs are chained through pattern rules: keep every one of them (no intermediate deletes).
 .SECONDARY:
@@ -120,7 +121,8 @@ setup: $(STAMP) ## make .venv and install the project with its test tools
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	# torch first, pinned to the wheels on disk: a bare `torch` would fetch a newer CUDA build.
+	# torch first and capped: the project is tested up to 2.14.1, and a bare `torch` would take the newest
+	# release. Where pip is pointed at a local wheel store (PIP_FIND_LINKS), it comes from there.
 	$(VENV)/bin/pip install --quiet "torch>=2.1,<=2.14.1" "torchvision>=0.16,<=0.29.1"
 	$(VENV)/bin/pip install --quiet -e ".[test,bench,lite]"
 	touch $@
@@ -250,10 +252,18 @@ $(OUT)/seg/eval_default/metrics.json: $(SEG_DEFAULT) $(OUT)/seg/data/data.yaml $
 
 segment: $(OUT)/segment/Training/.done $(OUT)/segment/Testing/.done ## masks for Training and Testing
 
-$(OUT)/segment/%/.done: $(SEG_CKPT) $(DATA_READY)
-	@# a finished folder older than the checkpoint was made by another segmenter: redo it (an
-	@# unfinished one, no .done, resumes)
-	@if [ -f $@ ]; then echo "rm -rf $(OUT)/segment/$*  (made by an older segmenter)"; rm -rf $(OUT)/segment/$*; fi
+# Which segmenter made a finished folder is read from the folder's own record, not only from file dates:
+# the shipped checkpoints all carry the checkout's date, so switching SEG_CKPT between them changed no date.
+SEG_SHA := $(if $(wildcard $(SEG_CKPT)),$(firstword $(shell sha256sum "$(SEG_CKPT)")))
+seg_record = $(file <$(OUT)/segment/$(1)/segments.csv.settings.json)
+seg_made_by_other = $(if $(SEG_SHA),$(if $(wildcard $(OUT)/segment/$(1)/.done),$(if $(findstring $(SEG_SHA),$(call seg_record,$(1))),,FORCE)))
+FORCE:
+
+.SECONDEXPANSION:
+$(OUT)/segment/%/.done: $(SEG_CKPT) $(DATA_READY) $$(call seg_made_by_other,$$*) | $(STAMP)
+	@# a finished folder older than the checkpoint, or recording another one, was made by another
+	@# segmenter: redo it (an unfinished one, no .done, resumes)
+	@if [ -f $@ ]; then echo "rm -rf $(OUT)/segment/$*  (made by another segmenter)"; rm -rf $(OUT)/segment/$*; fi
 	$(PY) -m pipeline segment --input $(DATA)/$* --out $(OUT)/segment/$* --weights $(SEG_CKPT) --device $(DEVICE)
 	touch $@
 
@@ -374,13 +384,17 @@ $(OUT)/report/report.md: $(EVALS) $(BASELINES) $(REF_EVALS) $(LOSO_EVALS) $(SHIP
 # the earlier predictions are moved to PREDICT_OUT/previous/, not deleted, in case the change was a typo.
 PREDICT_WEIGHTS = $(filter %.pt %.json,$(subst $(comma), ,$(CLS_WEIGHTS)) $(SEG_WEIGHTS))
 PREDICT_KEY     = $(abspath $(INPUT)) $(CLS_WEIGHTS) $(SEG_WEIGHTS)
+# the files an ensemble .json names beside it (members, second opinions): a retrained member starts over too
+json_members = $(if $(1),$$($(PY) -c 'import json, os, sys; [print(p) for j in sys.argv[1:] for s in [json.load(open(j))] \
+  for m in s.get("members", []) + (s.get("second_opinion") or {}).get("members", []) \
+  for p in [os.path.join(os.path.dirname(j), m)] if os.path.isfile(p)]' $(1)))
 
 predict: $(STAMP) $(if $(filter $(abspath $(DATA)/Testing),$(abspath $(INPUT))),$(DATA_READY)) weights/manifest.json $(PREDICT_WEIGHTS) ## the main job: classify every scan under INPUT with the shipped models
 	@if [ ! -d "$(INPUT)" ]; then echo "predict: INPUT=$(INPUT): no such folder" >&2; exit 2; fi
 	@if [ "$(abspath $(INPUT))" = "$(abspath $(PREDICT_OUT))" ]; then \
 	  echo "predict: PREDICT_OUT is the input folder; choose another" >&2; exit 2; fi
 	@mkdir -p "$(PREDICT_OUT)"
-	@key="$(PREDICT_KEY) $$(cat weights/manifest.json $(PREDICT_WEIGHTS) | cksum)"; \
+	@key="$(PREDICT_KEY) $$(cat weights/manifest.json $(PREDICT_WEIGHTS) $(call json_members,$(filter %.json,$(PREDICT_WEIGHTS))) | cksum)"; \
 	  if [ -f "$(PREDICT_OUT)/predictions.csv" ] && [ "$$(cat "$(PREDICT_OUT)/.key" 2>/dev/null)" != "$$key" ]; then \
 	    echo "predict: $(PREDICT_OUT) holds predictions of another input or other models (or from before"; \
 	    echo "         this was recorded): moved to $(PREDICT_OUT)/previous/, starting over"; \
@@ -398,13 +412,25 @@ predict: $(STAMP) $(if $(filter $(abspath $(DATA)/Testing),$(abspath $(INPUT))),
 
 all: compare predict ## the whole chain on the real data (trains what is missing: hours on a CPU)
 
+# demo's own settings, each kept only where the command line does not set it (make demo CLS_EPOCHS=2)
+demo_set = $(if $(filter command line,$(origin $(1))),$($(1)),$(2))
+DEMO_MODES = $(call demo_set,MODES,full crop masked)
+DEMO_SIZE = $(call demo_set,SIZE,64)
+DEMO_TAG = $(call demo_set,CLS_TAG,smallcnn)
+# predict reads a crop classifier when one is trained, else the first mode's
+DEMO_CLS = $(DEMO)/cls/$(DEMO_TAG)_$(if $(filter crop,$(DEMO_MODES)),crop,$(firstword $(DEMO_MODES)))_$(DEMO_SIZE)/best.pt
+
 demo: ## the whole chain on synthetic phantoms: no data, no network, a few minutes
 	$(MAKE) all OUT=$(DEMO) DATA=$(DEMO)/phantoms DATA_READY=$(DEMO)/phantoms/.ready \
-	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/unet_cascade.pt SEG_FINE= SEG_SIZE=64 \
-	  SEG_FINE_SIZE=64 SEG_EPOCHS=8 SEG_FINE_EPOCHS=8 MODES="full crop masked" SIZE=64 CLS_MODEL=smallcnn CLS_TAG=smallcnn \
-	  CLS_PRETRAINED=false CLS_EPOCHS=15 CLS_BATCH=16 CLS_WEIGHTS=$(DEMO)/cls/smallcnn_crop_64/best.pt \
+	  SEG_FIGSHARE=$(DEMO)/phantoms/seg SEG_BRISC= SEG_CKPT=$(DEMO)/seg/unet_cascade.pt SEG_FINE= \
+	  SEG_SIZE=$(call demo_set,SEG_SIZE,64) SEG_FINE_SIZE=$(call demo_set,SEG_FINE_SIZE,64) \
+	  SEG_EPOCHS=$(call demo_set,SEG_EPOCHS,8) SEG_FINE_EPOCHS=$(call demo_set,SEG_FINE_EPOCHS,8) \
+	  MODES="$(DEMO_MODES)" SIZE=$(DEMO_SIZE) CLS_MODEL=$(call demo_set,CLS_MODEL,smallcnn) CLS_TAG=$(DEMO_TAG) \
+	  CLS_PRETRAINED=$(call demo_set,CLS_PRETRAINED,false) CLS_EPOCHS=$(call demo_set,CLS_EPOCHS,15) \
+	  CLS_BATCH=$(call demo_set,CLS_BATCH,16) CLS_WEIGHTS=$(call demo_set,CLS_WEIGHTS,$(DEMO_CLS)) \
 	  SEG_WEIGHTS=$(DEMO)/seg/unet_cascade.pt INPUT=$(DEMO)/phantoms/Testing PREDICT_OUT=$(DEMO)/predict \
-	  BASELINE_EPOCHS=3 REF_MODES= LOSO_MODES=
+	  BASELINE_EPOCHS=$(call demo_set,BASELINE_EPOCHS,3) REF_MODES="$(call demo_set,REF_MODES,)" \
+	  LOSO_MODES="$(call demo_set,LOSO_MODES,)"
 
 BENCH_OUT  ?= bench/results
 BENCH_ARGS ?=

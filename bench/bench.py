@@ -88,17 +88,20 @@ def measure(job: dict) -> dict:
         if stage == "segment":
             return {"images": len(images), "seconds": seconds,
                     "found": float(np.mean([m.any() for m in masks]))}
-        from pipeline.roi import make_input
+        from pipeline.classify.predict import load_classifier
+        from pipeline.roi import make_views
 
+        views = load_classifier(job["cls"], device="cpu").views  # what predict builds: every member's view
         t = time.perf_counter()
-        for im, m in zip(images, masks):
-            make_input(im, "crop", 128, m)
-        return {"images": len(images), "seconds": time.perf_counter() - t}
+        make_views(images, masks, views)
+        return {"images": len(images), "seconds": time.perf_counter() - t, "views": [list(v) for v in views]}
     if stage == "classify":
         from pipeline.classify.predict import load_classifier
         from pipeline.roi import make_views
 
         clf = load_classifier(job["cls"], device=device, backend=backend, compile=job.get("compile", False))
+        if getattr(clf, "parallel", False) and job["threads"] < len(clf.members):
+            clf.parallel = False  # side by side, the members would use more cores than the row says
         inputs = make_views(images, [None] * len(images) if masks is None else masks, clf.views)
         for n in warmup_sizes(len(images), batch):
             clf.predict_views({v: x[:n] for v, x in inputs.items()})

@@ -31,10 +31,11 @@ def read_csv(*args, **kwargs):
 PYEOF
 rm -rf .devdata/brain-tumor-mri/Testing
 cp -rL "$TESTING" .devdata/brain-tumor-mri/Testing
-if [ ! -f .devdata/cpu_predictions.csv ]; then
-  rm -rf /tmp/pred_cpu_torch
-  $PY -m pipeline predict --input "$TESTING" --out /tmp/pred_cpu_torch --backend torch --device cpu
-  cp /tmp/pred_cpu_torch/predictions.csv .devdata/cpu_predictions.csv
-fi
+# Always made again: .devdata/ outlives a session, and predictions of older weights or code would
+# make every label they change look like a CUDA disagreement.
+rm -rf /tmp/pred_cpu_torch
+$PY -m pipeline predict --input "$TESTING" --out /tmp/pred_cpu_torch --backend torch --device cpu
+cp /tmp/pred_cpu_torch/predictions.csv .devdata/cpu_predictions.csv
+cp /tmp/pred_cpu_torch/predictions.csv.settings.json .devdata/cpu_predictions.settings.json
 du -sh .whl .devdata
 git ls-files -z | du -cb --files0-from=- | tail -n 1 | awk '{printf "tracked files: %.1f MB\n", $1 / 1e6}'

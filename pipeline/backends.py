@@ -53,7 +53,7 @@ class OnnxModule:
         try:
             import onnxruntime as ort
         except ImportError as exc:
-            raise ImportError("--backend onnx needs onnxruntime: pip install onnxruntime "
+            raise RuntimeError("--backend onnx needs onnxruntime: pip install onnxruntime "
                               "(or `pip install -e .[bench]`)") from exc
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(threads or torch.get_num_threads())

@@ -35,6 +35,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _margin(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be 0 or more (a fraction of the lesion box's longer side), got {text}")
+    return value
+
+
 def _bool(text: str) -> bool:
     if str(text).lower() in ("1", "true", "yes", "on"):
         return True
@@ -78,7 +85,7 @@ def _args_crop(p):
     p.add_argument("--out", required=True, help="output folder for the caches")
     p.add_argument("--mode", choices=["full", "crop", "masked"])
     p.add_argument("--size", type=_positive_int)
-    p.add_argument("--margin", type=float)
+    p.add_argument("--margin", type=_margin)
     p.add_argument("--workers", type=_positive_int)
 
 
@@ -97,7 +104,7 @@ def _args_train_cls(p):
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's own)")
     p.add_argument("--ema", type=float, help="decay of a moving average of the weights, validated and saved "
                                              "instead of the raw weights (e.g. 0.995; 0: off)")
-    p.add_argument("--refit", action="store_true",
+    p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="once the recipe is chosen on validation: train on train + validation for all --epochs "
                         "and keep the last epoch (the val columns are then on seen slices)")
 
@@ -192,12 +199,12 @@ def _args_predict(p):
     p.add_argument("--backend", choices=["auto", "torch", "onnx"],
                    help="auto (onnx on the CPU when onnxruntime is installed, else torch), torch, or onnx (ONNX "
                         "Runtime on the CPU; the networks are exported once and cached)")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the classifier (torch backend; pays off on CUDA with large batches)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--workers", type=_positive_int, help="reader threads")
-    p.add_argument("--overlays", action="store_true", help="write each scan with the mask outline and label")
-    p.add_argument("--gradcam", action="store_true",
+    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=False, help="write each scan with the mask outline and label")
+    p.add_argument("--gradcam", action=argparse.BooleanOptionalAction, default=False,
                    help="write OUT/gradcam/<path>.png: the classifier input with the Grad-CAM map of its label")
     p.add_argument("--nifti-slices", type=_nifti_slices,
                    help="all | middle | nonempty | 3,4,5: slices of a NIfTI volume or frames of a multi-frame DICOM")
@@ -211,7 +218,7 @@ def _args_train_seg(p):
     p.add_argument("--batch", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--time-hours", type=float, help="wall-time cap; ultralytics fits the schedule into it")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/weights/last.pt")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from OUT/weights/last.pt")
 
 
 def _args_seg_data(p):
@@ -271,7 +278,7 @@ def _args_export(p):
     p.add_argument("--out", required=True, help="weights-only checkpoint to write (e.g. weights/my_model.pt)")
     p.add_argument("--kind", choices=["segmenter", "classifier"], required=True)
     p.add_argument("--conf", type=float, default=0.25, help="segmenter: detection threshold stored with it")
-    p.add_argument("--fp32", action="store_true", help="keep float32 weights (default: float16 to halve the size)")
+    p.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=False, help="keep float32 weights (default: float16 to halve the size)")
 
 
 @command("export", "turn a training checkpoint into a small weights-only file for weights/ (prints its sha256)")
@@ -448,7 +455,8 @@ def _config_value(command: str, action: argparse.Action, value):
     applies ``type`` and ``choices`` to what is typed, not to defaults."""
     if value is None:
         return value
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):  # an on/off switch
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                           argparse.BooleanOptionalAction)):  # an on/off switch
         try:
             return value if isinstance(value, bool) else _bool(str(value))
         except argparse.ArgumentTypeError as exc:

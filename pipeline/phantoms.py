@@ -6,7 +6,9 @@ pituitary a small bright lesion at the skull base in the midline, notumor has no
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import cv2
@@ -92,6 +94,7 @@ def write_phantom_dataset(root: str | os.PathLike, n_per_class: int = 20, size: 
     """
     root = Path(root)
     splits = splits or {"Training": 0.75, "Testing": 0.25}
+    _clear_earlier_phantoms(root, [*splits, "masks", "seg"])
     rng = np.random.default_rng(seed)
     seg_labels = []
     for split, share in splits.items():
@@ -104,15 +107,44 @@ def write_phantom_dataset(root: str | os.PathLike, n_per_class: int = 20, size: 
             for i in range(count):
                 image, mask = make_phantom(label, size, rng)
                 name = f"{split[:2].lower()}-{label[:2]}_{i:04d}.png"
-                cv2.imwrite(str(img_dir / name), image)
-                cv2.imwrite(str(mask_dir / name), mask)
+                _write_png(img_dir / name, image)
+                _write_png(mask_dir / name, mask)
                 if split == "Training" and label != "notumor":
                     (root / "seg" / "images").mkdir(parents=True, exist_ok=True)
                     (root / "seg" / "masks").mkdir(parents=True, exist_ok=True)
                     stem = Path(name).stem
-                    cv2.imwrite(str(root / "seg" / "images" / name), image)
-                    cv2.imwrite(str(root / "seg" / "masks" / name), mask)
+                    _write_png(root / "seg" / "images" / name, image)
+                    _write_png(root / "seg" / "masks" / name, mask)
                     seg_labels.append(f"{stem},{label}\n")
     if seg_labels:
         (root / "seg" / "labels.csv").write_text("id,label\n" + "".join(seg_labels))
     return root
+
+
+#: The folders a phantom run wrote under its root; only those are ever removed by a later run.
+PHANTOM_RECORD = ".phantoms.json"
+
+
+def _clear_earlier_phantoms(root: Path, names: list[str]) -> None:
+    """Remove what an earlier run wrote, so a rerun with fewer slices or another seed leaves no
+    stale file behind; a folder of the same name that no run of ours wrote is refused, not removed."""
+    record = root / PHANTOM_RECORD
+    try:
+        ours = set(json.loads(record.read_text()))
+    except (OSError, ValueError, TypeError):
+        ours = set()
+    clash = [n for n in names if (root / n).exists() and n not in ours]
+    if clash:
+        raise FileExistsError(f"{root / clash[0]}: exists and was not written by `phantoms`; "
+                              "give an empty or new folder")
+    root.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(sorted(ours | set(names))))  # first, so a killed run is cleared next time
+    for name in ours:
+        path = root / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), image):  # OpenCV reports a failed write by its return value only
+        raise OSError(f"{path}: could not be written")

@@ -41,6 +41,8 @@ def square_crop(image: np.ndarray, box: tuple[int, int, int, int], margin: float
 
     ``image``: (H, W) or (H, W, C). Returns (S, S[, C]) with S the enlarged longer side.
     """
+    if not margin >= 0:  # a negative margin would shrink the square to nothing
+        raise ValueError(f"margin must be 0 or more, got {margin}")
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0, 1)
     side = int(round(side * (1 + 2 * margin)))

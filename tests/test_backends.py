@@ -68,3 +68,13 @@ def test_unet_cascade_onnx_agrees_with_torch(tmp_path, coarse_net):
         assert (a.mask == b.mask).mean() > 0.999  # a pixel sitting exactly on the threshold may flip
     with pytest.raises(Exception, match="runs on the CPU"):
         load_segmenter(dest, device="cuda", backend="onnx")
+
+
+def test_onnx_backend_without_onnxruntime_is_an_error_line_not_a_traceback(monkeypatch):
+    import sys
+
+    from pipeline.backends import OnnxModule
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(RuntimeError, match="pip install onnxruntime"):
+        OnnxModule(b"")  # main() prints a RuntimeError as one `error:` line

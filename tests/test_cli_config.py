@@ -133,3 +133,13 @@ def test_crop_names_its_cache_after_the_folder_and_refuses_a_size_of_zero(tmp_pa
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["testing.npz"]  # not ".npz"
     with pytest.raises(SystemExit):
         main(["crop", "--input", ".", "--mode", "full", "--size", "0", "--out", str(tmp_path / "cache")])
+
+
+def test_a_switch_set_on_in_a_config_can_be_turned_off_by_a_flag():
+    from pipeline.cli import build_parser
+
+    parser = build_parser({"train-cls": {"refit": True}, "predict": {"overlays": True}})
+    base = ["train-cls", "--data", "d", "--out", "o"]
+    assert parser.parse_args(base).refit is True
+    assert parser.parse_args(base + ["--no-refit"]).refit is False
+    assert parser.parse_args(["predict", "--input", "i", "--out", "o", "--no-overlays"]).overlays is False

@@ -41,3 +41,26 @@ def test_phantom_dataset_layout(phantom_root):
     assert {s.label for s in samples} == set(CLASSES)
     for s in samples[:5]:
         assert (phantom_root / "masks" / "Training" / s.label / s.path.name).is_file()
+
+
+def test_a_rerun_with_fewer_slices_leaves_no_stale_file(tmp_path):
+    from pipeline.datasets import list_mask_dataset
+    from pipeline.phantoms import write_phantom_dataset
+
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=8, size=48, seed=0)
+    (root / ".ready").touch()  # Make's stamp, and anything else beside the phantoms, is left alone
+    write_phantom_dataset(root, n_per_class=4, size=48, seed=1)
+    assert len(list_class_folder(root / "Training")) == 4 * 3  # 3 of 4 per class (0.75 share)
+    seg = list_mask_dataset(root / "seg")
+    assert len(seg) == 3 * 3 and all(s.label in CLASSES for s in seg)
+    assert (root / ".ready").exists()
+
+
+def test_a_folder_it_did_not_write_is_refused_not_cleared(tmp_path):
+    from pipeline.phantoms import write_phantom_dataset
+
+    (tmp_path / "Training" / "glioma").mkdir(parents=True)
+    (tmp_path / "Training" / "glioma" / "mine.png").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="Training"):
+        write_phantom_dataset(tmp_path, n_per_class=4, size=48)
+    assert (tmp_path / "Training" / "glioma" / "mine.png").exists()

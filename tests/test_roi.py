@@ -86,3 +86,16 @@ def test_bad_mode_and_mismatched_mask():
         make_input(image, "zoom", 32, mask)
     with pytest.raises(ValueError, match="mask shape"):
         make_input(image, "crop", 32, mask[:10])
+
+
+@pytest.mark.parametrize("margin", [-0.5, float("nan")])
+def test_a_negative_margin_is_refused_by_name_not_by_opencv(margin, tmp_path, capsys):
+    from pipeline.cli import main
+
+    image = np.zeros((64, 64), np.uint8)
+    with pytest.raises(ValueError, match="margin"):
+        square_crop(image, (10, 10, 30, 30), margin)
+    with pytest.raises(SystemExit):
+        main(["crop", "--input", str(tmp_path), "--out", str(tmp_path / "o"), "--mode", "crop",
+              "--masks", str(tmp_path), "--margin", str(margin)])
+    assert "--margin" in capsys.readouterr().err

@@ -350,3 +350,31 @@ def test_augment_flips_and_rotates_without_stretching(hflip, vflip):
                         [(w * (yy - cy) * (xx - cx)).sum(), (w * (xx - cx) ** 2).sum()]])
         major, minor = np.sqrt(np.linalg.eigvalsh(cov))[::-1]
         assert major / minor < 1.02 and abs(img.sum() / disk.sum() - 1) < 0.02
+
+
+def test_a_linked_training_file_gets_the_mask_segment_wrote_for_its_link(tmp_path):
+    """`segment` names a mask after the link it read; the crop cache must not follow the link to its
+    target, which may lie beside the masks folder and be read as a mask (every head pixel a lesion)."""
+    import cv2
+
+    from pipeline.classify.data import build_cache, mask_paths
+
+    image = np.zeros((64, 64), np.uint8)
+    image[8:56, 8:56] = 120
+    image[20:30, 30:40] = 250
+    truth = np.zeros((64, 64), np.uint8)
+    truth[20:30, 30:40] = 255
+    (tmp_path / "Training" / "glioma").mkdir(parents=True)
+    (tmp_path / "linked" / "glioma").mkdir(parents=True)
+    (tmp_path / "masks" / "glioma").mkdir(parents=True)
+    cv2.imwrite(str(tmp_path / "Training" / "glioma" / "a.png"), image)
+    os.symlink(tmp_path / "Training" / "glioma" / "a.png", tmp_path / "linked" / "glioma" / "a.png")
+    cv2.imwrite(str(tmp_path / "masks" / "glioma" / "a.png"), truth)
+    # masks/../Training/glioma/a.png is the image itself: the route through the link's target
+    sample = Sample(tmp_path / "linked" / "glioma" / "a.png", "glioma")
+
+    assert mask_paths([sample], tmp_path / "linked", tmp_path / "masks") == [tmp_path / "masks" / "glioma" / "a.png"]
+    build_cache([sample], tmp_path / "c.npz", mode="masked", size=64, image_root=tmp_path / "linked",
+                masks_dir=tmp_path / "masks", workers=1)
+    masked = np.load(tmp_path / "c.npz")["images"][0]
+    assert masked[0:10].max() == 0 and masked.max() > 0  # only the lesion's surroundings survive

@@ -31,8 +31,22 @@ def mask_paths(samples: Sequence[Sample], image_root: Path, masks_dir: Path) -> 
 
     root = Path(image_root).resolve()
     names = mask_names([p.relative_to(root).as_posix() for p in iter_input_files(root)])
-    return [Path(masks_dir) / mask_relpath(Path(os.path.relpath(Path(s.path).resolve(), root)).as_posix(), names)
-            for s in samples]
+    return [Path(masks_dir) / mask_relpath(_path_under(s.path, image_root), names) for s in samples]
+
+
+def _path_under(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """``path`` relative to ``root`` as ``segment`` named it: through a linked file's own name (a
+    linked file's target may lie anywhere, even beside the masks), and through resolved folders only
+    when the two were spelt through different links."""
+    path = os.path.abspath(path)
+    routes = ((path, os.path.abspath(root)),
+              (os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path)), os.path.realpath(root)),
+              (os.path.realpath(path), os.path.realpath(root)))
+    for p, r in routes:
+        rel = os.path.relpath(p, r)
+        if rel != os.pardir and not rel.startswith(os.pardir + os.sep):
+            return Path(rel).as_posix()
+    raise ValueError(f"{path}: not under {root}, the folder whose masks were given")
 
 
 def build_cache(samples: Sequence[Sample], out: str | os.PathLike, mode: str = "full", size: int = 128,

@@ -976,6 +976,8 @@ def run_train(args) -> int:
 
 
 def add_export_arguments(p) -> None:
+    import argparse
+
     p.add_argument("--coarse", required=True, help="best.pt of the coarse stage, or a cascade checkpoint whose "
                                                    "coarse stage is reused")
     p.add_argument("--fine", required=True, help="best.pt of the fine stage, or a cascade checkpoint whose fine "
@@ -993,10 +995,10 @@ def add_export_arguments(p) -> None:
                                     "finds no region (a recall-minded net behind a conservative one)")
     p.add_argument("--rescue-threshold", type=float, default=0.5, help="the rescue net's probability threshold")
     p.add_argument("--rescue-min-area", type=int, default=8, help="the rescue net's smallest region, in its pixels")
-    p.add_argument("--borrow-coarse", action="store_true",
+    p.add_argument("--borrow-coarse", action=argparse.BooleanOptionalAction, default=False,
                    help="--coarse is a (shipped) cascade: name it and pin its sha256 instead of copying its "
                         "coarse stage, so the new file holds the fine stage only")
-    p.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 halves the file)")
+    p.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=False, help="keep float32 (default: float16 halves the file)")
 
 
 def run_export(args) -> int:

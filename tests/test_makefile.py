@@ -1,0 +1,45 @@
+"""The Makefile's staleness rules, read with `make -n` (nothing is run)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+
+
+def _dry_run(*args: str) -> str:
+    done = subprocess.run(["make", "-n", "-C", str(REPO), *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _finished_segment_folder(out: Path, ckpt: Path, sha: str) -> None:
+    for part in ("Training", "Testing"):
+        folder = out / "segment" / part
+        folder.mkdir(parents=True)
+        (folder / "segments.csv.settings.json").write_text(json.dumps({"segmenter": {"weights_sha256": sha}}))
+        (folder / ".done").touch()  # newer than the checkpoint: dates alone say "up to date"
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_segment_is_redone_when_its_record_names_another_segmenter(tmp_path, same):
+    ckpt = tmp_path / "seg.pt"
+    ckpt.write_bytes(b"a segmenter")
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest() if same else "0" * 64
+    _finished_segment_folder(tmp_path / "runs", ckpt, sha)
+    out = _dry_run("segment", f"OUT={tmp_path / 'runs'}", f"SEG_CKPT={ckpt}", "DATA_READY=", f"STAMP={ckpt}")
+    assert ("pipeline segment --input" in out) is not same
+
+
+def test_demo_keeps_what_the_command_line_sets(tmp_path):
+    out = _dry_run("demo", f"DEMO={tmp_path}", "MODES=full", "SIZE=32", "CLS_EPOCHS=2")
+    assert "MODES=\"full\"" in out and "SIZE=32" in out and "CLS_EPOCHS=2" in out
+    assert f"CLS_WEIGHTS={tmp_path}/cls/smallcnn_full_32/best.pt" in out
+    default = _dry_run("demo", f"DEMO={tmp_path}")
+    assert "MODES=\"full crop masked\"" in default and f"{tmp_path}/cls/smallcnn_crop_64/best.pt" in default
