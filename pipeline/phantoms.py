@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -133,6 +134,10 @@ def _clear_earlier_phantoms(root: Path, names: list[str]) -> None:
         ours = set(json.loads(record.read_text()))
     except (OSError, ValueError, TypeError):
         ours = set()
+    # only plain names directly under root are ever removed, whatever the record says
+    ours = {n for n in ours if isinstance(n, str) and n not in ("", ".", "..") and Path(n).name == n}
+    # a folder from before the record existed is ours when it holds phantom files only (or nothing)
+    ours |= {n for n in names if (root / n).is_dir() and not (root / n).is_symlink() and _phantom_files_only(root / n)}
     clash = [n for n in names if (root / n).exists() and n not in ours]
     if clash:
         raise FileExistsError(f"{root / clash[0]}: exists and was not written by `phantoms`; "
@@ -143,6 +148,15 @@ def _clear_earlier_phantoms(root: Path, names: list[str]) -> None:
         path = root / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
+
+
+_PHANTOM_NAME = re.compile(r"[a-z]{2}-[a-z]{2}_\d{4}\.png")
+
+
+def _phantom_files_only(folder: Path) -> bool:
+    """Every file under ``folder`` is one a phantom run writes (its PNG names, seg's labels.csv)."""
+    return all(_PHANTOM_NAME.fullmatch(f.name) or f.name == "labels.csv"
+               for f in folder.rglob("*") if not f.is_dir())
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

@@ -36,13 +36,17 @@ def head_box(image: np.ndarray, threshold: int | None = None) -> tuple[int, int,
     return max(0, x0), max(0, y0), min(w, x1), min(h, y1)
 
 
+#: The largest crop margin accepted: 10 x the lesion box on each side is already a 21 x wider square.
+MAX_MARGIN = 10.0
+
+
 def square_crop(image: np.ndarray, box: tuple[int, int, int, int], margin: float = 0.0) -> np.ndarray:
     """Crop ``box`` enlarged by ``margin`` (fraction of its longer side) to a square, zero-padded.
 
     ``image``: (H, W) or (H, W, C). Returns (S, S[, C]) with S the enlarged longer side.
     """
-    if not margin >= 0:  # a negative margin would shrink the square to nothing
-        raise ValueError(f"margin must be 0 or more, got {margin}")
+    if not 0 <= margin <= MAX_MARGIN:  # below 0 the square shrinks to nothing; far above, it fills memory
+        raise ValueError(f"margin must be between 0 and {MAX_MARGIN:g}, got {margin}")
     x0, y0, x1, y1 = box
     side = max(x1 - x0, y1 - y0, 1)
     side = int(round(side * (1 + 2 * margin)))

@@ -367,3 +367,9 @@ def test_mirror_tta_on_a_real_ensemble_reads_both_views_mirrored(members):
     got = predict_views_tta(ens, views, "hflip")
     np.testing.assert_allclose(got, (ens.predict_views(views) + ens.predict_views(mirrored)) / 2, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(predict_views_tta(ens, mirrored, "hflip"), got, rtol=1e-6, atol=1e-7)
+
+
+def test_onnx_ensemble_given_one_core_runs_its_members_one_after_the_other(members, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("BRAIN_MRI_CACHE", str(tmp_path))
+    assert not load_classifier(f"{members[0]},{members[1]}", backend="onnx", threads=1).parallel

@@ -64,3 +64,18 @@ def test_a_folder_it_did_not_write_is_refused_not_cleared(tmp_path):
     with pytest.raises(FileExistsError, match="Training"):
         write_phantom_dataset(tmp_path, n_per_class=4, size=48)
     assert (tmp_path / "Training" / "glioma" / "mine.png").exists()
+
+
+def test_a_folder_from_before_the_record_is_adopted_and_the_record_cannot_reach_outside(tmp_path):
+    import json
+
+    from pipeline.phantoms import PHANTOM_RECORD, write_phantom_dataset
+
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=8, size=48, seed=0)
+    (root / PHANTOM_RECORD).unlink()  # as written before the record existed
+    (tmp_path / "victim").mkdir()
+    (root / PHANTOM_RECORD).write_text(json.dumps(["../victim", "/", "Training"]))
+    write_phantom_dataset(root, n_per_class=4, size=48, seed=1)
+    assert len(list_class_folder(root / "Training")) == 4 * 3
+    assert (tmp_path / "victim").is_dir()
+    assert sorted(json.loads((root / PHANTOM_RECORD).read_text())) == ["Testing", "Training", "masks", "seg"]

@@ -88,8 +88,8 @@ def test_bad_mode_and_mismatched_mask():
         make_input(image, "crop", 32, mask[:10])
 
 
-@pytest.mark.parametrize("margin", [-0.5, float("nan")])
-def test_a_negative_margin_is_refused_by_name_not_by_opencv(margin, tmp_path, capsys):
+@pytest.mark.parametrize("margin", [-0.5, float("nan"), float("inf"), 1e7])
+def test_a_margin_out_of_range_is_refused_by_name_not_by_opencv_or_memory(margin, tmp_path, capsys):
     from pipeline.cli import main
 
     image = np.zeros((64, 64), np.uint8)

@@ -246,13 +246,16 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
         members = [m.strip() for m in name.split(",") if m.strip()]
     else:
         return Classifier(weights, device=device, threads=threads, backend=backend, compile=compile)
+    cores = threads or torch.get_num_threads()
     if backend == "onnx" and members:  # the sessions run side by side: share the cores between them
-        threads = max(1, (threads or torch.get_num_threads()) // len(members))
+        threads = max(1, cores // len(members))
 
     def build(paths):
         return [Classifier(m, device=device, threads=threads, backend=backend, compile=compile) for m in paths]
 
     ensemble = ClassifierEnsemble(build(members), name=name, second_opinion=build(extra), below=below)
+    if cores < len(ensemble.members):  # side by side, one thread each would take more cores than given
+        ensemble.parallel = False
     named = spec.get("segmenter")
     if named:  # a manifest name, or a file beside the ensemble file like its members
         beside = path.parent / named

@@ -915,6 +915,8 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
 # --- CLI -------------------------------------------------------------------------------------------
 
 def add_train_arguments(p) -> None:
+    from pipeline.cli import _margin
+
     p.add_argument("--data", required=True, help="folder from `seg-data` (split.csv, images/, masks/)")
     p.add_argument("--out", required=True, help="run folder: last.pt (resume), best.pt, curves.csv, summary.json")
     p.add_argument("--stage", choices=["coarse", "fine"], required=True,
@@ -935,7 +937,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--margin", type=float, default=0.25, help="fine stage: crop margin around the lesion box")
+    p.add_argument("--margin", type=_margin, default=0.25, help="fine stage: crop margin around the lesion box")
     p.add_argument("--negatives", type=float, default=0.0,
                    help="fine stage: add this many lesion-free crops per lesion crop (0.3: 30 %%), so the fine "
                         "net learns to draw nothing where the coarse net found a false region")
