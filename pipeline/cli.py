@@ -110,6 +110,9 @@ def _args_train_cls(p):
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="once the recipe is chosen on validation: train on train + validation for all --epochs "
                         "and keep the last epoch (the val columns are then on seen slices)")
+    p.add_argument("--flip-shear", action=argparse.BooleanOptionalAction, default=True,
+                   help="a flipped slice is also sheared by its rotation (up to 1.19x / 0.77x), as every shipped "
+                        "classifier was trained; --no-flip-shear: an exact mirror (Augment in classify/data.py)")
 
 
 # --- command bodies ------------------------------------------------------------------------------
@@ -187,7 +190,8 @@ def cmd_train_cls(a):
     summary = train(str(data / "train.npz"), str(data / "val.npz"), a.out, model_name=a.model,
                     pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                     patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume,
-                    drop=a.drop, threads=a.threads, ema=a.ema, refit=a.refit)
+                    drop=a.drop, threads=a.threads, ema=a.ema, refit=a.refit,
+                    augment={"flip_shear": a.flip_shear})
     print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "train_seconds", "best_sha256")}, indent=2))
 
 

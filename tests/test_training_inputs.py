@@ -332,8 +332,8 @@ def test_a_classifier_checkpoint_must_say_what_it_reads_and_answers(tmp_path, ch
     assert not (tmp_path / "shipped.pt").exists()
 
 
-@pytest.mark.parametrize("hflip, vflip", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
-def test_augment_flips_and_rotates_without_stretching(hflip, vflip):
+def _augmented_disks(hflip, vflip, flip_shear):
+    """16 augmented copies of a disk (rotation and flips only): (their major/minor axis ratios, areas / disk's)."""
     from pipeline.classify.data import Augment
 
     size = 96
@@ -341,15 +341,36 @@ def test_augment_flips_and_rotates_without_stretching(hflip, vflip):
     disk = ((yy - 47.5) ** 2 + (xx - 47.5) ** 2 <= 30 ** 2).astype(np.float32) * 255
     torch.manual_seed(0)
     aug = Augment(rotate_deg=12, scale=(1.0, 1.0), translate=0.0, shear_deg=0.0, brightness=0.0, contrast=0.0,
-                  gamma=0.0, hflip=hflip, vflip=vflip)
+                  gamma=0.0, hflip=hflip, vflip=vflip, flip_shear=flip_shear)
     out = aug(torch.from_numpy(disk)[None, None].repeat(16, 1, 1, 1)).numpy()[:, 0]
-    for img in out:  # a disk stays a disk of the same size: its second moments are equal on every axis
+    ratios, areas = [], []
+    for img in out:
         w = img / img.sum()
         cy, cx = (w * yy).sum(), (w * xx).sum()
         cov = np.array([[(w * (yy - cy) ** 2).sum(), (w * (yy - cy) * (xx - cx)).sum()],
                         [(w * (yy - cy) * (xx - cx)).sum(), (w * (xx - cx) ** 2).sum()]])
         major, minor = np.sqrt(np.linalg.eigvalsh(cov))[::-1]
-        assert major / minor < 1.02 and abs(img.sum() / disk.sum() - 1) < 0.02
+        ratios.append(major / minor)
+        areas.append(img.sum() / disk.sum())
+    return np.array(ratios), np.array(areas)
+
+
+@pytest.mark.parametrize("hflip, vflip", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+def test_augment_without_flip_shear_mirrors_and_rotates_without_stretching(hflip, vflip):
+    ratios, areas = _augmented_disks(hflip, vflip, flip_shear=False)
+    # a disk stays a disk of the same size: its second moments are equal on every axis
+    assert ratios.max() < 1.02 and np.abs(areas - 1).max() < 0.02
+
+
+def test_augment_with_flip_shear_stretches_flipped_slices_only():
+    """The default, as every shipped classifier was trained: a flipped slice rotated by t is sheared so that
+    its axes meet at 90 deg +- 2t (a disk becomes an ellipse with axes sqrt(1 +- sin 2t)); an unflipped
+    slice is rotated only."""
+    ratios, _ = _augmented_disks(0.0, 0.0, flip_shear=True)
+    assert ratios.max() < 1.02
+    ratios, _ = _augmented_disks(1.0, 0.0, flip_shear=True)
+    bound = np.sqrt((1 + np.sin(np.deg2rad(24))) / (1 - np.sin(np.deg2rad(24))))  # 1.54 at 12 deg
+    assert ratios.max() > 1.15 and ratios.max() < bound + 0.03
 
 
 def test_a_linked_training_file_gets_the_mask_segment_wrote_for_its_link(tmp_path):
@@ -378,3 +399,18 @@ def test_a_linked_training_file_gets_the_mask_segment_wrote_for_its_link(tmp_pat
                 masks_dir=tmp_path / "masks", workers=1)
     masked = np.load(tmp_path / "c.npz")["images"][0]
     assert masked[0:10].max() == 0 and masked.max() > 0  # only the lesion's surroundings survive
+
+
+@pytest.mark.parametrize("flag, recorded", [([], None), (["--no-flip-shear"], False)])
+def test_train_cls_records_an_exact_mirror_and_leaves_the_default_unrecorded(tmp_path, flag, recorded):
+    from pipeline.cli import main
+
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 8), ("val", 4)):
+        np.savez(tmp_path / f"{part}.npz", images=rng.integers(0, 255, (n, 32, 32), dtype=np.uint8),
+                 labels=np.arange(n) % 4, paths=np.array([f"{part}{i}" for i in range(n)]),
+                 found=np.zeros(n, bool), mode=np.array("full"), size=np.array(32), margin=np.array(0.25))
+    assert main(["train-cls", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--model", "smallcnn",
+                 "--pretrained", "false", "--epochs", "1", "--batch-size", "4", "--threads", "1", *flag]) == 0
+    meta = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["meta"]
+    assert meta.get("flip_shear") is recorded
