@@ -113,6 +113,9 @@ def _args_train_cls(p):
     p.add_argument("--flip-shear", action=argparse.BooleanOptionalAction, default=True,
                    help="a flipped slice is also sheared by its rotation (up to 1.19x / 0.77x), as every shipped "
                         "classifier was trained; --no-flip-shear: an exact mirror (Augment in classify/data.py)")
+    p.add_argument("--stretch", type=float,
+                   help="stretch every training slice along x by a and y by 1/a, log a ~ U(+-log(1 + STRETCH)) "
+                        "(0.2: up to 1.2x / 0.83x; 0: off)")
 
 
 # --- command bodies ------------------------------------------------------------------------------
@@ -191,7 +194,7 @@ def cmd_train_cls(a):
                     pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                     patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume,
                     drop=a.drop, threads=a.threads, ema=a.ema, refit=a.refit,
-                    augment={"flip_shear": a.flip_shear})
+                    augment={"flip_shear": a.flip_shear, "stretch": a.stretch})
     print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "train_seconds", "best_sha256")}, indent=2))
 
 

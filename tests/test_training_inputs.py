@@ -414,3 +414,27 @@ def test_train_cls_records_an_exact_mirror_and_leaves_the_default_unrecorded(tmp
                  "--pretrained", "false", "--epochs", "1", "--batch-size", "4", "--threads", "1", *flag]) == 0
     meta = torch.load(tmp_path / "run" / "best.pt", weights_only=True)["meta"]
     assert meta.get("flip_shear") is recorded
+
+
+def test_augment_stretch_widens_along_one_image_axis_and_keeps_the_area():
+    from pipeline.classify.data import Augment
+
+    size = 96
+    yy, xx = np.mgrid[:size, :size]
+    disk = ((yy - 47.5) ** 2 + (xx - 47.5) ** 2 <= 24 ** 2).astype(np.float32) * 255
+    torch.manual_seed(0)
+    aug = Augment(rotate_deg=0, scale=(1.0, 1.0), translate=0.0, shear_deg=0.0, brightness=0.0, contrast=0.0,
+                  gamma=0.0, hflip=0.0, stretch=0.2)
+    out = aug(torch.from_numpy(disk)[None, None].repeat(32, 1, 1, 1)).numpy()[:, 0]
+    ratios = []
+    for img in out:
+        w = img / img.sum()
+        cy, cx = (w * yy).sum(), (w * xx).sum()
+        vx, vy = (w * (xx - cx) ** 2).sum(), (w * (yy - cy) ** 2).sum()
+        assert abs((w * (xx - cx) * (yy - cy)).sum()) < 0.01 * max(vx, vy)  # along the axes, not a diagonal
+        assert abs(img.sum() / disk.sum() - 1) < 0.03
+        ratios.append((vx / vy) ** 0.25)  # the aspect is a / (1 / a), so this is a, the x stretch
+    ratios = np.array(ratios)
+    assert ratios.min() < 0.92 and ratios.max() > 1.08 and ratios.min() > 1 / 1.2 - 0.02 and ratios.max() < 1.22
+    with pytest.raises(ValueError, match="stretch"):
+        Augment(stretch=1.5)

@@ -7,6 +7,7 @@ and stored as one ``.npz``: ``images`` (N, S, S) uint8, ``labels`` (N,) int64, `
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -111,7 +112,7 @@ class Augment(torch.nn.Module):
 
     def __init__(self, rotate_deg: float = 12, scale: tuple[float, float] = (0.9, 1.1), translate: float = 0.06,
                  shear_deg: float = 6, brightness: float = 0.12, contrast: float = 0.15, gamma: float = 0.15,
-                 hflip: float = 0.5, vflip: float = 0.0, flip_shear: bool = True):
+                 hflip: float = 0.5, vflip: float = 0.0, flip_shear: bool = True, stretch: float = 0.0):
         super().__init__()
         self.rotate, self.scale, self.translate, self.shear = rotate_deg, scale, translate, shear_deg
         self.brightness, self.contrast, self.gamma, self.hflip, self.vflip = brightness, contrast, gamma, hflip, vflip
@@ -122,6 +123,11 @@ class Augment(torch.nn.Module):
         #: errors on the unseen-source proxy against 179 with it (weights/cls_lite0_full_crop.md), so it stays,
         #: on purpose and by name. False: an exact mirror.
         self.flip_shear = flip_shear
+        #: every slice stretched along x by a and along y by 1/a (area kept), log a ~ U(+-log(1 + stretch)),
+        #: before the rotation: as a source's images of other shapes resized to a square would be. 0: off
+        if not 0.0 <= stretch < 1.0:
+            raise ValueError(f"stretch must be in [0, 1), got {stretch}")
+        self.stretch = stretch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, dev = x.shape[0], x.device
@@ -145,6 +151,10 @@ class Augment(torch.nn.Module):
             theta[:, 1, 0] = sin / s * fx
             theta[:, 0, 1] = (-sin + torch.tan(sh)) / s * fy
         theta[:, :, 2] = torch.empty(b, 2, device=dev).uniform_(-self.translate, self.translate) * 2
+        if self.stretch:  # drawn only when on, so runs without it draw exactly as before
+            a = torch.exp(u(-math.log1p(self.stretch), math.log1p(self.stretch)))
+            theta[:, 0, :2] /= a[:, None]  # the grid samples the input: a narrower x range widens the slice
+            theta[:, 1, :2] *= a[:, None]
         grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
         x = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         x = x / 255.0

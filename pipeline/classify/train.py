@@ -137,6 +137,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
         meta["refit"] = True
     if not aug.flip_shear:  # recorded only when off, so a run with the default gives the files it always gave
         meta["flip_shear"] = False
+    if aug.stretch:
+        meta["stretch"] = aug.stretch
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
     averaged = None
