@@ -450,6 +450,9 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
                               f"{', '.join(sorted(actions))})")
         p.set_defaults(**{k: _config_value("common", actions[k], v) for k, v in common.items() if k in actions})
         p.set_defaults(**{k: _config_value(name, actions[k], v) for k, v in section.items()})
+        for k, v in section.items():  # a required flag the config file gives is no longer asked for
+            if v is not None and actions[k].required:
+                actions[k].required = False
     unknown_common = sorted(set(map(str, common)) - {"device", "seed"})
     if unknown_common:
         raise ConfigError(f"config section 'common': unknown key(s) {', '.join(unknown_common)} (known: device, seed)")

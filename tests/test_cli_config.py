@@ -143,3 +143,12 @@ def test_a_switch_set_on_in_a_config_can_be_turned_off_by_a_flag():
     assert parser.parse_args(base).refit is True
     assert parser.parse_args(base + ["--no-refit"]).refit is False
     assert parser.parse_args(["predict", "--input", "i", "--out", "o", "--no-overlays"]).overlays is False
+
+
+def test_a_required_flag_given_by_the_config_file_is_not_asked_for_again():
+    from pipeline.cli import build_parser
+
+    args = build_parser({"predict": {"input": "scans", "out": "results"}}).parse_args(["predict"])
+    assert (args.input, args.out) == ("scans", "results")
+    with pytest.raises(SystemExit):  # still required where the config does not give it
+        build_parser({}).parse_args(["predict"])
