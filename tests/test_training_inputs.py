@@ -363,14 +363,15 @@ def test_augment_without_flip_shear_mirrors_and_rotates_without_stretching(hflip
 
 
 def test_augment_with_flip_shear_stretches_flipped_slices_only():
-    """The default, as every shipped classifier was trained: a flipped slice rotated by t is sheared so that
-    its axes meet at 90 deg +- 2t (a disk becomes an ellipse with axes sqrt(1 +- sin 2t)); an unflipped
-    slice is rotated only."""
-    ratios, _ = _augmented_disks(0.0, 0.0, flip_shear=True)
-    assert ratios.max() < 1.02
-    ratios, _ = _augmented_disks(1.0, 0.0, flip_shear=True)
-    bound = np.sqrt((1 + np.sin(np.deg2rad(24))) / (1 - np.sin(np.deg2rad(24))))  # 1.54 at 12 deg
-    assert ratios.max() > 1.15 and ratios.max() < bound + 0.03
+    """The default, as every shipped classifier was trained: a flipped slice rotated by t is sampled on a grid
+    whose axes meet at 90 deg +- 2t, so a disk becomes an ellipse with axes 1 / sqrt(1 -+ sin 2t) (up to
+    1.30 and 0.84 at 12 deg) and area 1 / cos 2t; an unflipped slice is rotated only."""
+    ratios, areas = _augmented_disks(0.0, 0.0, flip_shear=True)
+    assert ratios.max() < 1.02 and np.abs(areas - 1).max() < 0.02
+    ratios, areas = _augmented_disks(1.0, 0.0, flip_shear=True)
+    sin24 = np.sin(np.deg2rad(24))
+    assert 1.15 < ratios.max() < np.sqrt((1 + sin24) / (1 - sin24)) + 0.03  # 1.54 at 12 deg
+    assert 1.01 < areas.max() < 1 / np.cos(np.deg2rad(24)) + 0.02 and areas.min() > 0.98
 
 
 def test_a_linked_training_file_gets_the_mask_segment_wrote_for_its_link(tmp_path):

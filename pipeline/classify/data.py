@@ -116,12 +116,14 @@ class Augment(torch.nn.Module):
         super().__init__()
         self.rotate, self.scale, self.translate, self.shear = rotate_deg, scale, translate, shear_deg
         self.brightness, self.contrast, self.gamma, self.hflip, self.vflip = brightness, contrast, gamma, hflip, vflip
-        #: a flipped slice is also sheared by its rotation: its axes meet at 90 deg +- 2 x the angle, so it is
-        #: stretched by up to sqrt(1 + sin 24 deg) = 1.19x along one diagonal and squeezed to 0.77x along the other.
+        #: a flipped slice is also sheared by its rotation t: the sampling grid's axes meet at 90 deg +- 2t, so the
+        #: slice is stretched by up to 1 / sqrt(1 - sin 24 deg) = 1.30x along one diagonal and squeezed to 0.84x
+        #: along the other (its area grows by up to 1 / cos 24 deg = 1.095).
         #: Every shipped classifier was trained with it, so it is the default: their commands reproduce them. It
         #: began as a slip (the flip on one entry of the map instead of a whole column). Whether it helps is open:
-        #: over two seeds of the unseen-source proxy it is level with the exact mirror, which does better on
-        #: ordinary validation (weights/cls_lite0_full_crop.md, session 23). False: an exact mirror.
+        #: over two seeds of the crop member on the unseen-source proxy it is level with the exact mirror, whose
+        #: pairs do better on ordinary validation (weights/cls_lite0_full_crop.md, session 23). False: an exact
+        #: mirror.
         self.flip_shear = flip_shear
         #: every slice stretched along x by a and along y by 1/a (area kept), log a ~ U(+-log(1 + stretch)),
         #: before the rotation: as a source's images of other shapes resized to a square would be. 0: off
