@@ -119,11 +119,11 @@ class Augment(torch.nn.Module):
         #: a flipped slice is also sheared by its rotation t: the sampling grid's axes meet at 90 deg +- 2t, so the
         #: slice is stretched by up to 1 / sqrt(1 - sin 24 deg) = 1.30x along one diagonal and squeezed to 0.84x
         #: along the other (its area grows by up to 1 / cos 24 deg = 1.095).
-        #: Every shipped classifier was trained with it, so it is the default: their commands reproduce them. It
-        #: began as a slip (the flip on one entry of the map instead of a whole column). Whether it helps is open:
-        #: over two seeds of the crop member on the unseen-source proxy it is level with the exact mirror, whose
-        #: pairs do better on ordinary validation (weights/cls_lite0_full_crop.md, session 23). False: an exact
-        #: mirror.
+        #: Every shipped classifier was trained with it, so it is the default for now: their commands reproduce
+        #: them. It began as a slip (the flip on one entry of the map instead of a whole column) and does not
+        #: help: over two seeds of the unseen-source proxy the exact mirror did no worse and did better on
+        #: ordinary validation (weights/cls_lite0_full_crop.md, session 23), so the mirror is to become the
+        #: default once the shipped members are refit with it. False: an exact mirror.
         self.flip_shear = flip_shear
         #: every slice stretched along x by a and along y by 1/a (area kept), log a ~ U(+-log(1 + stretch)),
         #: before the rotation: as a source's images of other shapes resized to a square would be. 0: off
