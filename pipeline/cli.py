@@ -213,7 +213,8 @@ def _args_predict(p):
                    help="torch.compile the classifier (torch backend; pays off on CUDA with large batches)")
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--workers", type=_positive_int, help="reader threads")
-    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=False, help="write each scan with the mask outline and label")
+    p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=False,
+                   help="write each scan with the mask outline and label")
     p.add_argument("--gradcam", action=argparse.BooleanOptionalAction, default=False,
                    help="write OUT/gradcam/<path>.png: the classifier input with the Grad-CAM map of its label")
     p.add_argument("--nifti-slices", type=_nifti_slices,
@@ -228,7 +229,8 @@ def _args_train_seg(p):
     p.add_argument("--batch", type=int)
     p.add_argument("--patience", type=int)
     p.add_argument("--time-hours", type=float, help="wall-time cap; ultralytics fits the schedule into it")
-    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False, help="continue from OUT/weights/last.pt")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
+                   help="continue from OUT/weights/last.pt")
 
 
 def _args_seg_data(p):
@@ -288,7 +290,8 @@ def _args_export(p):
     p.add_argument("--out", required=True, help="weights-only checkpoint to write (e.g. weights/my_model.pt)")
     p.add_argument("--kind", choices=["segmenter", "classifier"], required=True)
     p.add_argument("--conf", type=float, default=0.25, help="segmenter: detection threshold stored with it")
-    p.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=False, help="keep float32 weights (default: float16 to halve the size)")
+    p.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep float32 weights (default: float16 to halve the size)")
 
 
 @command("export", "turn a training checkpoint into a small weights-only file for weights/ (prints its sha256)")

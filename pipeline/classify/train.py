@@ -135,7 +135,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
         meta.update({"drop": str(drop), "n_dropped": n_dropped})
     if refit:
         meta["refit"] = True
-    if not aug.flip_shear:  # recorded only when off, so a run with the default gives the files it always gave
+    if not aug.flip_shear:  # recorded only when off: no key means the shear, as in every file before session 23
         meta["flip_shear"] = False
     if aug.stretch:
         meta["stretch"] = aug.stretch
