@@ -117,3 +117,8 @@ def test_refines_are_swept_and_reach_the_cascade(tmp_path, monkeypatch):
     tune.add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--weights", "w", "--data", "d", "--out", "o", "--refines", "-1"])
+
+
+def test_a_dice_tie_goes_to_fewer_false_masks_then_the_stricter_threshold():
+    table = [row(0.1, 0.80, 0.03), row(0.25, 0.80, 0.0), row(0.4, 0.80, 0.0)]
+    assert choose_conf(table, 0.03)["conf"] == 0.4

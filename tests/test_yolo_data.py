@@ -70,3 +70,31 @@ def test_a_label_mask_is_refused_not_read_as_no_lesion(tmp_path):
     cv2.imwrite(str(lesion), (cv2.imread(str(lesion), cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8))  # 0/1
     with pytest.raises(ValueError, match=rf"{lesion.name}: a mask with values \(up to 1\) but none above 127"):
         build_yolo_dataset(tmp_path / "yolo", root / "seg", val_fraction=0.2, test_fraction=0.2)
+
+
+def test_small_and_thin_lesions_still_get_a_polygon():
+    """A slice with a lesion must not become a YOLO background image: contour area (through the boundary
+    pixels' centres) and simplification at 512 px once dropped 4x4, 5x5 and 3x20 pixel lesions."""
+    for h, w in ((4, 4), (5, 5), (3, 20), (1, 30)):
+        mask = np.zeros((512, 512), np.uint8)
+        mask[200:200 + h, 100:100 + w] = 255
+        polygons = mask_to_polygons(mask)
+        assert len(polygons) == 1 and len(polygons[0]) >= 3, (h, w)
+        assert polygons_to_mask(polygons, mask.shape)[200:200 + h, 100:100 + w].any()
+
+
+def test_a_rerun_after_yolo_trained_and_a_bad_mask_on_rerun_keeps_the_build(tmp_path):
+    import cv2
+    import pytest
+
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=4, size=64, seed=1)
+    out = tmp_path / "yolo"
+    build_yolo_dataset(out, root / "seg", val_fraction=0.2, test_fraction=0.2)
+    (out / "labels" / "train.cache").write_bytes(b"ultralytics label cache")  # written by training on it
+    build_yolo_dataset(out, root / "seg", val_fraction=0.2, test_fraction=0.2, seed=1)
+    before = sorted(p.name for p in (out / "images").rglob("*") if p.is_symlink())
+    lesion = next(m for m in sorted((root / "seg" / "masks").iterdir()) if cv2.imread(str(m), 0).any())
+    cv2.imwrite(str(lesion), (cv2.imread(str(lesion), 0) > 127).astype(np.uint8))  # a 0/1 label mask
+    with pytest.raises(ValueError, match="none above 127"):
+        build_yolo_dataset(out, root / "seg", val_fraction=0.2, test_fraction=0.2, seed=2)
+    assert sorted(p.name for p in (out / "images").rglob("*") if p.is_symlink()) == before

@@ -27,10 +27,11 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def choose_conf(table: list[dict], max_false_rate: float) -> dict:
-    """The row with the highest mean Dice among those within the false-mask budget; else the fewest false masks."""
+    """The row with the highest mean Dice among those within the false-mask budget; else the fewest false masks.
+    Ties go to fewer false masks, then to the higher threshold (the stricter one)."""
     ok = [r for r in table if r["false_mask_rate"] is None or r["false_mask_rate"] <= max_false_rate]
     if ok:
-        return max(ok, key=lambda r: (r["mean_dice"] or 0, -r["conf"]))
+        return max(ok, key=lambda r: (r["mean_dice"] or 0, -(r["false_mask_rate"] or 0), r["conf"]))
     return min(table, key=lambda r: (r["false_mask_rate"], -(r["mean_dice"] or 0)))
 
 

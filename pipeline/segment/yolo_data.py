@@ -24,8 +24,10 @@ def mask_to_polygons(mask: np.ndarray, min_area: float = 16.0, epsilon_frac: flo
                      ) -> list[np.ndarray]:
     """Outer contours of a (H, W) mask as polygons normalised to 0..1, each (K, 2) in (x, y) order.
 
-    Regions smaller than ``min_area`` pixels are dropped; contours are simplified by
-    ``epsilon_frac`` of the image diagonal (sub-pixel at 512 px) to keep label files small.
+    Regions of fewer than ``min_area`` pixels are dropped; contours are simplified by
+    ``epsilon_frac`` of the image diagonal (sub-pixel at 512 px) to keep label files small. A region
+    the simplification would cut below a triangle (a small or thin lesion) keeps its whole contour,
+    or its enclosing rectangle, so a slice with a lesion never becomes a background image.
     """
     h, w = mask.shape[:2]
     binary = (mask > 127).astype(np.uint8)
@@ -33,11 +35,16 @@ def mask_to_polygons(mask: np.ndarray, min_area: float = 16.0, epsilon_frac: flo
     eps = epsilon_frac * float(np.hypot(h, w))
     polygons = []
     for contour in contours:
-        if cv2.contourArea(contour) < min_area:
+        region = np.zeros_like(binary)
+        cv2.drawContours(region, [contour], -1, 1, thickness=cv2.FILLED)
+        if int(region.sum()) < min_area:  # pixels, not the area inside the boundary pixels' centres
             continue
         approx = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2).astype(np.float64)
         if len(approx) < 3:
-            continue
+            approx = contour.reshape(-1, 2).astype(np.float64)
+        if len(approx) < 3:  # a one-pixel-wide line: its rectangle, one pixel wide
+            x, y, bw, bh = cv2.boundingRect(contour)
+            approx = np.array([[x, y], [x + bw, y], [x + bw, y + bh], [x, y + bh]], np.float64)
         approx[:, 0] /= w
         approx[:, 1] /= h
         polygons.append(np.clip(approx, 0, 1))
@@ -99,8 +106,8 @@ def _clear_previous_build(out: Path) -> None:
     for path in sorted((out / "labels").rglob("*.txt")) if (out / "labels").is_dir() else []:
         if (path.parent.name, path.stem) in linked_stems:
             path.unlink()
-    for stale in out.glob("unet_cache_*.npz"):
-        stale.unlink()
+    for stale in [*out.glob("unet_cache_*.npz"), *((out / "labels").glob("*.cache") if (out / "labels").is_dir() else [])]:
+        stale.unlink()  # the U-Net's decoded cache, and ultralytics' label caches (labels/train.cache, ...)
     left = [p for sub in subs for p in sorted(sub.rglob("*")) if not p.is_dir()]
     if left:
         raise ValueError(f"{out}: holds files seg-data did not write ({', '.join(str(p.relative_to(out)) for p in left[:3])}"
@@ -169,6 +176,17 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
             samples = [s for s in samples if str(s.image) not in drop]
         split = seg_split_ids([s.image.stem for s in samples], val_fraction, test_frac, seed)
         planned += [(source, s, split[s.image.stem]) for s in samples]
+    labels = {}
+    for source, s, part in planned:  # read and checked here, so a bad mask leaves an earlier build whole
+        mask = read_image_file(s.mask, cv2.IMREAD_GRAYSCALE)
+        if mask is None:
+            raise FileNotFoundError(f"{s.mask}: unreadable mask")
+        if mask.any() and not (mask > 127).any():
+            # every stage reads these linked masks as tumor above 127: a 0/1 label mask or a dark
+            # colour one would train and score as a slice with no lesion, without a word
+            raise ValueError(f"{s.mask}: a mask with values (up to {int(mask.max())}) but none above 127; seg-data "
+                             f"needs 0/255 masks (tumor 255): convert it, e.g. np.where(mask > 0, 255, 0)")
+        labels[s.mask] = polygons_to_label(mask_to_polygons(mask))
     cls = read_split(cls_split, cls_root) if cls_split and n_background else None
     # a rerun (another seed, another classifier split) starts from empty folders: links left from
     # the last run would put one slice in two parts, a held-out slice among the training ones;
@@ -180,19 +198,11 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
     rows = []
     for source, s, part in planned:
         name = f"{source}_{s.image.stem}"
-        mask = read_image_file(s.mask, cv2.IMREAD_GRAYSCALE)
-        if mask is None:
-            raise FileNotFoundError(f"{s.mask}: unreadable mask")
-        if mask.any() and not (mask > 127).any():
-            # every stage reads these linked masks as tumor above 127: a 0/1 label mask or a dark
-            # colour one would train and score as a slice with no lesion, without a word
-            raise ValueError(f"{s.mask}: a mask with values (up to {int(mask.max())}) but none above 127; seg-data "
-                             f"needs 0/255 masks (tumor 255): convert it, e.g. np.where(mask > 0, 255, 0)")
         _link(s.image, out / "images" / part / f"{name}{s.image.suffix.lower()}")
         _link(s.mask, out / "masks" / part / f"{name}.png")
         label = out / "labels" / part / f"{name}.txt"
         label.parent.mkdir(parents=True, exist_ok=True)
-        label.write_text(polygons_to_label(mask_to_polygons(mask)))
+        label.write_text(labels[s.mask])
         rows.append((source, name, part))
     if cls is not None:
         rng = random.Random(seed)
