@@ -124,8 +124,11 @@ def _adopt_older_picture_settings(out: Path, settings: dict) -> None:
         return
     old = json.loads(path.read_text())
     added = {k: True for k in ("overlays", "gradcam") if settings.get(k) and k not in old and (out / k).is_dir()}
-    if added:
-        path.write_text(json.dumps({**old, **added}, indent=2, sort_keys=True))
+    if added:  # atomically: a torn record would stop every later run of this folder
+        from pipeline.folders import write_atomic
+
+        text = json.dumps({**old, **added}, indent=2, sort_keys=True)
+        write_atomic(path, lambda fh: fh.write(text.encode()))
 
 
 def _write_gradcam(path: Path, classifier, x: np.ndarray, target: int) -> None:

@@ -21,6 +21,10 @@ import numpy as np
 
 from pipeline.scans import Scan, ScanReadError, read_scans
 
+#: what `segment` and `predict` write beside their CSV: a folder holding one is a results folder
+OUTPUT_RECORDS = ("segments.csv.settings.json", "predictions.csv.settings.json")
+
+
 def iter_input_files(root: Path, exclude: Path | None = None,
                      unlisted: list[OSError] | None = None) -> Iterator[Path]:
     """Every non-hidden file under ``root``, sorted, except those under ``exclude`` (the output) and
@@ -28,6 +32,8 @@ def iter_input_files(root: Path, exclude: Path | None = None,
 
     Linked folders are followed (a study tree often links series in), each real folder once. A
     folder that cannot be listed (permissions) is appended to ``unlisted`` when given, else skipped.
+    A sub-folder that an earlier ``segment`` or ``predict`` wrote (its settings record is there) is
+    skipped: its masks and pictures are not scans.
     ValueError when ``exclude`` is reached and holds scans of its own: they would be skipped.
     """
     seen: set[str] = set()
@@ -42,7 +48,10 @@ def iter_input_files(root: Path, exclude: Path | None = None,
         if exclude and exclude in {(here / d).resolve() for d in dirnames}:
             _refuse_output_with_scans(exclude, root)
             dirnames[:] = [d for d in dirnames if (here / d).resolve() != exclude]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # an earlier run's output folder inside the input (segment --out scans/seg, then predict --input
+        # scans) holds masks, pictures and CSVs, not scans: its record marks it
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not any((here / d / record).is_file() for record in OUTPUT_RECORDS))
         for name in sorted(filenames):
             if not name.startswith(".") and name.upper() != "DICOMDIR":
                 yield here / name
@@ -89,6 +98,9 @@ class ResultsCSV:
             with open(self.path, "r+b") as fh:
                 fh.truncate(end)
             data = data[:end]
+        if not data:  # killed while writing the header itself: start the file again
+            self._append([",".join(self.columns)], header=True)
+            return
         reader = csv.DictReader(io.StringIO(data.decode("utf-8", "surrogateescape"), newline=""))
         if reader.fieldnames != self.columns:
             raise ValueError(f"{self.path}: existing file has columns {reader.fieldnames}, expected {self.columns}; "
@@ -198,7 +210,9 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # the temporary name starts with (at most 64 characters of) the target's: a whole long name plus
+    # mkstemp's suffix would pass the file system's 255-byte limit before the target does
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -234,13 +248,13 @@ def write_png_atomic(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"{path}: PNG encoding failed")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
+
+    def write(fh) -> None:
         fh.write(buf.tobytes())
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+
+    write_atomic(path, write)
 
 
 def iter_batches(files: Sequence[Path], root: Path, done: set[str], batch_size: int, nifti_slices="nonempty",

@@ -178,3 +178,47 @@ def test_cli_sam_without_its_checkpoint_is_a_clear_error(tmp_path):
         pytest.skip("needs a manifest listing sam_vit_b whose file is absent")
     with pytest.raises(WeightsError, match="SAM checkpoint missing"):
         run(parse(["--input", str(tmp_path), "--out", str(tmp_path / "o"), "--model", "yolo+sam"]))
+
+
+def test_a_name_near_the_file_system_limit_gets_its_mask_or_an_error_row_and_the_run_goes_on(tmp_path):
+    src, out = tmp_path / "scans", tmp_path / "out"
+    src.mkdir()
+    write_png(src / ("a" * 241 + ".png"), make_phantom("glioma", 64, 1)[0])  # a 245-byte name
+    # two stems that clash: each mask keeps its whole name plus .png, 257 bytes, past the limit
+    write_png(src / ("b" * 249 + ".png"), make_phantom("glioma", 64, 2)[0])
+    write_jpeg(src / ("b" * 249 + ".jpg"), make_phantom("glioma", 64, 4)[0])
+    write_png(src / "ok.png", make_phantom("glioma", 64, 3)[0])
+    counts = run_segment(src, out, BrightBlobSegmenter(), batch_size=4, progress=False)
+    rows = {r["path"]: r for r in read_rows(out / "segments.csv")}
+    assert counts["rows_written"] == 4 and rows["ok.png"]["status"] == "ok"
+    assert rows["a" * 241 + ".png"]["status"] == "ok" and (out / "masks" / ("a" * 241 + ".png")).is_file()
+    for name in ("b" * 249 + ".png", "b" * 249 + ".jpg"):
+        assert rows[name]["status"] == "error" and "mask not written" in rows[name]["error"]
+    assert run_segment(src, out, BrightBlobSegmenter(), batch_size=4, progress=False)["rows_written"] == 0
+
+
+def test_a_header_torn_by_a_kill_is_written_again_on_the_next_run(tmp_path):
+    from pipeline.folders import ResultsCSV
+
+    path = tmp_path / "segments.csv"
+    path.write_text(",".join(SEG_COLUMNS)[:12])  # killed while the header itself was written
+    csv_file = ResultsCSV(path, SEG_COLUMNS)
+    assert path.read_text() == ",".join(SEG_COLUMNS) + "\n" and not csv_file.done
+
+
+def test_a_fallback_mask_name_never_meets_another_files_own():
+    names = mask_names(["x.jpg", "x.png", "x.png.png", "X.PNG.png~1"])
+    assert len({n.lower() for n in names.values()}) == 4
+    assert names["x.jpg"] == "x.jpg.png" and names["x.png"] == "x.png.png"
+
+
+def test_an_earlier_runs_output_inside_the_input_is_not_read_as_scans(tmp_path):
+    from pipeline.folders import iter_input_files
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    write_png(src / "glioma.png", make_phantom("glioma", 64, 1)[0])
+    run_segment(src, src / "seg", BrightBlobSegmenter(), progress=False)  # allowed: it holds no scans yet
+    assert [p.relative_to(src).as_posix() for p in iter_input_files(src)] == ["glioma.png"]
+    again = run_segment(src, tmp_path / "seg2", BrightBlobSegmenter(), progress=False)
+    assert again["rows_written"] == 1

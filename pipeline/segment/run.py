@@ -56,11 +56,17 @@ def mask_names(rel_paths: Sequence[str]) -> dict[str, str]:
     """``{input relative path: mask relative path}`` for whole-file inputs (see the module docstring)."""
     wanted = {rel: _strip_suffix(rel.rsplit("/", 1)[-1]) for rel in rel_paths}
     taken = Counter((rel.rsplit("/", 1)[0] if "/" in rel else "", stem.lower()) for rel, stem in wanted.items())
-    names = {}
-    for rel, stem in wanted.items():
+    names, given = {}, set()
+    for rel, stem in sorted(wanted.items()):
         folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
         clash = taken[(folder.rstrip("/"), stem.lower())] > 1
-        names[rel] = (rel if clash else folder + stem) + ".png"
+        base = rel if clash else folder + stem
+        name, n = base + ".png", 0
+        while name.lower() in given:  # a fallback name can meet another file's own (x.png -> x.png.png)
+            n += 1
+            name = f"{base}~{n}.png"
+        given.add(name.lower())
+        names[rel] = name
     return names
 
 
@@ -101,7 +107,13 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
                                 "error": f"segmenter returned a {mask.shape} mask for a {(h, w)} image"}
                 continue
             mask = np.where(mask > 0, 255, 0).astype(np.uint8)
-            write_png_atomic(masks_root / mask_relpath(it.key, names), mask)
+            target = masks_root / mask_relpath(it.key, names)
+            try:
+                write_png_atomic(target, mask)
+            except OSError as exc:  # a name the file system refuses (too long, say): this scan's row says so
+                rows[it.key] = {"path": it.key, "model": model_name, "status": "error",
+                                "error": f"{target}: mask not written ({exc.strerror or exc})"}
+                continue
             roi = mask_roi(mask)
             scores = np.asarray(seg.scores, np.float64).reshape(-1)
             found = bool(len(scores) > 0 and roi.found)
