@@ -23,6 +23,8 @@ from pipeline.scans import Scan, ScanReadError, read_scans
 
 #: what `segment` and `predict` write beside their CSV: a folder holding one is a results folder
 OUTPUT_RECORDS = ("segments.csv.settings.json", "predictions.csv.settings.json")
+#: the sub-folders of pictures they write there
+OUTPUT_FOLDERS = ("masks", "overlays", "gradcam", "previous")
 
 
 def iter_input_files(root: Path, exclude: Path | None = None,
@@ -32,8 +34,8 @@ def iter_input_files(root: Path, exclude: Path | None = None,
 
     Linked folders are followed (a study tree often links series in), each real folder once. A
     folder that cannot be listed (permissions) is appended to ``unlisted`` when given, else skipped.
-    A sub-folder that an earlier ``segment`` or ``predict`` wrote (its settings record is there) is
-    skipped: its masks and pictures are not scans.
+    In a folder where an earlier ``segment`` or ``predict`` wrote (its settings record is there), what
+    they write (``masks/``, ``overlays/``, ``gradcam/``, the CSVs and records) is skipped: not scans.
     ValueError when ``exclude`` is reached and holds scans of its own: they would be skipped.
     """
     seen: set[str] = set()
@@ -48,10 +50,12 @@ def iter_input_files(root: Path, exclude: Path | None = None,
         if exclude and exclude in {(here / d).resolve() for d in dirnames}:
             _refuse_output_with_scans(exclude, root)
             dirnames[:] = [d for d in dirnames if (here / d).resolve() != exclude]
-        # an earlier run's output folder inside the input (segment --out scans/seg, then predict --input
-        # scans) holds masks, pictures and CSVs, not scans: its record marks it
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not any((here / d / record).is_file() for record in OUTPUT_RECORDS))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        results = any(os.path.isfile(os.path.join(dirpath, record)) for record in OUTPUT_RECORDS)
+        if results:  # an earlier run's output (segment --out scans/seg, then predict --input scans): what it
+            # wrote is not scans; anything else in the folder still is
+            dirnames[:] = [d for d in dirnames if d not in OUTPUT_FOLDERS]
+            filenames = [f for f in filenames if not (f.endswith((".csv", ".settings.json")) or f == ".key")]
         for name in sorted(filenames):
             if not name.startswith(".") and name.upper() != "DICOMDIR":
                 yield here / name
@@ -212,7 +216,7 @@ def write_atomic(path: str | os.PathLike, write) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # the temporary name starts with (at most 64 characters of) the target's: a whole long name plus
     # mkstemp's suffix would pass the file system's 255-byte limit before the target does
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{os.fsdecode(os.fsencode(path.name)[:64])}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)

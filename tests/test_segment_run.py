@@ -207,9 +207,12 @@ def test_a_header_torn_by_a_kill_is_written_again_on_the_next_run(tmp_path):
 
 
 def test_a_fallback_mask_name_never_meets_another_files_own():
-    names = mask_names(["x.jpg", "x.png", "x.png.png", "X.PNG.png~1"])
-    assert len({n.lower() for n in names.values()}) == 4
-    assert names["x.jpg"] == "x.jpg.png" and names["x.png"] == "x.png.png"
+    names = mask_names(["x.jpg", "x.png", "x.png.png"])
+    # a file's own name wins; the clashing x.png's fallback gives way
+    assert names == {"x.jpg": "x.jpg.png", "x.png.png": "x.png.png", "x.png": "x.png~1.png"}
+    # names that never clashed are never renamed (folders are compared as spelt, like the clash count)
+    assert mask_names(["A/x.png", "a/x.png", "x~1.png"]) == {"A/x.png": "A/x.png", "a/x.png": "a/x.png",
+                                                          "x~1.png": "x~1.png"}
 
 
 def test_an_earlier_runs_output_inside_the_input_is_not_read_as_scans(tmp_path):
@@ -222,3 +225,32 @@ def test_an_earlier_runs_output_inside_the_input_is_not_read_as_scans(tmp_path):
     assert [p.relative_to(src).as_posix() for p in iter_input_files(src)] == ["glioma.png"]
     again = run_segment(src, tmp_path / "seg2", BrightBlobSegmenter(), progress=False)
     assert again["rows_written"] == 1
+    # a scan someone put in that folder later is still a scan
+    (src / "seg" / "series").mkdir()
+    write_png(src / "seg" / "series" / "late.png", make_phantom("glioma", 64, 2)[0])
+    assert [p.relative_to(src).as_posix() for p in iter_input_files(src)] == ["glioma.png", "seg/series/late.png"]
+
+
+def test_a_full_disk_stops_segment_so_a_rerun_resumes_rather_than_recording_errors(tmp_path, monkeypatch):
+    import errno
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    write_png(src / "a.png", make_phantom("glioma", 64, 1)[0])
+
+    def full(path, image):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(seg_run, "write_png_atomic", full)
+    with pytest.raises(OSError):
+        run_segment(src, tmp_path / "out", BrightBlobSegmenter(), progress=False)
+    monkeypatch.undo()
+    assert run_segment(src, tmp_path / "out", BrightBlobSegmenter(), progress=False)["rows_written"] == 1
+
+
+def test_a_long_name_in_many_byte_characters_is_written(tmp_path):
+    from pipeline.folders import write_png_atomic
+
+    name = "\N{BRAIN}" * 62 + ".png"  # 252 bytes: fits, but a temporary name built from it would not
+    write_png_atomic(tmp_path / name, np.zeros((4, 4), np.uint8))
+    assert (tmp_path / name).is_file() and len(list(tmp_path.iterdir())) == 1

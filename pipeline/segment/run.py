@@ -24,6 +24,7 @@ complete mask; a re-run skips inputs already in the CSV and writes nothing for t
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 from collections import Counter
@@ -56,16 +57,21 @@ def mask_names(rel_paths: Sequence[str]) -> dict[str, str]:
     """``{input relative path: mask relative path}`` for whole-file inputs (see the module docstring)."""
     wanted = {rel: _strip_suffix(rel.rsplit("/", 1)[-1]) for rel in rel_paths}
     taken = Counter((rel.rsplit("/", 1)[0] if "/" in rel else "", stem.lower()) for rel, stem in wanted.items())
-    names, given = {}, set()
-    for rel, stem in sorted(wanted.items()):
-        folder = rel.rsplit("/", 1)[0] + "/" if "/" in rel else ""
-        clash = taken[(folder.rstrip("/"), stem.lower())] > 1
-        base = rel if clash else folder + stem
-        name, n = base + ".png", 0
-        while name.lower() in given:  # a fallback name can meet another file's own (x.png -> x.png.png)
+    def key(name: str) -> tuple[str, str]:  # as `taken` compares: the folder as spelt, the name in any case
+        folder, _, base = name.rpartition("/")
+        return folder, base.lower()
+
+    clashing = {rel for rel, stem in wanted.items()
+                if taken[(rel.rsplit("/", 1)[0] if "/" in rel else "", stem.lower())] > 1}
+    names = {rel: (rel.rsplit("/", 1)[0] + "/" if "/" in rel else "") + stem + ".png"
+             for rel, stem in wanted.items() if rel not in clashing}
+    given = {key(n) for n in names.values()}
+    for rel in sorted(clashing):  # a fallback (the whole name) gives way to another file's own (x.png.png)
+        name, n = rel + ".png", 0
+        while key(name) in given:
             n += 1
-            name = f"{base}~{n}.png"
-        given.add(name.lower())
+            name = f"{rel}~{n}.png"
+        given.add(key(name))
         names[rel] = name
     return names
 
@@ -110,7 +116,9 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
             target = masks_root / mask_relpath(it.key, names)
             try:
                 write_png_atomic(target, mask)
-            except OSError as exc:  # a name the file system refuses (too long, say): this scan's row says so
+            except OSError as exc:  # a name the file system refuses: this scan's row says so
+                if exc.errno not in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL):
+                    raise  # a full disk or a permission: the run stops and a rerun resumes
                 rows[it.key] = {"path": it.key, "model": model_name, "status": "error",
                                 "error": f"{target}: mask not written ({exc.strerror or exc})"}
                 continue
