@@ -55,16 +55,16 @@ def _strip_suffix(name: str) -> str:
 
 def mask_names(rel_paths: Sequence[str]) -> dict[str, str]:
     """``{input relative path: mask relative path}`` for whole-file inputs (see the module docstring)."""
-    wanted = {rel: _strip_suffix(rel.rsplit("/", 1)[-1]) for rel in rel_paths}
-    taken = Counter((rel.rsplit("/", 1)[0] if "/" in rel else "", stem.lower()) for rel, stem in wanted.items())
+    parts = {rel: rel.rpartition("/") for rel in rel_paths}  # (folder, "/" or "", file name)
+    stems = {rel: (folder, sep, _strip_suffix(base)) for rel, (folder, sep, base) in parts.items()}
+    taken = Counter((folder, stem.lower()) for folder, _, stem in stems.values())
+
     def key(name: str) -> tuple[str, str]:  # as `taken` compares: the folder as spelt, the name in any case
         folder, _, base = name.rpartition("/")
         return folder, base.lower()
 
-    clashing = {rel for rel, stem in wanted.items()
-                if taken[(rel.rsplit("/", 1)[0] if "/" in rel else "", stem.lower())] > 1}
-    names = {rel: (rel.rsplit("/", 1)[0] + "/" if "/" in rel else "") + stem + ".png"
-             for rel, stem in wanted.items() if rel not in clashing}
+    clashing = {rel for rel, (folder, _, stem) in stems.items() if taken[(folder, stem.lower())] > 1}
+    names = {rel: folder + sep + stem + ".png" for rel, (folder, sep, stem) in stems.items() if rel not in clashing}
     given = {key(n) for n in names.values()}
     for rel in sorted(clashing):  # a fallback (the whole name) gives way to another file's own (x.png.png)
         name, n = rel + ".png", 0

@@ -27,7 +27,7 @@ def mask_to_polygons(mask: np.ndarray, min_area: float = 16.0, epsilon_frac: flo
     Regions of fewer than ``min_area`` pixels are dropped; contours are simplified by
     ``epsilon_frac`` of the image diagonal (sub-pixel at 512 px) to keep label files small. A region
     the simplification would cut below a triangle (a small or thin lesion) keeps its whole contour,
-    or its enclosing rectangle, so a slice with a lesion never becomes a background image.
+    so a slice with a lesion never becomes a background image.
     """
     h, w = mask.shape[:2]
     binary = (mask > 127).astype(np.uint8)
@@ -40,11 +40,8 @@ def mask_to_polygons(mask: np.ndarray, min_area: float = 16.0, epsilon_frac: flo
         if int(region.sum()) < min_area:  # pixels, not the area inside the boundary pixels' centres
             continue
         approx = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2).astype(np.float64)
-        if len(approx) < 3:
+        if len(approx) < 3:  # the whole contour has 3 points or more once a region has 3 pixels
             approx = contour.reshape(-1, 2).astype(np.float64)
-        if len(approx) < 3:  # a one-pixel-wide line: its rectangle, one pixel wide
-            x, y, bw, bh = cv2.boundingRect(contour)
-            approx = np.array([[x, y], [x + bw, y], [x + bw, y + bh], [x, y + bh]], np.float64)
         approx[:, 0] /= w
         approx[:, 1] /= h
         polygons.append(np.clip(approx, 0, 1))
@@ -106,8 +103,9 @@ def _clear_previous_build(out: Path) -> None:
     for path in sorted((out / "labels").rglob("*.txt")) if (out / "labels").is_dir() else []:
         if (path.parent.name, path.stem) in linked_stems:
             path.unlink()
-    for stale in [*out.glob("unet_cache_*.npz"), *((out / "labels").glob("*.cache") if (out / "labels").is_dir() else [])]:
-        stale.unlink()  # the U-Net's decoded cache, and ultralytics' label caches (labels/train.cache, ...)
+    # the U-Net's decoded cache, and ultralytics' label caches (labels/train.cache, ...)
+    for stale in [*out.glob("unet_cache_*.npz"), *out.glob("labels/*.cache")]:
+        stale.unlink()
     left = [p for sub in subs for p in sorted(sub.rglob("*")) if not p.is_dir()]
     if left:
         raise ValueError(f"{out}: holds files seg-data did not write ({', '.join(str(p.relative_to(out)) for p in left[:3])}"
