@@ -51,6 +51,9 @@ CLS_TAG      ?= lite0
 CLS_PRETRAINED ?= true
 CLS_EPOCHS   ?= 8
 CLS_BATCH    ?= 64
+# more train-cls options for every classifier training here (cls-train, reference, loso); the runs before
+# session 24 were trained with the flip shear, so CLS_ARGS=--flip-shear reproduces them
+CLS_ARGS     ?=
 # References: a from-scratch CNN (REF_MODES empty skips it) and the leave-one-source-out proxy:
 # the same CNN trained without one tumor source (LOSO_DROP) and scored on that source's Testing
 # slices (LOSO_MODES empty skips it). The sources come from `sources` (needs SEG_FIGSHARE).
@@ -291,7 +294,7 @@ $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/best.pt: $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary
 $(OUT)/cls/$(CLS_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz
 	$(PY) -m pipeline train-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/cls/$(CLS_TAG)_$*_$(SIZE) \
 	  --model $(CLS_MODEL) --pretrained $(CLS_PRETRAINED) --epochs $(CLS_EPOCHS) --batch-size $(CLS_BATCH) \
-	  --device $(DEVICE) --seed $(SEED)
+	  --device $(DEVICE) --seed $(SEED) $(CLS_ARGS)
 
 BASELINE_MODES ?= $(filter full crop,$(MODES))
 BASELINE_EPOCHS ?= 10
@@ -313,7 +316,7 @@ reference: $(REF_EVALS) ## REF_MODEL trained from scratch (no pretraining) on ea
 $(OUT)/ref/cls/$(REF_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz
 	$(PY) -m pipeline train-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/ref/cls/$(REF_TAG)_$*_$(SIZE) \
 	  --model $(REF_MODEL) --pretrained false --epochs $(REF_EPOCHS) --batch-size $(CLS_BATCH) \
-	  --device $(DEVICE) --seed $(SEED)
+	  --device $(DEVICE) --seed $(SEED) $(CLS_ARGS)
 
 $(OUT)/ref/eval/$(REF_TAG)-%/metrics.json: $(OUT)/ref/cls/$(REF_TAG)_%_$(SIZE)/summary.json $(CLEAN)
 	$(PY) -m pipeline evaluate-cls --cls $(OUT)/ref/cls/$(REF_TAG)_$*_$(SIZE)/best.pt \
@@ -326,7 +329,7 @@ loso: $(LOSO_EVALS) ## CLS_MODEL trained without the LOSO_DROP tumor source, sco
 $(OUT)/loso/cls/$(CLS_TAG)_%_$(SIZE)/summary.json: $(CACHE)/%_$(SIZE)/testing.npz $(OUT)/sources/sources.csv
 	$(PY) -m pipeline train-cls --data $(CACHE)/$*_$(SIZE) --out $(OUT)/loso/cls/$(CLS_TAG)_$*_$(SIZE) \
 	  --drop $(LOSO_LIST) --model $(CLS_MODEL) --pretrained $(CLS_PRETRAINED) --epochs $(CLS_EPOCHS) \
-	  --batch-size $(CLS_BATCH) --device $(DEVICE) --seed $(SEED)
+	  --batch-size $(CLS_BATCH) --device $(DEVICE) --seed $(SEED) $(CLS_ARGS)
 
 $(OUT)/loso/eval/$(CLS_TAG)-no$(LOSO_DROP)-%/metrics.json: $(OUT)/loso/cls/$(CLS_TAG)_%_$(SIZE)/summary.json $(CLEAN)
 	$(PY) -m pipeline evaluate-cls --cls $(OUT)/loso/cls/$(CLS_TAG)_$*_$(SIZE)/best.pt \

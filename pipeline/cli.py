@@ -110,9 +110,9 @@ def _args_train_cls(p):
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=False,
                    help="once the recipe is chosen on validation: train on train + validation for all --epochs "
                         "and keep the last epoch (the val columns are then on seen slices)")
-    p.add_argument("--flip-shear", action=argparse.BooleanOptionalAction, default=True,
-                   help="a flipped slice is also sheared by its rotation (up to 1.30x / 0.84x), as every shipped "
-                        "classifier was trained; --no-flip-shear: an exact mirror (Augment in classify/data.py)")
+    p.add_argument("--flip-shear", action=argparse.BooleanOptionalAction, default=False,
+                   help="a flipped slice is also sheared by its rotation (up to 1.30x / 0.84x), as the classifiers "
+                        "before session 24 were trained; default: an exact mirror (Augment in classify/data.py)")
     p.add_argument("--stretch", type=float,
                    help="stretch every training slice along x by a and y by 1/a, log a ~ U(+-log(1 + STRETCH)) "
                         "(0.2: up to 1.2x / 0.83x; 0: off)")

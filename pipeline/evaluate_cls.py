@@ -90,10 +90,11 @@ def read_predictions(path: str | os.PathLike) -> dict:
 
     def scored(row: dict) -> bool:
         """Rows `predict` could not read (status error, no label) are skipped; an ok row without
-        its `pred` is a damaged file, refused below by the class check."""
+        its `pred` or `label` is a damaged file, refused below by the class check."""
         if row.get("status", "ok") not in ("ok", "", None):
             return False
-        return pred_col != "label" or bool(row.get("label"))
+        # without a status column an empty label is the only sign of a read error
+        return "status" in cols or pred_col != "label" or bool(row.get("label"))
 
     paths, y_true, y_pred, kept, skipped = [], [], [], [], []
     for i, row in enumerate(rows, start=2):
@@ -250,7 +251,12 @@ def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64
     from pipeline.classify.predict import predict_views_tta
 
     caches = [cache] if isinstance(cache, Mapping) else list(cache)
-    have = {cache_view(c): c for c in caches}
+    have = {}
+    for i, c in enumerate(caches):
+        if cache_view(c) in have:  # which of the two would be scored, and against whose labels, is a guess
+            raise ValueError(f"caches {caches.index(have[cache_view(c)]) + 1} and {i + 1} are both "
+                             f"{_describe(*cache_view(c))}; give one cache per input view")
+        have[cache_view(c)] = c
     views = tuple(getattr(classifier, "views", (view_of(classifier.mode, classifier.size),)))
     for mode, size, margin in views:
         if (mode, size, margin) not in have:
@@ -317,6 +323,11 @@ def run(args) -> int:
         classifier = load_classifier(args.cls, device=getattr(args, "device", "cpu") or "cpu")
         data = [str(d) for d in ([args.data] if isinstance(args.data, (str, os.PathLike)) else args.data)]
         caches = [load_cache(d) for d in data]
+        views = [cache_view(c) for c in caches]
+        for i, v in enumerate(views):
+            if v in views[:i]:
+                raise ValueError(f"{data[views.index(v)]} and {data[i]} are both {_describe(*v)}: one cache per "
+                                 f"input view (evaluate one split at a time)")
         tta = getattr(args, "tta", "none") or "none"
         probs = predict_cache(classifier, caches, getattr(args, "batch_size", 64) or 64, tta=tta)
         used = [c for c in caches if cache_view(c) in classifier.views]
@@ -329,9 +340,13 @@ def run(args) -> int:
                   **({"tta": tta} if tta != "none" else {})}
     result = {"source": source, **evaluate_predictions(pred, clean, n_boot, seed, alpha, subsets)}
     (out / "metrics.json").write_text(json.dumps(_jsonable(result), indent=2))
-    summary = {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4), "macro_f1": round(v["macro_f1"], 4)}
-               for k, v in [*result.items(), *result.get("subsets", {}).items()]
-               if k not in ("source", "bootstrap", "subsets", "n_skipped") and v["n"]}
+    def brief(parts: dict) -> dict:
+        return {k: {"n": v["n"], "accuracy": round(v["accuracy"], 4), "macro_f1": round(v["macro_f1"], 4)}
+                for k, v in parts.items() if v["n"]}
+
+    summary = brief({k: result[k] for k in ("all", "clean") if result.get(k)})
+    if result.get("subsets"):  # under their own key: a subset may be called `all`
+        summary["subsets"] = brief(result["subsets"])
     if result["n_skipped"]:
         print(f"warning: {result['n_skipped']} rows of {pred['source']} were not scored (read errors) and are "
               f"left out of every metric", file=sys.stderr)

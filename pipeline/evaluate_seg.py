@@ -7,8 +7,9 @@ prediction folder may be the ``segment`` output folder itself (its ``masks/`` is
 mask without a prediction is reported (``status=missing_pred`` in per_image.csv, listed in
 metrics.json) and left out of every metric; a prediction without a truth mask is only counted.
 
-Masks: a pixel is tumor when its value is ``> threshold`` (default 127, for 0/255 masks); a mask
-whose values are all ``<= LABEL_MAX`` (8: a label image, 0/1 or BraTS-style 0/1/2/4) is read as ``> 0``.
+Masks: a pixel is tumor when its value is ``> 127`` (0/255 masks); a label image (integers from a
+background of 0 up to at most ``LABEL_MAX``, 8: 0/1 or BraTS-style 0/1/2/4) when ``> 0``; a float map
+within [0, 1] when ``> 0.5``. An explicit ``--threshold`` applies to every file as it is.
 Linked sub-folders are followed, as ``segment`` follows them in its input.
 
 Per-image metrics use MONAI (``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric(percentile=95)``,
@@ -94,14 +95,23 @@ def list_masks(folder: str | os.PathLike) -> dict[str, Path]:
 LABEL_MAX = 8
 
 
-def read_mask(path: str | os.PathLike, threshold: int = 127) -> np.ndarray:
-    """(H, W) bool tumor mask; ValueError when the file is not a readable image."""
+def read_mask(path: str | os.PathLike, threshold: float | None = None) -> np.ndarray:
+    """(H, W) bool tumor mask; ValueError when the file is not a readable image.
+
+    ``threshold`` None: ``> 127``; a label image (integers, background 0, nothing above ``LABEL_MAX``)
+    ``> 0``; a float map within [0, 1] ``> 0.5``. A number: ``> threshold`` whatever the file holds."""
     raw = read_image_file(path, cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0:
         raise ValueError(f"{path}: not a readable mask image")
     if raw.ndim == 3:
         raw = raw[..., :3].max(axis=-1)
-    return raw > (0 if raw.max() <= LABEL_MAX else threshold)
+    if threshold is None:
+        lo, hi = raw.min(), raw.max()
+        if raw.dtype.kind == "f" and 0 <= lo and hi <= 1:
+            threshold = 0.5
+        else:  # a faint 0-255 map over a non-zero background is not a label image
+            threshold = 0 if hi <= LABEL_MAX and lo == 0 else 127
+    return raw > threshold
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -175,7 +185,7 @@ class _Row:
 
 
 def evaluate_segmentation(pred_dir: str | os.PathLike, truth_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                          threshold: int = 127, no_tumor_dir: str | os.PathLike | None = None,
+                          threshold: float | None = None, no_tumor_dir: str | os.PathLike | None = None,
                           images_dir: str | os.PathLike | None = None, n_worst: int = 8) -> dict:
     """Score predicted masks against truth masks; writes metrics.json, per_image.csv and worst_cases.png
     under ``out_dir`` and returns the metrics.json content. Conventions: see the module docstring."""
@@ -229,7 +239,7 @@ def evaluate_segmentation(pred_dir: str | os.PathLike, truth_dir: str | os.PathL
     result = {
         "parameters": {"pred_dir": str(pred_root), "truth_dir": str(truth_root),
                        "no_tumor_dir": None if no_tumor_dir is None else str(no_tumor_dir),
-                       "images_dir": None if images_dir is None else str(images_dir), "threshold": threshold,
+                       "images_dir": None if images_dir is None else str(images_dir), "threshold": "auto" if threshold is None else threshold,
                        "n_worst": n_worst, "hd95_units": "pixels",
                        "conventions": {"both_empty": "dice=iou=1, hd95=0 (not in the tumor-slice summaries)",
                                        "missed_tumor": "dice=iou=0, hd95=NaN left out of the hd95 summary "
@@ -355,8 +365,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: metrics.json, per_image.csv, worst_cases.png")
     p.add_argument("--images", help="scans folder (the `segment` input) to draw under the worst cases")
     p.add_argument("--no-tumor", help="predicted masks of slices known to hold no tumor (false-mask rate)")
-    p.add_argument("--threshold", type=int, default=127, help="a pixel is tumor when its value is above this (in a mask whose largest value is "
-                   "at most 8, a label image, any value above 0)")
+    p.add_argument("--threshold", type=float, help="a pixel is tumor when its value is above this, in every mask "
+                   "(default: 127; a label image of 0 to at most 8: above 0; a float map in [0, 1]: above 0.5)")
     p.add_argument("--n-worst", type=int, default=8, help="how many lowest-Dice slices to draw")
 
 

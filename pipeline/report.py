@@ -462,13 +462,19 @@ def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None 
 
     notes = header_notes(results, len(clean) if clean is not None else None, alpha)
     md = _markdown(title, notes, results, tests, figures, alpha, len(pair_list))
-    (out / "report.md").write_text(md)
-    (out / "report.html").write_text(_html(title, notes, results, tests, figures, alpha, len(pair_list), out))
+    # a run named by a path that is not UTF-8 is shown with U+FFFD where its odd bytes were
+    (out / "report.md").write_text(_readable(md), encoding="utf-8")
+    (out / "report.html").write_text(_readable(_html(title, notes, results, tests, figures, alpha, len(pair_list), out)),
+                                     encoding="utf-8")
     summary = {"runs": {k: str(v) for k, v in runs.items()}, "clean": clean_path,
                "bootstrap": {"n_boot": n_boot, "seed": seed, "alpha": alpha},
                "results": results, "pairs": tests}
     (out / "compare.json").write_text(json.dumps(_jsonable(summary), indent=2))
     return summary
+
+
+def _readable(text: str) -> str:
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _gradcam(weights: str, data: str, out_png: Path, n: int, seed: int, device: str) -> Path:

@@ -257,6 +257,24 @@ _EXIF_TURNS = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a:
                8: lambda a: np.rot90(a, 1)}
 
 
+def _decode_turned_tiff(path: Path, key: str, frame: int, orientation: int) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """(values, 8-bit grey or None, stored dtype) of page ``frame`` of a TIFF, EXIF-turned: as the
+    Pillow path gives them, luma for colour, the 8-bit grey as stored when the file is 8-bit."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            arr = np.asarray(tif.pages[frame].asarray())
+    except Exception as e:  # noqa: BLE001
+        raise ScanReadError(key, f"cannot decode the turned TIFF: {type(e).__name__}: {e}") from e
+    stored, eight_bit = arr.dtype.name, arr.dtype == np.uint8
+    arr = arr.astype(np.float64)
+    if arr.ndim == 3:
+        arr = arr[..., 0] if arr.shape[2] < 3 else arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
+    arr = np.ascontiguousarray(_EXIF_TURNS[orientation](arr))
+    return arr, (np.rint(arr).astype(np.uint8) if eight_bit else None), stored
+
+
 def _decode_high_depth_colour(path: Path, key: str, frame: int, orientation: int) -> np.ndarray:
     """(H, W) float64 luma of a 16-bit colour or grey+alpha raster at full depth, EXIF-turned."""
     import cv2
@@ -296,24 +314,27 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
                 frame = _middle_of_stack(im, n_frames)
             if frame:
                 im.seek(frame)
+            # Pillow turns a TIFF by its Orientation tag while loading it, and drops the tag
+            turned_on_load = int(im.tag_v2.get(0x0112, 1) or 1) if im.format == "TIFF" else 1
             im.load()  # decodes now, so a truncated file fails here
         except Exception as e:  # noqa: BLE001
             raise ScanReadError(key, f"truncated or corrupt image: {e}") from e
         # a photographed or phone-exported slice is stored sideways with an EXIF tag saying so; read it
         # as every viewer shows it, so masks and boxes match what the user sees
         orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
+        # ... but its turns that swap axes come out scrambled (Pillow 13, at any depth): a turned TIFF is
+        # decoded again with tifffile and turned here
+        redecode_turned = turned_on_load in range(2, 9)
         # the file's own format and depth: the turned copy below no longer knows them
         fmt = _PIL_FORMATS.get(im.format or "", (im.format or "unknown").lower())
         deep_colour = im.mode in ("RGB", "RGBA", "LA") and _stored_bits(path, im) > 8
-        if orientation in range(2, 9):
-            from PIL import ImageOps
-
-            im = ImageOps.exif_transpose(im)
         mode = im.mode
         try:
             raw = np.asarray(im)
         except Exception:  # noqa: BLE001 - exotic modes numpy can't view directly
             raw = np.asarray(im.convert("F"))
+        turn = _EXIF_TURNS.get(orientation, lambda a: a)  # here, not by ImageOps.exif_transpose: as above
+        raw = turn(raw)
         meta = {
             "format": fmt,
             "orig_mode": mode,
@@ -323,21 +344,24 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
         if n_frames > 1:
             meta["n_frames"] = n_frames
             meta["frame_index"] = frame
-        if orientation in range(2, 9):
-            meta["exif_orientation"] = int(orientation)
+        if orientation in range(2, 9) or turned_on_load in range(2, 9):
+            meta["exif_orientation"] = int(orientation if orientation in range(2, 9) else turned_on_load)
         dpi = im.info.get("dpi")
         try:
-            if deep_colour:
+            if redecode_turned:
+                vals, gray, meta["orig_dtype"] = _decode_turned_tiff(path, key, frame, turned_on_load)
+                meta["orig_shape"] = vals.shape  # as shown, like a turned file of another format
+            elif deep_colour:
                 # Pillow opens 16-bit colour and grey+alpha as 8-bit modes, keeping only the high byte
                 vals, gray = _decode_high_depth_colour(path, key, frame, orientation), None
                 meta["orig_dtype"] = "uint16"
             elif mode in _EIGHT_BIT_MODES:
                 if mode in ("1", "L"):
-                    gray = np.asarray(im.convert("L"))
+                    gray = turn(np.asarray(im.convert("L")))
                 elif mode in ("LA", "La"):
-                    gray = np.asarray(im.getchannel(0))
+                    gray = turn(np.asarray(im.getchannel(0)))
                 else:  # colour / palette: drop alpha, ITU-R 601 luma
-                    gray = np.asarray(im.convert("RGB").convert("L"))
+                    gray = turn(np.asarray(im.convert("RGB").convert("L")))
                 vals = gray
             else:  # I;16*, I, F, ...: high bit depth
                 vals = raw.astype(np.float64)
@@ -362,6 +386,19 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
 
 
 # --------------------------------------------------------------------------- DICOM
+
+
+def _functional_group(ds, sequence: str, frame: int):
+    """The item of an enhanced DICOM's functional ``sequence`` for ``frame`` (per-frame first, then
+    shared), or ``ds`` itself: a classic object keeps those attributes at the top level."""
+    for groups, k in (("PerFrameFunctionalGroupsSequence", frame), ("SharedFunctionalGroupsSequence", 0)):
+        try:
+            item = ds.get(groups)[k].get(sequence)
+            if item:
+                return item[0]
+        except (TypeError, IndexError, KeyError, AttributeError):
+            continue
+    return ds
 
 
 def _first(value):
@@ -423,6 +460,13 @@ def _read_dicom(path: Path, key: str, window, nifti_slices="nonempty") -> list[S
     photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if photometric == "PALETTE COLOR":  # the stored values are indices into the file's colour table
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            arr, samples = apply_color_lut(arr, ds), 3
+        except Exception as e:  # noqa: BLE001
+            raise ScanReadError(key, f"cannot apply the DICOM palette: {type(e).__name__}: {e}") from e
     pix = np.asarray(arr, dtype=np.float64)
     if samples > 1 and pix.ndim >= 3 and pix.shape[-1] == samples:
         pix = pix[..., 0] * 0.299 + pix[..., 1] * 0.587 + pix[..., 2] * 0.114
@@ -431,20 +475,28 @@ def _read_dicom(path: Path, key: str, window, nifti_slices="nonempty") -> list[S
         raise ScanReadError(key, f"unsupported DICOM pixel array shape {tuple(arr.shape)}")
     stack = pix if is_stack else pix[None]
 
-    try:
-        slope = float(_first(ds.get("RescaleSlope", 1)) or 1.0)
-        intercept = float(_first(ds.get("RescaleIntercept", 0)) or 0.0)
-    except (TypeError, ValueError):
-        slope, intercept = 1.0, 0.0
-    stack = stack * slope + intercept
-    meta["rescale"] = (slope, intercept)
+    # an enhanced (multi-frame) object keeps scaling and window in functional groups, per frame or shared
+    per_frame = [_functional_group(ds, "PixelValueTransformationSequence", k) for k in range(len(stack))]
+    slopes, intercepts = [], []
+    for group in per_frame:
+        try:
+            slopes.append(float(_first(group.get("RescaleSlope", 1)) or 1.0))
+            intercepts.append(float(_first(group.get("RescaleIntercept", 0)) or 0.0))
+        except (TypeError, ValueError):
+            slopes.append(1.0)
+            intercepts.append(0.0)
+    stack = stack * np.asarray(slopes)[:, None, None] + np.asarray(intercepts)[:, None, None]
+    meta["rescale"] = (slopes[0], intercepts[0])
+    if len(set(zip(slopes, intercepts))) > 1:
+        meta["rescale_per_frame"] = list(zip(slopes, intercepts))
 
     used = window
     source = "user" if window is not None else None
     if used is None:
         try:
-            c = _first(ds.get("WindowCenter"))
-            w = _first(ds.get("WindowWidth"))
+            voi = _functional_group(ds, "FrameVOILUTSequence", 0)  # one window for all frames, as for a volume
+            c = _first(voi.get("WindowCenter"))
+            w = _first(voi.get("WindowWidth"))
             if c is not None and w is not None and float(w) > 0:
                 used, source = (float(c), float(w)), "file"
         except (TypeError, ValueError):
@@ -504,7 +556,8 @@ def _select_slices(vol: np.ndarray, nifti_slices, key: str) -> list[int]:
         z = int(z)
         if not -nz <= z < nz:
             raise ScanReadError(key, f"slice index {z} out of range (volume has {nz} slices)")
-        out.append(z % nz)
+        if z % nz not in out:  # 1,1 or 1,-4 of a 5-slice volume name one slice: one row, as for any input
+            out.append(z % nz)
     return out
 
 
@@ -569,14 +622,23 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
         raise ScanReadError(key, f"not a readable NIfTI file: {type(e).__name__}: {e}") from e
     if vol.ndim == 4:
         vol = vol[..., 0]
+    # one slice stored across the first or second voxel axis (a sagittal or coronal slice in RAS
+    # order, shape (1, H, W)): that axis is the one to cut along, not the third, which would give
+    # one-pixel lines
+    axes = [0, 1, 2]
+    if vol.ndim == 3 and vol.shape[2] > 1 and 1 in vol.shape[:2]:
+        lone = vol.shape.index(1)
+        axes = [a for a in axes if a != lone] + [lone]
+        vol = vol.transpose(axes)
     is_2d = vol.ndim == 2
     if is_2d:
         vol = vol[:, :, None]
     vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
     # Slices are cut along the file's own third axis, the plane it was acquired or stored in, and
     # numbered as the file numbers them; only their display is turned to the viewer's convention.
-    ornt = _voxel_orientation(affine if affine.shape == (4, 4) else np.eye(4))
+    ornt = _voxel_orientation(affine if affine.shape == (4, 4) else np.eye(4))[axes]
     zooms = zooms + (1.0,) * (3 - len(zooms))
+    zooms = tuple(zooms[a] for a in axes)
 
     meta_base: dict = {"format": "nifti", "orig_dtype": dtype, "orig_shape": shape,
                        "n_slices": int(vol.shape[2]), "plane": _PLANES[int(ornt[2, 0])]}
@@ -746,7 +808,10 @@ def parse_nifti_slices(text: str):
     if text in ("all", "middle", "nonempty"):
         return text
     try:
-        return [int(z) for z in str(text).split(",") if z.strip()]
+        picked = [int(z) for z in str(text).split(",") if z.strip()]
     except ValueError:
+        picked = []
+    if not picked:
         raise argparse.ArgumentTypeError(f"expected all | middle | nonempty | a comma list of slice indices, "
-                                         f"got {text!r}") from None
+                                         f"got {text!r}")
+    return picked

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import cli
+from pipeline import CLASSES, cli
 from pipeline.evaluate_cls import read_predictions
 from pipeline.evaluate_seg import evaluate_segmentation, read_mask
 
@@ -180,6 +180,16 @@ def test_an_ok_row_without_its_prediction_is_refused(tmp_path):
         read_predictions(path)
 
 
+def test_an_ok_predict_row_without_its_label_is_refused_and_an_error_row_skipped(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("path,label,status,error\nx/glioma/a.jpg,glioma,ok,\nx/glioma/b.jpg,,error,not an image\n"
+                    "x/glioma/c.jpg,,ok,\n")
+    with pytest.raises(ValueError, match="p.csv:4"):
+        read_predictions(path)
+    path.write_text("path,label,status,error\nx/glioma/a.jpg,glioma,ok,\nx/glioma/b.jpg,,error,not an image\n")
+    assert read_predictions(path)["skipped"] == ["x/glioma/b.jpg"]
+
+
 def test_a_clean_list_that_matches_nothing_says_so(capsys):
     from pipeline.evaluate_cls import clean_mask
 
@@ -191,3 +201,16 @@ def test_read_marks_a_blank_image(tmp_path, capsys):
     cv2.imwrite(str(tmp_path / "blank.png"), np.zeros((16, 16), np.uint8))
     assert cli.main(["read", str(tmp_path / "blank.png"), "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["blank"] is True
+
+
+def test_compare_reports_a_run_whose_folder_name_is_not_utf8(tmp_path):
+    rows = "path,true,pred\n" + "".join(f"/data/Testing/{c}/{i}.jpg,{c},{c}\n" for i, c in enumerate(CLASSES * 3))
+    odd = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    for folder in (odd, str(tmp_path / "plain")):
+        os.makedirs(folder)
+        with open(os.path.join(folder, "predictions.csv"), "w") as fh:
+            fh.write(rows)
+    assert cli.main(["compare", "--runs", f"x-full={odd}", f"y-masked={tmp_path / 'plain'}",
+                     "--out", str(tmp_path / "rep"), "--n-boot", "20", "--device", "cpu"]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")  # valid UTF-8, the odd byte shown as U+FFFD
+    assert "caf\ufffd" in md and "caf\ufffd" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")

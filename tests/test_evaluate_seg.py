@@ -80,6 +80,12 @@ def test_read_mask_threshold_and_label_images(tmp_path):
     assert read_mask(tmp_path / "m.png", threshold=50).tolist() == [[False, True, True, True]]
     cv2.imwrite(str(tmp_path / "l.png"), np.array([[0, 1, 1, 0]], np.uint8))  # a 0/1 label image
     assert read_mask(tmp_path / "l.png").tolist() == [[False, True, True, False]]
+    assert read_mask(tmp_path / "l.png", threshold=1).tolist() == [[False, False, False, False]]  # as told
+    # a faint 0-255 map over a non-zero background is not a label image: all of it was "tumor"
+    cv2.imwrite(str(tmp_path / "faint.png"), np.array([[2, 2, 8, 8]], np.uint8))
+    assert read_mask(tmp_path / "faint.png").tolist() == [[False, False, False, False]]
+    cv2.imwrite(str(tmp_path / "p.tiff"), np.array([[0.01, 0.4, 0.6, 0.99]], np.float32))  # a probability map
+    assert read_mask(tmp_path / "p.tiff").tolist() == [[False, False, True, True]]
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="readable"):
         read_mask(tmp_path / "bad.png")
@@ -131,7 +137,7 @@ def test_evaluate_pairs_by_relative_path_and_reports_missing(tmp_path):
     assert [w["path"] for w in res["worst_cases"]] == ["b/t3", "a/t1", "a/t2", "vol.nii.gz_z03"]
 
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert saved["counts"] == c and saved["parameters"]["threshold"] == 127
+    assert saved["counts"] == c and saved["parameters"]["threshold"] == "auto"
     with open(tmp_path / "eval" / "per_image.csv", newline="") as fh:
         rows = {(r["set"], r["path"]): r for r in csv.DictReader(fh)}
     assert len(rows) == 7 + 3

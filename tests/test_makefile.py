@@ -43,3 +43,14 @@ def test_demo_keeps_what_the_command_line_sets(tmp_path):
     assert f"CLS_WEIGHTS={tmp_path}/cls/smallcnn_full_32/best.pt" in out
     default = _dry_run("demo", f"DEMO={tmp_path}")
     assert "MODES=\"full crop masked\"" in default and f"{tmp_path}/cls/smallcnn_crop_64/best.pt" in default
+
+
+def test_every_classifier_training_takes_cls_args(tmp_path):
+    # the runs before session 24 were trained with the flip shear: CLS_ARGS=--flip-shear must reach each of them
+    out = _dry_run("cls-train", "reference", "loso", "MODES=full", "LOSO_MODES=full", "CLS_ARGS=--flip-shear",
+                   f"OUT={tmp_path}", "DATA_READY=", "STAMP=Makefile")
+    commands = out.replace("\\\n", " ").split("\n")
+    trainings = [c for c in commands if "pipeline train-cls" in c]
+    assert {c.split("--out ")[1].split()[0] for c in trainings} == {
+        f"{tmp_path}/cls/lite0_full_128", f"{tmp_path}/ref/cls/smallcnn_full_128", f"{tmp_path}/loso/cls/lite0_full_128"}
+    assert all(c.split()[-1] == "--flip-shear" for c in trainings)

@@ -96,6 +96,31 @@ def test_evaluate_cls_rejects_mismatched_cache(tmp_path):
         run(_args(cls=str(ckpt), data=str(cache), out=str(tmp_path / "o")))
 
 
+@pytest.mark.parametrize("order", [("val", "test"), ("test", "val")])
+def test_evaluate_cls_refuses_two_caches_of_one_view(tmp_path, order):
+    # scoring one cache against the other's labels gave silently wrong metrics (or an IndexError)
+    from pipeline.evaluate_cls import run
+
+    ckpt = _checkpoint(tmp_path / "w.pt")
+    sizes = {"val": 12, "test": 8}
+    data = [str(_cache(tmp_path / f"{name}.npz", tmp_path, n=sizes[name])) for name in order]
+    with pytest.raises(ValueError, match=rf"{order[0]}.npz and .*{order[1]}.npz are both mode=full size=32"):
+        run(_args(cls=str(ckpt), data=data, out=str(tmp_path / "o")))
+    assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+def test_evaluate_cls_prints_subsets_under_their_own_key(tmp_path, capsys):
+    from pipeline.evaluate_cls import run
+
+    ckpt = _checkpoint(tmp_path / "w.pt")
+    cache = _cache(tmp_path / "testing.npz", tmp_path, n=12)
+    listed = tmp_path / "one.txt"
+    listed.write_text(str(tmp_path / "Testing" / "glioma" / "Te-000.jpg") + "\n")
+    run(_args(cls=str(ckpt), data=str(cache), out=str(tmp_path / "o"), subset=[f"all={listed}"]))
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["all"]["n"] == 12 and printed["subsets"]["all"]["n"] == 1
+
+
 def _write_external(path: Path, paths, y, pred):
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)

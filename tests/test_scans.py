@@ -261,6 +261,22 @@ def test_exif_turns_of_arrays_match_pillow():
         np.testing.assert_array_equal(_EXIF_TURNS[orientation](arr), want, err_msg=str(orientation))
 
 
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_16bit_grey_tiff_with_an_exif_orientation_turns_like_its_8bit_copy(tmp_path, orientation):
+    # Pillow's exif_transpose scrambled I;16 images on the turns that swap axes (5-8)
+    tifffile = pytest.importorskip("tifffile")
+    grey8 = (np.arange(12).reshape(3, 4) * 20).astype(np.uint8)
+    tag = [(274, "H", 1, orientation, True)]
+    tifffile.imwrite(tmp_path / "a8.tif", grey8, photometric="minisblack", extratags=tag)
+    tifffile.imwrite(tmp_path / "a16.tif", grey8.astype(np.uint16) * 257, photometric="minisblack", extratags=tag)
+    eight, deep = read_scan(tmp_path / "a8.tif"), read_scan(tmp_path / "a16.tif")
+    assert eight.meta["exif_orientation"] == deep.meta["exif_orientation"] == orientation
+    np.testing.assert_array_equal(eight.image, __import__('pipeline.scans', fromlist=['_EXIF_TURNS'])._EXIF_TURNS[orientation](grey8))
+    # a 16-bit slice is stretched over its own range: the same picture, up to that scale
+    np.testing.assert_array_equal(np.argsort(deep.image, axis=None), np.argsort(eight.image, axis=None))
+    assert deep.image.shape == eight.image.shape
+
+
 def test_16bit_constant_maps_to_zero_and_window(tmp_path):
     s = read_scan(write_png(tmp_path / "c16.png", np.full((10, 10), 1234, np.uint16)))
     assert s.image.dtype == np.uint8 and not s.image.any()
@@ -402,6 +418,63 @@ def test_dicom_colour_is_luma_whatever_the_photometric(tmp_path):
         assert abs(int(image[0, 2]) - round(255 * 47 / 121)) <= 3, photometric
 
 
+def test_enhanced_dicom_scales_each_frame_and_uses_its_shared_window(tmp_path):
+    # Philips-style enhanced MR: both frames store 0..300, frame 1 with slope 2; window [0, 300] shared
+    from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    enhanced_mr = "1.2.840.10008.5.1.4.1.1.4.1"
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = enhanced_mr, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "enh.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.Modality = enhanced_mr, "MR"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 3, 4, 2
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit, ds.PixelRepresentation = 15, 0
+    ds.PixelData = np.stack([np.tile(np.arange(0, 400, 100, dtype=np.uint16), (3, 1))] * 2).tobytes()
+    frames = []
+    for slope in (1.0, 2.0):
+        scaling = Dataset()
+        scaling.RescaleSlope, scaling.RescaleIntercept, scaling.RescaleType = slope, 0, "US"
+        group = Dataset()
+        group.PixelValueTransformationSequence = Sequence([scaling])
+        frames.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    voi, shared = Dataset(), Dataset()
+    voi.WindowCenter, voi.WindowWidth = 150, 300
+    shared.FrameVOILUTSequence = Sequence([voi])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    ds.save_as(tmp_path / "enh.dcm", enforce_file_format=True)
+    first, second = read_scans(tmp_path / "enh.dcm", nifti_slices="all")
+    assert first.image[0].tolist() == [0, 85, 170, 255] and second.image[0].tolist() == [0, 170, 255, 255]
+    assert first.meta["window_source"] == "file" and first.meta["rescale_per_frame"] == [(1.0, 0.0), (2.0, 0.0)]
+
+
+def test_dicom_palette_colour_is_read_through_its_colour_table():
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_color_lut
+
+    path = get_testdata_file("examples_palette.dcm")  # ships inside pydicom
+    ds = pydicom.dcmread(path)
+    rgb = apply_color_lut(ds.pixel_array, ds).astype(np.float64)
+    luma = rgb @ [0.299, 0.587, 0.114]
+    image = read_scan(path).image.astype(np.float64)
+    assert np.corrcoef(luma.ravel(), image.ravel())[0, 1] > 0.999  # the indices alone: 0.70
+    assert np.corrcoef(ds.pixel_array.ravel().astype(np.float64), image.ravel())[0, 1] < 0.9
+
+
+@pytest.mark.parametrize("name", ["MR_small_jpeg_ls_lossless.dcm", "MR_small_jp2klossless.dcm", "MR_small_RLE.dcm"])
+def test_compressed_dicom_reads_as_its_uncompressed_copy(name):
+    from pydicom.data import get_testdata_file
+
+    np.testing.assert_array_equal(read_scan(get_testdata_file(name)).image,
+                                  read_scan(get_testdata_file("MR_small.dcm")).image)
+
+
 def test_dicom_without_pixel_data(tmp_path):
     p = write_dicom(tmp_path / "nopix.dcm", _STORED, pixel_data=False)
     with pytest.raises(ScanReadError) as ei:
@@ -477,6 +550,30 @@ def test_nifti_coronal_and_sagittal_stacks_are_cut_in_their_own_plane(tmp_path):
     (t,) = read_scans(q, nifti_slices=[1])
     assert t.image.shape == (30, 40) and t.meta["plane"] == "sagittal"
     assert _argmax(t.image) == (29 - 25, 39 - 35)
+
+
+def test_nifti_single_slice_on_the_first_or_second_axis_is_one_slice_of_its_plane(tmp_path):
+    # a sagittal stack as above, and its slice 1 alone stored the RAS way: shape (1, A, S)
+    sagittal = np.array([[0, 0, 5.0, 0], [1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]])
+    stack = _marker_volume((40, 30, 3), (35, 25, 1))
+    (t,) = read_scans(write_nifti(tmp_path / "sag.nii", stack, affine=sagittal), nifti_slices=[1])
+    scans = read_scans(write_nifti(tmp_path / "one.nii", stack[None, :, :, 1]), nifti_slices="all")
+    assert len(scans) == 1 and scans[0].meta["plane"] == "sagittal"  # not 30 one-pixel lines
+    np.testing.assert_array_equal(scans[0].image, t.image)
+    coronal = read_scans(write_nifti(tmp_path / "cor.nii", stack[:, None, :, 1]), nifti_slices="all")
+    assert len(coronal) == 1 and coronal[0].meta["plane"] == "coronal" and coronal[0].image.shape == (30, 40)
+
+
+def test_nifti_slices_named_twice_give_one_slice_and_an_empty_list_is_refused(tmp_path):
+    import argparse
+
+    from pipeline.scans import parse_nifti_slices
+
+    p = write_nifti(tmp_path / "vol.nii", _volume())
+    assert [s.meta["slice_index"] for s in read_scans(p, nifti_slices=[1, 1, -4, 3])] == [1, 3]
+    for text in ("", ",", " "):
+        with pytest.raises(argparse.ArgumentTypeError, match="comma list"):
+            parse_nifti_slices(text)
 
 
 def test_nifti_slices_keep_the_file_numbering_and_turn_the_same_as_ras(tmp_path):

@@ -99,6 +99,20 @@ def test_rerun_writes_nothing_and_lost_rows_are_redone(tmp_path):
     assert sorted(paths) == sorted(expected) and len(paths) == len(set(paths))
 
 
+def test_a_rerun_with_other_volume_slices_is_refused_not_skipped(tmp_path):
+    # an out-of-range choice made the volume an error row, which a rerun with `all` then skipped as done
+    src, out = tmp_path / "scans", tmp_path / "out"
+    make_folder(src)
+    run_segment(src, out, BrightBlobSegmenter(), progress=False, nifti_slices=[7])
+    assert [r["status"] for r in read_rows(out / "segments.csv") if r["path"] == "vol.nii.gz"] == ["error"]
+    with pytest.raises(ValueError, match=r"other settings .*nifti_slices.*\(\[7\], 'all'\)"):
+        run_segment(src, out, BrightBlobSegmenter(), progress=False, nifti_slices="all")
+    run_segment(src, out, BrightBlobSegmenter(), progress=False, nifti_slices=[7])  # the same choice resumes
+    # the default is not recorded: folders made before the choice was recorded still resume
+    run_segment(src, tmp_path / "plain", BrightBlobSegmenter(), progress=False)
+    assert "nifti_slices" not in (tmp_path / "plain" / "segments.csv.settings.json").read_text()
+
+
 def test_mask_names_mirror_the_tree_and_avoid_clashes():
     names = mask_names(["a/x.jpg", "a/x.png", "a/y.dcm", "IM0001", "v.nii.gz", "b/x.jpg"])
     assert names == {"a/x.jpg": "a/x.jpg.png", "a/x.png": "a/x.png.png", "a/y.dcm": "a/y.png",

@@ -112,18 +112,17 @@ class Augment(torch.nn.Module):
 
     def __init__(self, rotate_deg: float = 12, scale: tuple[float, float] = (0.9, 1.1), translate: float = 0.06,
                  shear_deg: float = 6, brightness: float = 0.12, contrast: float = 0.15, gamma: float = 0.15,
-                 hflip: float = 0.5, vflip: float = 0.0, flip_shear: bool = True, stretch: float = 0.0):
+                 hflip: float = 0.5, vflip: float = 0.0, flip_shear: bool = False, stretch: float = 0.0):
         super().__init__()
         self.rotate, self.scale, self.translate, self.shear = rotate_deg, scale, translate, shear_deg
         self.brightness, self.contrast, self.gamma, self.hflip, self.vflip = brightness, contrast, gamma, hflip, vflip
         #: a flipped slice is also sheared by its rotation t: the sampling grid's axes meet at 90 deg +- 2t, so the
         #: slice is stretched by up to 1 / sqrt(1 - sin 24 deg) = 1.30x along one diagonal and squeezed to 0.84x
         #: along the other (its area grows by up to 1 / cos 24 deg = 1.095).
-        #: Every shipped classifier was trained with it, so it is the default for now: their commands reproduce
-        #: them. It began as a slip (the flip on one entry of the map instead of a whole column) and does not
-        #: help: over two seeds of the unseen-source proxy the exact mirror did no worse and did better on
-        #: ordinary validation (weights/cls_lite0_full_crop.md, session 23), so the mirror is to become the
-        #: default once the shipped members are refit with it. False: an exact mirror.
+        #: It began as a slip (the flip on one entry of the map instead of a whole column) and does not help:
+        #: over two seeds of the unseen-source proxy the exact mirror did no worse and did better on ordinary
+        #: validation (weights/cls_lite0_full_crop.md, session 23), so the mirror is the default; True
+        #: reproduces the classifiers trained before session 24 (their cards' commands say --flip-shear).
         self.flip_shear = flip_shear
         #: every slice stretched along x by a and along y by 1/a (area kept), log a ~ U(+-log(1 + stretch)),
         #: before the rotation: as a source's images of other shapes resized to a square would be. 0: off

@@ -153,7 +153,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
         if state.get("meta") != meta:
-            changed = sorted(k for k in meta if (state.get("meta") or {}).get(k) != meta[k])
+            before = state.get("meta") or {}
+            changed = sorted(k for k in {*meta, *before} if before.get(k) != meta.get(k))
             raise RuntimeError(f"{last_path}: was trained with other settings ({', '.join(changed)}); "
                                f"use another --out or --no-resume")
         model.load_state_dict(state["model"])
