@@ -114,6 +114,7 @@ help: ## this list
 	@echo "  SIZE         classifier input size (default: $(SIZE))"
 	@echo "  FULL_SIZE    input size of the shipped whole-slice member, for shipped-eval's cache (default: $(FULL_SIZE))"
 	@echo "  CLS_MODEL, CLS_TAG, CLS_EPOCHS, CLS_PRETRAINED   the CNN cls-train trains (default: $(CLS_MODEL))"
+	@echo "  CLS_ARGS     more train-cls options for cls-train, reference and loso (--flip-shear: as runs before session 24)"
 	@echo "  REF_MODEL, REF_MODES, REF_EPOCHS   from-scratch reference (default: $(REF_MODEL) on $(REF_MODES))"
 	@echo "  LOSO_DROP, LOSO_MODES   leave-one-source-out: train without LOSO_DROP tumors, score on them (default: $(LOSO_DROP) on $(LOSO_MODES))"
 	@echo "  CLS_WEIGHTS, SEG_WEIGHTS   checkpoints predict uses (default: $(CLS_WEIGHTS), $(SEG_WEIGHTS))"

@@ -59,7 +59,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     # adds --overlays to a finished folder is refused rather than silently writing none
     settings.update({k: True for k, on in (("overlays", overlays), ("gradcam", gradcam)) if on})
     if nifti_slices != "nonempty":  # other slices of a volume: a rerun with another choice is refused, not skipped
-        settings["nifti_slices"] = nifti_slices
+        settings["nifti_slices"] = nifti_slices if isinstance(nifti_slices, str) else sorted({int(z) for z in nifti_slices})
     _adopt_older_picture_settings(Path(out_dir), settings)
     run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo

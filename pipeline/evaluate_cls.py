@@ -254,7 +254,8 @@ def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64
     have = {}
     for i, c in enumerate(caches):
         if cache_view(c) in have:  # which of the two would be scored, and against whose labels, is a guess
-            raise ValueError(f"caches {caches.index(have[cache_view(c)]) + 1} and {i + 1} are both "
+            first = next(j for j, x in enumerate(caches) if x is have[cache_view(c)])
+            raise ValueError(f"caches {first + 1} and {i + 1} are both "
                              f"{_describe(*cache_view(c))}; give one cache per input view")
         have[cache_view(c)] = c
     views = tuple(getattr(classifier, "views", (view_of(classifier.mode, classifier.size),)))

@@ -7,9 +7,9 @@ prediction folder may be the ``segment`` output folder itself (its ``masks/`` is
 mask without a prediction is reported (``status=missing_pred`` in per_image.csv, listed in
 metrics.json) and left out of every metric; a prediction without a truth mask is only counted.
 
-Masks: a pixel is tumor when its value is ``> 127`` (0/255 masks); a label image (integers from a
-background of 0 up to at most ``LABEL_MAX``, 8: 0/1 or BraTS-style 0/1/2/4) when ``> 0``; a float map
-within [0, 1] when ``> 0.5``. An explicit ``--threshold`` applies to every file as it is.
+Masks: a pixel is tumor when its value is ``> threshold`` (default 127, for 0/255 masks); in a label
+image (integers up to ``LABEL_MAX``, 8: 0/1 or BraTS-style 0/1/2/4, with a background of 0 or one value
+throughout) when ``> 0``; in a float map within [0, 1] when ``> threshold`` (default 0.5).
 Linked sub-folders are followed, as ``segment`` follows them in its input.
 
 Per-image metrics use MONAI (``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric(percentile=95)``,
@@ -98,20 +98,21 @@ LABEL_MAX = 8
 def read_mask(path: str | os.PathLike, threshold: float | None = None) -> np.ndarray:
     """(H, W) bool tumor mask; ValueError when the file is not a readable image.
 
-    ``threshold`` None: ``> 127``; a label image (integers, background 0, nothing above ``LABEL_MAX``)
-    ``> 0``; a float map within [0, 1] ``> 0.5``. A number: ``> threshold`` whatever the file holds."""
+    A label image (integers up to ``LABEL_MAX`` with a background of 0, or one value throughout) is
+    read as ``> 0``; a float map within [0, 1] as ``> threshold`` (default 0.5); anything else as
+    ``> threshold`` (default 127)."""
     raw = read_image_file(path, cv2.IMREAD_UNCHANGED)
     if raw is None or raw.size == 0:
         raise ValueError(f"{path}: not a readable mask image")
     if raw.ndim == 3:
         raw = raw[..., :3].max(axis=-1)
-    if threshold is None:
-        lo, hi = raw.min(), raw.max()
-        if raw.dtype.kind == "f" and 0 <= lo and hi <= 1:
-            threshold = 0.5
-        else:  # a faint 0-255 map over a non-zero background is not a label image
-            threshold = 0 if hi <= LABEL_MAX and lo == 0 else 127
-    return raw > threshold
+    lo, hi = raw.min(), raw.max()
+    if raw.dtype.kind == "f" and 0 <= lo and hi <= 1:
+        return raw > (0.5 if threshold is None else threshold)
+    # a faint 0-255 map over a non-zero background is not a label image
+    if raw.dtype.kind in "iu" and hi <= LABEL_MAX and (lo == 0 or lo == hi):
+        return raw > 0
+    return raw > (127 if threshold is None else threshold)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -365,8 +366,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: metrics.json, per_image.csv, worst_cases.png")
     p.add_argument("--images", help="scans folder (the `segment` input) to draw under the worst cases")
     p.add_argument("--no-tumor", help="predicted masks of slices known to hold no tumor (false-mask rate)")
-    p.add_argument("--threshold", type=float, help="a pixel is tumor when its value is above this, in every mask "
-                   "(default: 127; a label image of 0 to at most 8: above 0; a float map in [0, 1]: above 0.5)")
+    p.add_argument("--threshold", type=float, help="a pixel is tumor when its value is above this (default 127; "
+                   "0.5 in a float map within [0, 1]); in a label image (0 to at most 8, background 0) any value above 0")
     p.add_argument("--n-worst", type=int, default=8, help="how many lowest-Dice slices to draw")
 
 

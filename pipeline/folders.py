@@ -294,37 +294,37 @@ class FolderRun:
     lock: object = None
 
 
-#: How volumes are cut into the slices keyed ``path#z=NN``, recorded with every run's settings. 3: as 2,
-#: but a NIfTI holding one slice across its first or second axis is that one slice (2 cut it into
-#: one-pixel lines along the third). 2: along the file's own slice axis, numbered as the file numbers
-#: them (NIfTI), and one slice per frame of a multi-frame DICOM; before, NIfTI volumes were cut along
-#: their RAS axis 2 and a DICOM gave one frame.
-SLICING = 3
+#: How volumes are cut into the slices keyed ``path#z=NN``, recorded with every run's settings. 2: along
+#: the file's own slice axis, numbered as the file numbers them (NIfTI), and one slice per frame of a
+#: multi-frame DICOM; before, NIfTI volumes were cut along their RAS axis 2 and a DICOM gave one frame.
+SLICING = 2
 
 
 def check_settings(out: Path, csv_name: str, settings: dict) -> None:
     """Resume only what the same models made: ``OUT/<csv>.settings.json`` records them on the first run;
     a later run with other settings (another checkpoint, threshold, mode) is refused, not mixed in.
 
-    A folder from before ``slicing`` was recorded resumes if it holds no volume slice (no ``#z=`` row),
-    one of slicing 2 if it holds no NIfTI slice: only those rows would mean something else now."""
+    A folder from before ``slicing`` was recorded resumes if it holds no volume slice (no ``#z=`` row):
+    only those rows would mean something else now."""
     import json
 
     path = out / f"{csv_name}.settings.json"
     plain = json.loads(json.dumps({**settings, "slicing": SLICING}, sort_keys=True, default=str))
     if path.is_file():
         old = json.loads(path.read_text())
-        adopted = (("slicing" not in old and not _has_slice_rows(out / csv_name))
-                   or (old.get("slicing") == 2 and not _has_slice_rows(out / csv_name, nifti_only=True)))
+        adopted = "slicing" not in old and not _has_slice_rows(out / csv_name)
         if adopted:  # recorded now, so slices this run adds are not taken for older ones next time
             old["slicing"] = SLICING
+        # a non-default --nifti-slices has been recorded since session 24; a folder from before whose
+        # rows cannot depend on it (no volume slice, no error) takes this run's choice
+        if "nifti_slices" in plain and "nifti_slices" not in old and not _has_slice_or_error_rows(out / csv_name):
+            old["nifti_slices"], adopted = plain["nifti_slices"], True
         if old != plain:
             if set(k for k in set(old) | set(plain) if old.get(k) != plain.get(k)) == {"slicing"}:
-                how = ("a one-slice NIfTI stored across its first or second axis as one-pixel lines"
-                       if old.get("slicing") == 2 else "a NIfTI along its RAS axis, a multi-frame DICOM as one frame")
-                raise ValueError(f"{out}: holds volume slices (#z=NN rows) cut the way slicing "
-                                 f"{old.get('slicing', 1)} cut them ({how}), which may not be the slices this "
-                                 f"version reads; use another --out, or delete that folder to redo it")
+                raise ValueError(f"{out}: holds volume slices (#z=NN rows) cut the way versions before slicing "
+                                 f"{SLICING} cut them (a NIfTI along its RAS axis, a multi-frame DICOM as one "
+                                 f"frame), which are not the slices this version reads; use another --out, or "
+                                 f"delete that folder to redo it")
             diff = {k: (old.get(k), plain.get(k)) for k in sorted(set(old) | set(plain)) if old.get(k) != plain.get(k)}
             raise ValueError(f"{out}: holds results made with other settings ({diff}, as (then, now)); "
                              f"use another --out, or delete that folder to redo it")
@@ -335,13 +335,19 @@ def check_settings(out: Path, csv_name: str, settings: dict) -> None:
     os.replace(tmp, path)
 
 
-def _has_slice_rows(csv_path: Path, nifti_only: bool = False) -> bool:
-    """Whether a results CSV has a volume-slice row (``path#z=NN``), of a NIfTI file only if
-    ``nifti_only``; its raw bytes are searched."""
-    marks = (b".nii#z=", b".nii.gz#z=") if nifti_only else (b"#z=",)
+def _has_slice_or_error_rows(csv_path: Path) -> bool:
+    try:
+        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            return any("#z=" in row.get("path", "") or row.get("status") == "error" for row in csv.DictReader(fh))
+    except FileNotFoundError:
+        return False
+
+
+def _has_slice_rows(csv_path: Path) -> bool:
+    """Whether a results CSV has a volume-slice row (``path#z=NN``); its raw bytes are searched."""
     try:
         with open(csv_path, "rb") as fh:
-            return any(m in line.lower() for line in fh for m in marks)
+            return any(b"#z=" in line for line in fh)
     except FileNotFoundError:
         return False
 

@@ -258,17 +258,28 @@ _EXIF_TURNS = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a:
 
 
 def _decode_turned_tiff(path: Path, key: str, frame: int, orientation: int) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """(values, 8-bit grey or None, stored dtype) of page ``frame`` of a TIFF, EXIF-turned: as the
-    Pillow path gives them, luma for colour, the 8-bit grey as stored when the file is 8-bit."""
+    """(values, 8-bit grey or None, stored dtype) of page ``frame`` of an uncompressed TIFF,
+    EXIF-turned: as the Pillow path gives them, luma for colour, the 8-bit grey as stored when the
+    file is 8-bit. Grey (either polarity) and interleaved RGB only."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            arr = np.asarray(tif.pages[frame].asarray())
+            page = tif.pages[frame]
+            photometric, bits = int(page.photometric), int(page.bitspersample)
+            if photometric not in (0, 1, 2) or (page.samplesperpixel > 1 and int(page.planarconfig) != 1):
+                raise ScanReadError(key, f"uncompressed TIFF turned by its Orientation tag ({orientation}) "
+                                         f"with {page.photometric.name} pixels ({int(page.planarconfig)=}): "
+                                         f"Pillow misreads it and it is not decoded here; save it upright")
+            arr = np.asarray(page.asarray())
+    except ScanReadError:
+        raise
     except Exception as e:  # noqa: BLE001
         raise ScanReadError(key, f"cannot decode the turned TIFF: {type(e).__name__}: {e}") from e
     stored, eight_bit = arr.dtype.name, arr.dtype == np.uint8
     arr = arr.astype(np.float64)
+    if photometric == 0:  # MINISWHITE: 0 is white
+        arr = (2.0 ** bits - 1) - arr
     if arr.ndim == 3:
         arr = arr[..., 0] if arr.shape[2] < 3 else arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
     arr = np.ascontiguousarray(_EXIF_TURNS[orientation](arr))
@@ -322,9 +333,9 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
         # a photographed or phone-exported slice is stored sideways with an EXIF tag saying so; read it
         # as every viewer shows it, so masks and boxes match what the user sees
         orientation = im.getexif().get(0x0112, 1) if hasattr(im, "getexif") else 1
-        # ... but its turns that swap axes come out scrambled (Pillow 13, at any depth): a turned TIFF is
-        # decoded again with tifffile and turned here
-        redecode_turned = turned_on_load in range(2, 9)
+        # ... but an uncompressed one whose turn swaps the axes comes out scrambled (Pillow 13, any
+        # depth): that is decoded again with tifffile and turned here
+        redecode_turned = turned_on_load in range(5, 9) and im.info.get("compression", "raw") == "raw"
         # the file's own format and depth: the turned copy below no longer knows them
         fmt = _PIL_FORMATS.get(im.format or "", (im.format or "unknown").lower())
         deep_colour = im.mode in ("RGB", "RGBA", "LA") and _stored_bits(path, im) > 8
@@ -347,9 +358,10 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
         if orientation in range(2, 9) or turned_on_load in range(2, 9):
             meta["exif_orientation"] = int(orientation if orientation in range(2, 9) else turned_on_load)
         dpi = im.info.get("dpi")
+        turned = _decode_turned_tiff(path, key, frame, turned_on_load) if redecode_turned else None
         try:
-            if redecode_turned:
-                vals, gray, meta["orig_dtype"] = _decode_turned_tiff(path, key, frame, turned_on_load)
+            if turned is not None:
+                vals, gray, meta["orig_dtype"] = turned
                 meta["orig_shape"] = vals.shape  # as shown, like a turned file of another format
             elif deep_colour:
                 # Pillow opens 16-bit colour and grey+alpha as 8-bit modes, keeping only the high byte

@@ -267,7 +267,6 @@ def test_a_name_too_long_for_its_overlay_costs_the_picture_not_the_run(tmp_path,
 def test_a_folder_from_before_slicing_was_recorded_resumes_unless_it_holds_volume_slices(tmp_path, tiny_classifier):
     import json
 
-    from pipeline.folders import SLICING
     from tests.scan_fixtures import write_nifti
 
     src = folder_of_one(tmp_path, "a.png")
@@ -275,25 +274,21 @@ def test_a_folder_from_before_slicing_was_recorded_resumes_unless_it_holds_volum
     out = tmp_path / "out"
     run_predict(src, out, clf, None, progress=False)
     record = out / "predictions.csv.settings.json"
-    assert json.loads(record.read_text())["slicing"] == SLICING == 3
+    assert json.loads(record.read_text())["slicing"] == 2
     older = {k: v for k, v in json.loads(record.read_text()).items() if k != "slicing"}
-    # slicing 2 differed only for NIfTI files: without their slices, such a folder is adopted too
-    record.write_text(json.dumps({**older, "slicing": 2}))
-    assert run_predict(src, out, clf, None, progress=False)["rows_written"] == 0
-    assert json.loads(record.read_text())["slicing"] == SLICING
     record.write_text(json.dumps(older))  # as written before volumes were cut the file's way
     # no slice rows: nothing means anything else now, so it resumes, and the record says so from now on
     vol = np.stack([head(k).astype(np.float32) for k in range(3)], -1)
     write_nifti(src / "v.nii.gz", vol)
     assert run_predict(src, out, clf, None, progress=False)["rows_written"] == 3
-    assert json.loads(record.read_text())["slicing"] == SLICING
+    assert json.loads(record.read_text())["slicing"] == 2
     Image.fromarray(head(4)).save(src / "b.png")
     assert run_predict(src, out, clf, None, progress=False)["rows_written"] == 1  # its own slices are not "older"
     # a folder whose #z= rows an older version wrote is refused, not topped up with other slices
-    for then, how in ((None, "slicing 1 .*a NIfTI along its RAS axis"), (2, "slicing 2 .*one-pixel lines")):
-        record.write_text(json.dumps({**older, **({"slicing": then} if then else {})}))
-        with pytest.raises(ValueError, match=f"holds volume slices .* cut the way {how}"):
-            run_predict(src, out, clf, None, progress=False)
+    record.write_text(json.dumps(older))
+    with pytest.raises(ValueError, match="holds volume slices .* cut the way versions before slicing 2"):
+        run_predict(src, out, clf, None, progress=False)
+
 
 
 def test_predict_refuses_a_rerun_with_other_volume_slices(tmp_path, tiny_classifier):
@@ -305,3 +300,8 @@ def test_predict_refuses_a_rerun_with_other_volume_slices(tmp_path, tiny_classif
     assert json.loads((tmp_path / "out" / "predictions.csv.settings.json").read_text())["nifti_slices"] == "middle"
     with pytest.raises(ValueError, match="other settings .*nifti_slices"):
         run_predict(src, tmp_path / "out", clf, None, progress=False)
+    # a folder from before the choice was recorded resumes under it when none of its rows depends on it
+    record = tmp_path / "out" / "predictions.csv.settings.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "nifti_slices"}))
+    assert run_predict(src, tmp_path / "out", clf, None, progress=False, nifti_slices=[2, 1, 2])["rows_written"] == 0
+    assert json.loads(record.read_text())["nifti_slices"] == [1, 2]

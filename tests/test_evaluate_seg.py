@@ -80,12 +80,16 @@ def test_read_mask_threshold_and_label_images(tmp_path):
     assert read_mask(tmp_path / "m.png", threshold=50).tolist() == [[False, True, True, True]]
     cv2.imwrite(str(tmp_path / "l.png"), np.array([[0, 1, 1, 0]], np.uint8))  # a 0/1 label image
     assert read_mask(tmp_path / "l.png").tolist() == [[False, True, True, False]]
-    assert read_mask(tmp_path / "l.png", threshold=1).tolist() == [[False, False, False, False]]  # as told
+    assert read_mask(tmp_path / "l.png", threshold=127).tolist() == [[False, True, True, False]]  # still labels
+    cv2.imwrite(str(tmp_path / "ones.png"), np.ones((2, 2), np.uint8))  # a label image that is all tumor
+    assert read_mask(tmp_path / "ones.png").all()
     # a faint 0-255 map over a non-zero background is not a label image: all of it was "tumor"
     cv2.imwrite(str(tmp_path / "faint.png"), np.array([[2, 2, 8, 8]], np.uint8))
     assert read_mask(tmp_path / "faint.png").tolist() == [[False, False, False, False]]
     cv2.imwrite(str(tmp_path / "p.tiff"), np.array([[0.01, 0.4, 0.6, 0.99]], np.float32))  # a probability map
     assert read_mask(tmp_path / "p.tiff").tolist() == [[False, False, True, True]]
+    assert read_mask(tmp_path / "p.tiff", threshold=0.3).tolist() == [[False, True, True, True]]
+    assert read_mask(tmp_path / "faint.png", threshold=5).tolist() == [[False, False, True, True]]
     (tmp_path / "bad.png").write_text("not an image")
     with pytest.raises(ValueError, match="readable"):
         read_mask(tmp_path / "bad.png")

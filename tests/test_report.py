@@ -109,6 +109,17 @@ def test_evaluate_cls_refuses_two_caches_of_one_view(tmp_path, order):
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 
+def test_predict_cache_refuses_two_caches_of_one_view():
+    from pipeline.evaluate_cls import predict_cache
+
+    def cache(mode):
+        return {"images": np.zeros((4, 32, 32), np.uint8), "labels": np.arange(4), "mode": mode, "size": 32,
+                "margin": 0.25}
+
+    with pytest.raises(ValueError, match="caches 2 and 3 are both mode=crop size=32"):
+        predict_cache(None, [cache("full"), cache("crop"), cache("crop")])
+
+
 def test_evaluate_cls_prints_subsets_under_their_own_key(tmp_path, capsys):
     from pipeline.evaluate_cls import run
 

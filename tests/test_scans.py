@@ -261,20 +261,35 @@ def test_exif_turns_of_arrays_match_pillow():
         np.testing.assert_array_equal(_EXIF_TURNS[orientation](arr), want, err_msg=str(orientation))
 
 
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
 @pytest.mark.parametrize("orientation", range(2, 9))
-def test_16bit_grey_tiff_with_an_exif_orientation_turns_like_its_8bit_copy(tmp_path, orientation):
-    # Pillow's exif_transpose scrambled I;16 images on the turns that swap axes (5-8)
-    tifffile = pytest.importorskip("tifffile")
+def test_a_tiff_with_an_exif_orientation_is_turned_right_at_any_depth(tmp_path, orientation, compression):
+    # Pillow turns a TIFF while loading it, and scrambled uncompressed ones whose turn swaps the axes
+    from pipeline.scans import _EXIF_TURNS
+
     grey8 = (np.arange(12).reshape(3, 4) * 20).astype(np.uint8)
-    tag = [(274, "H", 1, orientation, True)]
-    tifffile.imwrite(tmp_path / "a8.tif", grey8, photometric="minisblack", extratags=tag)
-    tifffile.imwrite(tmp_path / "a16.tif", grey8.astype(np.uint16) * 257, photometric="minisblack", extratags=tag)
-    eight, deep = read_scan(tmp_path / "a8.tif"), read_scan(tmp_path / "a16.tif")
-    assert eight.meta["exif_orientation"] == deep.meta["exif_orientation"] == orientation
-    np.testing.assert_array_equal(eight.image, __import__('pipeline.scans', fromlist=['_EXIF_TURNS'])._EXIF_TURNS[orientation](grey8))
-    # a 16-bit slice is stretched over its own range: the same picture, up to that scale
-    np.testing.assert_array_equal(np.argsort(deep.image, axis=None), np.argsort(eight.image, axis=None))
-    assert deep.image.shape == eight.image.shape
+    want = _EXIF_TURNS[orientation](grey8)
+    for dtype in (np.uint8, np.uint16):
+        im = Image.fromarray(grey8.astype(dtype) * (257 if dtype == np.uint16 else 1))
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        im.save(tmp_path / "a.tif", exif=exif, **({"compression": compression} if compression else {}))
+        s = read_scan(tmp_path / "a.tif")
+        assert s.meta["exif_orientation"] == orientation and s.image.shape == want.shape
+        if dtype == np.uint8:
+            np.testing.assert_array_equal(s.image, want)
+        else:  # a 16-bit slice is stretched over its own range: the same picture, up to that scale
+            np.testing.assert_array_equal(np.argsort(s.image, axis=None, kind="stable"),
+                                          np.argsort(want, axis=None, kind="stable"))
+
+
+def test_a_turned_uncompressed_miniswhite_tiff_keeps_its_polarity(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    from pipeline.scans import _EXIF_TURNS
+
+    grey8 = (np.arange(12).reshape(3, 4) * 20).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "w.tif", 255 - grey8, photometric="miniswhite", extratags=[(274, "H", 1, 6, True)])
+    np.testing.assert_array_equal(read_scan(tmp_path / "w.tif").image, _EXIF_TURNS[6](grey8))
 
 
 def test_16bit_constant_maps_to_zero_and_window(tmp_path):

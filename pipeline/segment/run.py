@@ -92,7 +92,7 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
     batch_size = max(1, int(batch_size))
     settings = {"model": model_name, "segmenter": getattr(segmenter, "fingerprint", None)}
     if nifti_slices != "nonempty":  # recorded only when chosen, so folders from before resume
-        settings["nifti_slices"] = nifti_slices
+        settings["nifti_slices"] = nifti_slices if isinstance(nifti_slices, str) else sorted({int(z) for z in nifti_slices})
     run = start_folder_run(input_dir, out_dir, CSV_NAME, SEG_COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     masks_root = out / MASKS_DIR
