@@ -268,8 +268,12 @@ def auto_backend(device: str, compile: bool = False) -> str:
     return "onnx"
 
 
-def load_segmenter(name: str | None, device: str, backend: str = "torch"):
-    """``none`` -> None; ``auto`` -> the shipped default segmenter, or None when there is none; else a name or path."""
+def load_segmenter(name: str | None, device: str, backend: str = "torch", backend_chosen: bool = True):
+    """``none`` -> None; ``auto`` -> the shipped default segmenter, or None when there is none; else a name or path.
+
+    ``backend_chosen`` False (``--backend auto``): a segmenter the backend cannot run (YOLO under ONNX
+    Runtime) runs with torch instead of failing on a flag the user did not give."""
+    from pipeline.segment.load import segmenter_arch
     from pipeline.segment.run import build_segmenter, default_segmenter_name
     from pipeline.weights import WeightsError
 
@@ -281,6 +285,8 @@ def load_segmenter(name: str | None, device: str, backend: str = "torch"):
         except WeightsError:
             print("note: no shipped segmenter; classifying without one (found/x0..y1 stay empty)", file=sys.stderr)
             return None
+    if not backend_chosen and backend != "torch" and segmenter_arch(name) != "unet":
+        backend = "torch"
     return build_segmenter(None, weights=name, device=device, backend=backend)
 
 
@@ -392,7 +398,7 @@ def cmd_predict(a):
     reads_masks = any(v[0] != "full" for v in getattr(classifier, "views", [(mode,)]))  # second opinions too
     if seg == "auto" and reads_masks:
         seg = _auto_segmenter(classifier, a.cls)
-    segmenter = load_segmenter(seg, a.device, backend)
+    segmenter = load_segmenter(seg, a.device, backend, backend_chosen=(a.backend or "torch") != "auto")
     if reads_masks and segmenter is None:
         raise ConfigError(f"--mode {mode} (classifier {a.cls}) needs a segmenter: pass --seg auto or --seg NAME "
                           f"(see weights/manifest.json)")

@@ -69,7 +69,8 @@ def resolve(name_or_path: str | os.PathLike, manifest: dict | None = None, verif
         path = WEIGHTS_DIR / entry["file"]
     if not path.is_file():
         if entry and entry.get("url"):
-            hint = f" Run `make weights` (downloads {entry['url']}) or place the file there."
+            hint = (f" Run `python -m pipeline weights --download {entry.get('name', name_or_path)}` (downloads "
+                    f"{entry['url']}; `make weights` fetches sam_vit_b and the YOLO checkpoints) or place the file there.")
         elif entry:  # trained by this project: it ships in the repository
             hint = " It ships with the repository: restore it with `git checkout -- weights/`."
         elif str(name_or_path) == Path(name_or_path).name and not Path(name_or_path).suffix:

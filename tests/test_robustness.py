@@ -584,7 +584,32 @@ def test_export_of_a_segmenter_refuses_what_is_not_a_yolo_seg_run(tmp_path, tiny
     from pipeline.segment.load import export_yolo_seg
     from pipeline.weights import WeightsError
 
-    for bad in (tiny_classifier, tmp_path / "gone.pt"):
-        with pytest.raises(WeightsError, match=rf"{bad.name}: not a"):
-            export_yolo_seg(bad, tmp_path / "seg.pt")
+    with pytest.raises(WeightsError, match=rf"{tiny_classifier.name}: not a"):
+        export_yolo_seg(tiny_classifier, tmp_path / "seg.pt")
+    # a missing file is not looked for on GitHub (ultralytics' attempt_download_asset)
+    with pytest.raises(WeightsError, match="gone.pt: no such file"):
+        export_yolo_seg(tmp_path / "gone.pt", tmp_path / "seg.pt")
     assert not (tmp_path / "seg.pt").exists()
+
+
+def test_export_of_a_segmenter_will_not_unpickle_where_safe_loading_is_missing(tmp_path, monkeypatch):
+    # ultralytics' torch_safe_load turns safe_only off by itself under torch < 2.6: a pickle's code would run
+    from ultralytics.nn import tasks
+
+    from pipeline.segment.load import export_yolo_seg
+    from pipeline.weights import WeightsError
+
+    ran = tmp_path / "ran"
+    torch.save({"x": _Payload(str(ran))}, tmp_path / "best.pt", _use_new_zipfile_serialization=True)
+    monkeypatch.setattr(tasks._SafeLoad, "SUPPORTED", False)
+    with pytest.raises(WeightsError, match="cannot load an ultralytics checkpoint weights-only"):
+        export_yolo_seg(tmp_path / "best.pt", tmp_path / "seg.pt")
+    assert not ran.exists() and not (tmp_path / "seg.pt").exists()
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

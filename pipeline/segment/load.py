@@ -8,6 +8,7 @@ shipped checkpoint is loaded with ``torch.load(weights_only=True)`` after its sh
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 
@@ -19,9 +20,20 @@ UNET_ARCH = "monai-unet-cascade"  # pipeline.segment.unet.ARCH, without importin
 def export_yolo_seg(run_best: str | os.PathLike, dest: str | os.PathLike, conf: float = 0.25,
                     imgsz: int | None = None, half: bool = True) -> None:
     """Turn an ultralytics training checkpoint (one we trained ourselves) into the weights-only format."""
+    from pipeline.segment.yolo import offline_ultralytics
+
+    if not Path(run_best).is_file():  # ultralytics would try to download a missing name from GitHub
+        raise WeightsError(f"{run_best}: no such file (an ultralytics best.pt, as `train-seg` writes)")
+    offline_ultralytics()
+    from ultralytics.nn import tasks
     from ultralytics.nn.tasks import torch_safe_load
 
-    # weights_only load against ultralytics' allow-list of its own classes: no arbitrary code runs.
+    # weights_only load against ultralytics' allow-list of its own classes: no arbitrary code runs. Where
+    # torch or ultralytics cannot do that, torch_safe_load quietly unpickles instead: refuse
+    if not getattr(getattr(tasks, "_SafeLoad", None), "SUPPORTED", False):
+        raise WeightsError(f"{run_best}: this torch/ultralytics cannot load an ultralytics checkpoint weights-only "
+                           f"(needs torch >= 2.6 and an ultralytics with torch_safe_load(safe_only=True)); "
+                           f"not unpickling it")
     try:
         ckpt, _ = torch_safe_load(str(run_best), safe_only=True)
     except Exception as exc:  # noqa: BLE001 - a missing, torn or foreign file fails in many ways

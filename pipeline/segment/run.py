@@ -183,9 +183,9 @@ def build_segmenter(model: str | None = None, weights: str | None = None, device
 
     if model is not None and model not in MODELS:
         raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
-    box_arch = {"unet": "unet", "yolo": "yolo", "yolo+unet": "yolo"}.get(model)
+    box_arch = {"unet": "unet", "yolo": "yolo", "yolo+unet": "yolo", "yolo+sam": "yolo"}.get(model)
     weights = weights or default_segmenter_name(box_arch)
-    held = segmenter_arch(weights) if model in ("unet", "yolo", "yolo+unet") else box_arch
+    held = segmenter_arch(weights) if model is not None else box_arch
     if held != box_arch:
         raise ConfigError(f"--model {model} needs a {box_arch} checkpoint; {weights} holds a {held} segmenter")
     sam = None
@@ -203,7 +203,7 @@ def build_segmenter(model: str | None = None, weights: str | None = None, device
     if sam is not None:
         combined = YoloSamSegmenter(boxes, SamRefiner(sam))
         combined.fingerprint = {"boxes": getattr(boxes, "fingerprint", None),
-                                "sam": [sam_model or "vit_b", sam_checkpoint]}
+                                "sam": [sam_model or "vit_b", getattr(sam, "checkpoint_sha256", sam_checkpoint)]}
         return combined
     if model == "yolo+unet":
         unet_weights = unet_weights or default_segmenter_name("unet")

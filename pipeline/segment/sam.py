@@ -35,10 +35,13 @@ def build_sam(model_type: str = "vit_b", checkpoint: str | os.PathLike | None = 
     entry = manifest.get(name)
     if checkpoint is None and entry is None:
         raise WeightsError(f"{name}: not listed in {_weights.MANIFEST}; pass a checkpoint path")
+    if entry is not None and entry.get("model_type", model_type) != model_type:
+        raise WeightsError(f"{name} is a SAM {entry['model_type']} checkpoint, not {model_type}: pass "
+                           f"--sam-model {entry['model_type']}")
     if entry is not None and not (_weights.WEIGHTS_DIR / entry["file"]).is_file():
         raise WeightsError(
             f"SAM checkpoint missing: {_weights.WEIGHTS_DIR / entry['file']} (manifest entry {name!r}). "
-            f"Run `make weights` (i.e. `python -m pipeline weights --download {name}`), which downloads "
+            f"Run `python -m pipeline weights --download {name}` (`make weights` fetches sam_vit_b), which downloads "
             f"{entry.get('url')}, or copy the file there by hand. `--model yolo` works without it.")
     path = _weights.resolve(name, manifest=manifest)  # sha256-checked when the manifest lists it
     try:
@@ -52,6 +55,7 @@ def build_sam(model_type: str = "vit_b", checkpoint: str | os.PathLike | None = 
         sam.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
         raise WeightsError(f"{path}: does not fit SAM {model_type} ({exc})"[:2000]) from exc
+    sam.checkpoint_sha256 = _weights.sha256_file(path)  # resumed runs must use the same weights
     return sam.to(device).eval()
 
 
