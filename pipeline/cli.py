@@ -171,11 +171,19 @@ def cmd_crop(a):
     from pipeline.datasets import list_class_folder, read_split
 
     out = Path(a.out)
+    if a.split and a.input and a.masks:  # one masks folder cannot hold the masks of both folders' scans
+        raise ConfigError("crop --masks with both --split and --input: the masks of Training and of the --input "
+                          "folder are different folders (segment's OUT/masks of each); run crop once for each")
     kw = dict(mode=a.mode, size=a.size, masks_dir=a.masks, workers=a.workers, margin=a.margin)
     if a.split:
         if not a.root:
             raise ConfigError("--split needs --root (the Training folder its paths are relative to)")
-        for name, samples in read_split(a.split, a.root).items():
+        parts = read_split(a.split, a.root)
+        empty = [name for name, samples in parts.items() if not samples]
+        if empty:
+            raise ConfigError(f"{a.split}: no {' or '.join(empty)} rows (a split needs both parts; "
+                              f"`python -m pipeline split` makes one)")
+        for name, samples in parts.items():
             print(build_cache(samples, out / f"{name}.npz", image_root=a.root, **kw))
     if a.input:
         # the folder's own name, also when it is given as `.` or with a trailing slash

@@ -47,7 +47,7 @@ class MaskedSample(NamedTuple):
 
 def canonical_class(name: str) -> str:
     """Map a class-folder name (``glioma_tumor``, ``No Tumor``, ...) onto a canonical class."""
-    key = name.strip().lower().replace("-", "_")
+    key = "_".join(name.strip().lower().replace("-", " ").replace("_", " ").split())  # "Glioma Tumor" too
     if key in CLASS_ALIASES:
         return CLASS_ALIASES[key]
     if key.replace("_", " ") in CLASS_ALIASES:
@@ -77,7 +77,10 @@ def list_class_folder(root: str | os.PathLike) -> list[Sample]:
         except DatasetError as exc:
             raise DatasetError(f"{class_dir}: {exc}") from None
         for path in sorted(class_dir.rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and _visible(path):
+            # hidden folders (.ipynb_checkpoints) are skipped as `segment` skips them, or their
+            # images would need masks that never get made
+            hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not hidden:
                 samples.append(Sample(path, label))
     if not samples:
         raise DatasetError(f"{root}: class folders hold no images")
@@ -228,7 +231,11 @@ def make_split(train_dir: str | os.PathLike, out: str | os.PathLike, val_fractio
     if train_duplicates_csv:
         # relative paths are the audit's, as it was given them: resolve them where it ran
         with open(train_duplicates_csv, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            pairs = [(r["path_a"], r["path_b"]) for r in csv.DictReader(fh)]
+            reader = csv.DictReader(fh)
+            if not {"path_a", "path_b"} <= set(reader.fieldnames or []):
+                raise DatasetError(f"{train_duplicates_csv}: expected columns path_a,path_b (the audit's "
+                                   f"train_duplicates.csv), got {','.join(reader.fieldnames or [])}")
+            pairs = [(r["path_a"], r["path_b"]) for r in reader]
         groups = {}
         # the audit's directory first; the current one when the checkout has moved since
         for base in dict.fromkeys((_audit_cwd(Path(train_duplicates_csv)), ".")):

@@ -266,6 +266,13 @@ def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64
                              f"was trained on {_describe(mode, size, margin)}; build a matching cache with "
                              f"`crop --mode {mode} --size {size}{'' if margin is None else f' --margin {margin:g}'}`")
     used = [have[v] for v in views]
+    trained_on = getattr(classifier, "segmenter_sha256", None)
+    for c in used:
+        made_by = c.get("segmenter_sha256")
+        if trained_on and made_by is not None and str(made_by) != trained_on:
+            print(f"warning: the {_describe(*cache_view(c))} cache was made from the masks of segmenter "
+                  f"{str(made_by)[:16]}..., the classifier was trained on those of {trained_on[:16]}...: its crops "
+                  f"differ from the ones it learnt from", file=sys.stderr)
     for c in used[1:]:
         if "paths" in c and "paths" in used[0] and not np.array_equal(c["paths"], used[0]["paths"]):
             raise ValueError("the caches list different slices (or in another order); build them from one split")

@@ -13,7 +13,8 @@ from pipeline.datasets import (DatasetError, canonical_class, duplicate_groups, 
 @pytest.mark.parametrize("name,expected", [
     ("glioma", "glioma"), ("glioma_tumor", "glioma"), ("Glioma-Tumor", "glioma"), ("no_tumor", "notumor"),
     ("No Tumor", "notumor"), ("notumor", "notumor"), ("meningioma_tumor", "meningioma"),
-    ("pituitary_tumor", "pituitary"), ("normal", "notumor"),
+    ("pituitary_tumor", "pituitary"), ("normal", "notumor"), ("Glioma Tumor", "glioma"),
+    ("Meningioma  Tumor", "meningioma"), ("Pituitary Tumor", "pituitary"), ("no-tumor", "notumor"),
 ])
 def test_canonical_class_aliases(name, expected):
     assert canonical_class(name) == expected
@@ -33,6 +34,8 @@ def test_list_class_folder_maps_aliases_and_skips_non_images(tmp_path):
         cv2.imwrite(str(tmp_path / folder / "nested" / "x.png"), np.zeros((8, 8), np.uint8))
         (tmp_path / folder / "notes.txt").write_text("not an image")
         (tmp_path / folder / ".hidden.png").write_bytes(b"")
+        (tmp_path / folder / ".ipynb_checkpoints").mkdir()  # segment skips hidden folders: so must the lists
+        cv2.imwrite(str(tmp_path / folder / ".ipynb_checkpoints" / "x-checkpoint.png"), np.zeros((8, 8), np.uint8))
     samples = list_class_folder(tmp_path)
     assert [(s.path.parent.parent.name, s.label) for s in samples] == [("glioma_tumor", "glioma"),
                                                                       ("no_tumor", "notumor")]
@@ -116,3 +119,13 @@ def test_split_does_not_depend_on_how_the_folder_is_spelled(phantom_root, tmp_pa
     dotted = make_split("./Training/../Training", tmp_path / "b.csv", 0.25, seed=0, train_duplicates_csv=dups)
     assert direct == dotted
     assert (tmp_path / "a.csv").read_text() == (tmp_path / "b.csv").read_text()
+
+
+def test_split_refuses_a_duplicates_file_of_another_kind(tmp_path):
+    for c in CLASSES:
+        (tmp_path / "Training" / c).mkdir(parents=True)
+        for i in range(4):
+            cv2.imwrite(str(tmp_path / "Training" / c / f"{i}.png"), np.full((8, 8), i * 40 + 1, np.uint8))
+    (tmp_path / "duplicates.csv").write_text("test_path,train_path\na.png,b.png\n")  # the cross-split file
+    with pytest.raises(DatasetError, match="expected columns path_a,path_b"):
+        make_split(tmp_path / "Training", tmp_path / "s.csv", train_duplicates_csv=tmp_path / "duplicates.csv")

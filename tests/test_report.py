@@ -120,6 +120,33 @@ def test_predict_cache_refuses_two_caches_of_one_view():
         predict_cache(None, [cache("full"), cache("crop"), cache("crop")])
 
 
+def test_evaluate_cls_warns_when_the_crops_come_from_another_segmenter(tmp_path, capsys):
+    from pipeline.evaluate_cls import run
+
+    torch.manual_seed(0)
+    meta = {"model": "smallcnn", "mode": "crop", "size": 32, "classes": list(CLASSES), "margin": 0.25,
+            "segmenter_sha256": "a" * 64}
+    torch.save({"state_dict": SmallCNN().state_dict(), "meta": meta}, tmp_path / "w.pt")
+    for made_by, warned in (("a" * 64, False), ("b" * 64, True)):
+        cache = dict(np.load(_cache(tmp_path / "t.npz", tmp_path, n=8, mode="crop")))
+        np.savez(tmp_path / "t.npz", **cache, margin=np.array(0.25), segmenter_sha256=np.array(made_by))
+        run(_args(cls=str(tmp_path / "w.pt"), data=str(tmp_path / "t.npz"), out=str(tmp_path / "o")))
+        assert ("made from the masks of segmenter bbbbbbbbbbbbbbbb" in capsys.readouterr().err) is warned
+
+
+def test_crop_refuses_one_masks_folder_for_training_and_testing_and_a_split_without_validation(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["crop", "--split", "s.csv", "--root", "Training", "--input", "Testing", "--masks", "m",
+                 "--mode", "crop", "--out", str(tmp_path / "c")]) != 0
+    assert "run crop once for each" in capsys.readouterr().err and not (tmp_path / "c").exists()
+    (tmp_path / "Training" / "glioma").mkdir(parents=True)
+    (tmp_path / "s.csv").write_text("path,label,split\nglioma/a.png,glioma,train\n")
+    assert main(["crop", "--split", str(tmp_path / "s.csv"), "--root", str(tmp_path / "Training"),
+                 "--mode", "full", "--out", str(tmp_path / "c")]) != 0
+    assert "no val rows" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
 def test_evaluate_cls_prints_subsets_under_their_own_key(tmp_path, capsys):
     from pipeline.evaluate_cls import run
 
