@@ -130,6 +130,30 @@ def test_clashing_names_get_distinct_masks(tmp_path):
     assert cv2.imread(str(tmp_path / "out" / "masks" / "x.jpg.png"), 0).shape == (48, 48)
 
 
+def test_a_scan_added_later_does_not_rename_the_masks_already_written(tmp_path):
+    # x.jpg was alone: masks/x.png. With x.png added, the rule alone would now say x.jpg -> x.jpg.png
+    # (never written) and put x.png's mask where x.jpg's is; crop then found no mask for x.jpg
+    from pipeline.classify.data import mask_paths
+    from pipeline.datasets import Sample
+
+    src, out = tmp_path / "scans" / "glioma", tmp_path / "out"
+    src.mkdir(parents=True)
+    write_jpeg(src / "x.jpg", make_phantom("notumor", 48, 0)[0])
+    run_segment(src.parent, out, BrightBlobSegmenter(), progress=False)
+    first = (out / "masks" / "glioma" / "x.png").read_bytes()
+    write_png(src / "x.png", make_phantom("meningioma", 64, 0)[0])
+    assert run_segment(src.parent, out, BrightBlobSegmenter(), progress=False)["rows_written"] == 1
+    assert (out / "masks" / "glioma" / "x.png").read_bytes() == first  # x.jpg's, untouched
+    assert cv2.imread(str(out / "masks" / "glioma" / "x.png.png"), 0).shape == (64, 64)
+    assert (out / "mask_names.csv").read_text().splitlines() == ["path,mask", "glioma/x.png,glioma/x.png.png"]
+    samples = [Sample(src / "x.jpg", "glioma"), Sample(src / "x.png", "glioma")]
+    assert mask_paths(samples, src.parent, out / "masks") == [out / "masks" / "glioma" / "x.png",
+                                                             out / "masks" / "glioma" / "x.png.png"]
+    # a third run changes nothing
+    assert run_segment(src.parent, out, BrightBlobSegmenter(), progress=False)["rows_written"] == 0
+    assert (out / "mask_names.csv").read_text().splitlines()[1:] == ["glioma/x.png,glioma/x.png.png"]
+
+
 def test_segment_then_evaluate_on_phantoms(tmp_path):
     root = write_phantom_dataset(tmp_path / "ph", n_per_class=2, size=96, seed=1, splits={"Testing": 1.0})
     out = tmp_path / "seg"

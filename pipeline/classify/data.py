@@ -26,13 +26,19 @@ from pipeline.scans import read_scan
 
 
 def mask_paths(samples: Sequence[Sample], image_root: Path, masks_dir: Path) -> list[Path]:
-    """Where ``segment`` wrote each sample's mask, named by its own rule (:func:`mask_names`)."""
+    """Where ``segment`` wrote each sample's mask: as its ``mask_names.csv`` beside ``masks_dir``
+    records, else (runs before that record) by its rule over the folder's files (:func:`mask_names`)."""
     from pipeline.folders import iter_input_files
-    from pipeline.segment.run import mask_names, mask_relpath
+    from pipeline.segment.run import mask_names, mask_relpath, plain_mask_name, read_mask_names
 
-    root = Path(image_root).resolve()
-    names = mask_names([p.relative_to(root).as_posix() for p in iter_input_files(root)])
-    return [Path(masks_dir) / mask_relpath(_path_under(s.path, image_root), names) for s in samples]
+    rels = [_path_under(s.path, image_root) for s in samples]
+    recorded = read_mask_names(Path(masks_dir).parent)
+    if recorded is not None:
+        names = {rel: recorded.get(rel) or plain_mask_name(rel) for rel in rels}
+    else:
+        root = Path(image_root).resolve()
+        names = mask_names([p.relative_to(root).as_posix() for p in iter_input_files(root)])
+    return [Path(masks_dir) / mask_relpath(rel, names) for rel in rels]
 
 
 def _path_under(path: str | os.PathLike, root: str | os.PathLike) -> str:

@@ -9,7 +9,9 @@ Outputs
   - a suffix-less file (DICOM ``IM0001``) -> ``masks/IM0001.png``;
   - a volume slice ``a/vol.nii.gz#z=07`` -> ``masks/a/vol.nii.gz_z07.png`` (full name + ``_zNN``);
   - if two inputs of one folder would get the same name (``x.jpg`` and ``x.png``), each of them
-    keeps its full name instead: ``x.jpg.png``, ``x.png.png``.
+    keeps its full name instead: ``x.jpg.png``, ``x.png.png``; a scan done by an earlier run keeps
+    the name it got then, and a new one that would take it gets its full name. Every name that is
+    not the plain one is listed in ``OUT/mask_names.csv`` (``path,mask``).
 
 * ``OUT/segments.csv``: columns ``path,found,x0,y0,x1,y1,area_px,score,model,status,error``;
   ``path`` relative to the input folder (``file.nii.gz#z=NN`` for volume slices); box = the mask's
@@ -76,6 +78,79 @@ def mask_names(rel_paths: Sequence[str]) -> dict[str, str]:
     return names
 
 
+#: ``OUT/mask_names.csv`` (``path,mask``): every whole-file input whose mask is not named by the plain
+#: rule (its suffix replaced by ``.png``), as segment named it. A rerun keeps the names of what is done,
+#: even when files added since would make them clash, and ``crop --masks`` reads them from here.
+NAMES_RECORD = "mask_names.csv"
+
+
+def plain_mask_name(rel: str) -> str:
+    folder, sep, base = rel.rpartition("/")
+    return folder + sep + _strip_suffix(base) + ".png"
+
+
+def read_mask_names(out: str | os.PathLike) -> dict[str, str] | None:
+    """``{input path: mask path}`` recorded in ``out``, or None where no run recorded them (older runs)."""
+    import csv
+
+    path = os.path.join(out, NAMES_RECORD)
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        return {row["path"]: row["mask"] for row in csv.DictReader(fh)}
+
+
+def settle_mask_names(rels: Sequence[str], done: set[str], recorded: dict[str, str] | None) -> dict[str, str]:
+    """Mask names for ``rels`` in a run that may resume: the inputs already ``done`` keep the names
+    they were written under (``recorded``, else the plain rule; with no record at all, the rule over
+    today's files, as runs before the record assumed); the others get :func:`mask_names`' names, or a
+    fallback where those are taken."""
+    from pipeline.folders import csv_key
+
+    fresh = mask_names(rels)
+    is_done = [rel for rel in rels if csv_key(rel) in done]
+    names = {rel: (fresh[rel] if recorded is None else recorded.get(rel) or plain_mask_name(rel)) for rel in is_done}
+
+    def key(name: str) -> tuple[str, str]:
+        folder, _, base = name.rpartition("/")
+        return folder, base.lower()
+
+    given = {key(n) for n in names.values()}
+    clashing = []
+    for rel in sorted(set(rels) - set(is_done)):
+        if key(fresh[rel]) in given:
+            clashing.append(rel)
+        else:
+            names[rel] = fresh[rel]
+            given.add(key(fresh[rel]))
+    for rel in clashing:
+        name, n = rel + ".png", 0
+        while key(name) in given:
+            n += 1
+            name = f"{rel}~{n}.png"
+        given.add(key(name))
+        names[rel] = name
+    return names
+
+
+def _write_mask_names(out, names: dict[str, str], recorded: dict[str, str] | None) -> None:
+    import csv
+    import io
+
+    from pipeline.folders import write_atomic
+
+    kept = {rel: n for rel, n in (recorded or {}).items() if rel not in names}  # inputs gone since: their masks stay
+    record = {**kept, **{rel: n for rel, n in names.items() if n != plain_mask_name(rel)}}
+    if record == (recorded or {}) and recorded is not None:
+        return
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path", "mask"])
+    writer.writerows(sorted(record.items()))
+    data = text.getvalue().encode("utf-8", "surrogateescape")
+    write_atomic(os.path.join(out, NAMES_RECORD), lambda fh: fh.write(data))
+
+
 def mask_relpath(key: str, names: dict[str, str] | None = None) -> str:
     """Mask path (relative to ``OUT/masks``) for a CSV ``path``: ``vol.nii.gz#z=07`` -> ``vol.nii.gz_z07.png``."""
     if "#z=" in key:
@@ -96,7 +171,9 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
     run = start_folder_run(input_dir, out_dir, CSV_NAME, SEG_COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     masks_root = out / MASKS_DIR
-    names = mask_names([p.relative_to(root).as_posix() for p in files])
+    recorded = read_mask_names(out)
+    names = settle_mask_names([p.relative_to(root).as_posix() for p in files], results.done, recorded)
+    _write_mask_names(out, names, recorded)  # before any mask: a mask is never under an unrecorded name
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0,
               "found": 0}
 
