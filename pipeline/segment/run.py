@@ -60,22 +60,28 @@ def mask_names(rel_paths: Sequence[str]) -> dict[str, str]:
     parts = {rel: rel.rpartition("/") for rel in rel_paths}  # (folder, "/" or "", file name)
     stems = {rel: (folder, sep, _strip_suffix(base)) for rel, (folder, sep, base) in parts.items()}
     taken = Counter((folder, stem.lower()) for folder, _, stem in stems.values())
-
-    def key(name: str) -> tuple[str, str]:  # as `taken` compares: the folder as spelt, the name in any case
-        folder, _, base = name.rpartition("/")
-        return folder, base.lower()
-
     clashing = {rel for rel, (folder, _, stem) in stems.items() if taken[(folder, stem.lower())] > 1}
     names = {rel: folder + sep + stem + ".png" for rel, (folder, sep, stem) in stems.items() if rel not in clashing}
-    given = {key(n) for n in names.values()}
+    given = {_name_key(n) for n in names.values()}
     for rel in sorted(clashing):  # a fallback (the whole name) gives way to another file's own (x.png.png)
-        name, n = rel + ".png", 0
-        while key(name) in given:
-            n += 1
-            name = f"{rel}~{n}.png"
-        given.add(key(name))
-        names[rel] = name
+        names[rel] = _fallback_name(rel, given)
     return names
+
+
+def _name_key(name: str) -> tuple[str, str]:
+    """How names are compared: the folder as spelt, the file name in any case (case-blind file systems)."""
+    folder, _, base = name.rpartition("/")
+    return folder, base.lower()
+
+
+def _fallback_name(rel: str, given: set[tuple[str, str]]) -> str:
+    """``rel`` + ``.png``, or ``rel~N.png`` where that is taken; added to ``given``."""
+    name, n = rel + ".png", 0
+    while _name_key(name) in given:
+        n += 1
+        name = f"{rel}~{n}.png"
+    given.add(_name_key(name))
+    return name
 
 
 #: ``OUT/mask_names.csv`` (``path,mask``): every whole-file input whose mask is not named by the plain
@@ -111,25 +117,16 @@ def settle_mask_names(rels: Sequence[str], done: set[str], recorded: dict[str, s
     is_done = [rel for rel in rels if csv_key(rel) in done]
     names = {rel: (fresh[rel] if recorded is None else recorded.get(rel) or plain_mask_name(rel)) for rel in is_done}
 
-    def key(name: str) -> tuple[str, str]:
-        folder, _, base = name.rpartition("/")
-        return folder, base.lower()
-
-    given = {key(n) for n in names.values()}
+    given = {_name_key(n) for n in names.values()}
     clashing = []
     for rel in sorted(set(rels) - set(is_done)):
-        if key(fresh[rel]) in given:
+        if _name_key(fresh[rel]) in given:
             clashing.append(rel)
         else:
             names[rel] = fresh[rel]
-            given.add(key(fresh[rel]))
+            given.add(_name_key(fresh[rel]))
     for rel in clashing:
-        name, n = rel + ".png", 0
-        while key(name) in given:
-            n += 1
-            name = f"{rel}~{n}.png"
-        given.add(key(name))
-        names[rel] = name
+        names[rel] = _fallback_name(rel, given)
     return names
 
 
