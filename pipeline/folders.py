@@ -294,25 +294,29 @@ class FolderRun:
     lock: object = None
 
 
-#: How volumes are cut into the slices keyed ``path#z=NN``, recorded with every run's settings. 2: along
-#: the file's own slice axis, numbered as the file numbers them (NIfTI), and one slice per frame of a
-#: multi-frame DICOM; before, NIfTI volumes were cut along their RAS axis 2 and a DICOM gave one frame.
-SLICING = 2
+#: How volumes are cut into the slices keyed ``path#z=NN``, recorded with every run's settings. 3: as 2,
+#: but a NIfTI holding one slice across its first or second voxel axis is that one slice (2 cut it into
+#: one-pixel lines along the third). 2: along the file's own slice axis, numbered as the file numbers
+#: them (NIfTI), and one slice per frame of a multi-frame DICOM; before, NIfTI volumes were cut along
+#: their RAS axis 2 and a DICOM gave one frame.
+SLICING = 3
 
 
-def check_settings(out: Path, csv_name: str, settings: dict) -> None:
+def check_settings(out: Path, csv_name: str, settings: dict, root: Path | None = None) -> None:
     """Resume only what the same models made: ``OUT/<csv>.settings.json`` records them on the first run;
     a later run with other settings (another checkpoint, threshold, mode) is refused, not mixed in.
 
-    A folder from before ``slicing`` was recorded resumes if it holds no volume slice (no ``#z=`` row):
-    only those rows would mean something else now."""
+    A folder from before ``slicing`` was recorded resumes if it holds no volume slice (no ``#z=`` row);
+    one of slicing 2 if none of its NIfTI slices (under ``root``) comes from a volume that slicing 3
+    cuts otherwise: only those rows would mean something else now."""
     import json
 
     path = out / f"{csv_name}.settings.json"
     plain = json.loads(json.dumps({**settings, "slicing": SLICING}, sort_keys=True, default=str))
     if path.is_file():
         old = json.loads(path.read_text())
-        adopted = "slicing" not in old and not _has_slice_rows(out / csv_name)
+        adopted = (("slicing" not in old and not _has_slice_rows(out / csv_name))
+                   or (old.get("slicing") == 2 and not _has_recut_volume_rows(out / csv_name, root)))
         if adopted:  # recorded now, so slices this run adds are not taken for older ones next time
             old["slicing"] = SLICING
         # a non-default --nifti-slices has been recorded since session 24; a folder from before whose
@@ -321,10 +325,11 @@ def check_settings(out: Path, csv_name: str, settings: dict) -> None:
             old["nifti_slices"], adopted = plain["nifti_slices"], True
         if old != plain:
             if set(k for k in set(old) | set(plain) if old.get(k) != plain.get(k)) == {"slicing"}:
-                raise ValueError(f"{out}: holds volume slices (#z=NN rows) cut the way versions before slicing "
-                                 f"{SLICING} cut them (a NIfTI along its RAS axis, a multi-frame DICOM as one "
-                                 f"frame), which are not the slices this version reads; use another --out, or "
-                                 f"delete that folder to redo it")
+                how = ("a one-slice NIfTI stored across its first or second axis, into one-pixel lines"
+                       if old.get("slicing") == 2 else "a NIfTI along its RAS axis, a multi-frame DICOM as one frame")
+                raise ValueError(f"{out}: holds volume slices (#z=NN rows) cut the way slicing "
+                                 f"{old.get('slicing', 1)} cut them ({how}), which are not the slices this "
+                                 f"version reads; use another --out, or delete that folder to redo it")
             diff = {k: (old.get(k), plain.get(k)) for k in sorted(set(old) | set(plain)) if old.get(k) != plain.get(k)}
             raise ValueError(f"{out}: holds results made with other settings ({diff}, as (then, now)); "
                              f"use another --out, or delete that folder to redo it")
@@ -333,6 +338,34 @@ def check_settings(out: Path, csv_name: str, settings: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(plain, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _has_recut_volume_rows(csv_path: Path, root: Path | None) -> bool:
+    """Whether a results CSV has slices of a NIfTI that slicing 3 cuts otherwise than 2: one slice
+    across its first or second voxel axis. Without ``root``, or a header that cannot be read, any
+    NIfTI slice counts."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            volumes = {row["path"].split("#z=")[0] for row in csv.DictReader(fh) if "#z=" in row.get("path", "")}
+    except FileNotFoundError:
+        return False
+    volumes = {v for v in volumes if v.lower().endswith((".nii", ".nii.gz"))}
+    if not volumes:
+        return False
+    if root is None:
+        return True
+    import nibabel as nib
+
+    for volume in volumes:
+        try:
+            shape = tuple(nib.load(str(Path(root) / volume)).shape)[:3]
+        except FileNotFoundError:
+            continue  # gone: nothing of it will be read again
+        except Exception:  # noqa: BLE001
+            return True
+        if len(shape) == 3 and shape[2] > 1 and 1 in shape[:2]:
+            return True
+    return False
 
 
 def _has_slice_or_error_rows(csv_path: Path) -> bool:
@@ -380,7 +413,7 @@ def start_folder_run(input_dir, out_dir, csv_name: str, columns: Sequence[str],
 def _open_folder_run(input_dir, root: Path, out: Path, csv_name: str, columns: Sequence[str],
                      settings: dict | None, lock) -> FolderRun:
     if settings:
-        check_settings(out, csv_name, settings)
+        check_settings(out, csv_name, settings, root)
     results = ResultsCSV(out / csv_name, columns)
     # the output is excluded wherever it is: a linked-in folder can reach it from outside the input
     failed: list[OSError] = []

@@ -267,6 +267,7 @@ def test_a_name_too_long_for_its_overlay_costs_the_picture_not_the_run(tmp_path,
 def test_a_folder_from_before_slicing_was_recorded_resumes_unless_it_holds_volume_slices(tmp_path, tiny_classifier):
     import json
 
+    from pipeline.folders import SLICING
     from tests.scan_fixtures import write_nifti
 
     src = folder_of_one(tmp_path, "a.png")
@@ -274,21 +275,30 @@ def test_a_folder_from_before_slicing_was_recorded_resumes_unless_it_holds_volum
     out = tmp_path / "out"
     run_predict(src, out, clf, None, progress=False)
     record = out / "predictions.csv.settings.json"
-    assert json.loads(record.read_text())["slicing"] == 2
+    assert json.loads(record.read_text())["slicing"] == SLICING == 3
     older = {k: v for k, v in json.loads(record.read_text()).items() if k != "slicing"}
     record.write_text(json.dumps(older))  # as written before volumes were cut the file's way
     # no slice rows: nothing means anything else now, so it resumes, and the record says so from now on
     vol = np.stack([head(k).astype(np.float32) for k in range(3)], -1)
     write_nifti(src / "v.nii.gz", vol)
     assert run_predict(src, out, clf, None, progress=False)["rows_written"] == 3
-    assert json.loads(record.read_text())["slicing"] == 2
+    assert json.loads(record.read_text())["slicing"] == SLICING
     Image.fromarray(head(4)).save(src / "b.png")
     assert run_predict(src, out, clf, None, progress=False)["rows_written"] == 1  # its own slices are not "older"
     # a folder whose #z= rows an older version wrote is refused, not topped up with other slices
     record.write_text(json.dumps(older))
-    with pytest.raises(ValueError, match="holds volume slices .* cut the way versions before slicing 2"):
+    with pytest.raises(ValueError, match="holds volume slices .* cut the way slicing 1"):
         run_predict(src, out, clf, None, progress=False)
-
+    # slicing 2 cut only a one-slice volume stored across its first or second axis otherwise
+    record.write_text(json.dumps({**older, "slicing": 2}))
+    assert run_predict(src, out, clf, None, progress=False)["rows_written"] == 0  # v.nii.gz is (H, W, 3)
+    assert json.loads(record.read_text())["slicing"] == SLICING
+    write_nifti(src / "one.nii.gz", head(5).astype(np.float32)[None])  # (1, H, W): one sagittal slice
+    with open(out / "predictions.csv", "a") as fh:  # as slicing 2 wrote it: one-pixel lines
+        fh.write("one.nii.gz#z=00,glioma,0.5,,,,,,,,,,full,ok,\n")
+    record.write_text(json.dumps({**older, "slicing": 2}))
+    with pytest.raises(ValueError, match="cut the way slicing 2 cut them .*one-pixel lines"):
+        run_predict(src, out, clf, None, progress=False)
 
 
 def test_predict_refuses_a_rerun_with_other_volume_slices(tmp_path, tiny_classifier):

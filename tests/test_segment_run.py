@@ -154,6 +154,29 @@ def test_a_scan_added_later_does_not_rename_the_masks_already_written(tmp_path):
     assert (out / "mask_names.csv").read_text().splitlines()[1:] == ["glioma/x.png,glioma/x.png.png"]
 
 
+def test_masks_of_scans_gone_and_back_and_of_scans_never_segmented(tmp_path):
+    import shutil
+
+    from pipeline.classify.data import mask_paths
+    from pipeline.datasets import Sample
+
+    src, out = tmp_path / "scans" / "glioma", tmp_path / "out"
+    src.mkdir(parents=True)
+    write_jpeg(src / "x.jpg", make_phantom("notumor", 48, 0)[0])
+    run_segment(src.parent, out, BrightBlobSegmenter(), progress=False)
+    shutil.move(src / "x.jpg", tmp_path / "x.jpg")  # taken out for a while: its mask keeps its name
+    write_png(src / "x.png", make_phantom("meningioma", 64, 0)[0])
+    samples = [Sample(src / "x.jpg", "glioma"), Sample(src / "x.png", "glioma")]
+    # not segmented yet: crop must not hand it x.jpg's mask, which has its plain name
+    with pytest.raises(FileNotFoundError, match="x.png: no row in .*segments.csv"):
+        mask_paths(samples[1:], src.parent, out / "masks")
+    run_segment(src.parent, out, BrightBlobSegmenter(), progress=False)
+    shutil.move(tmp_path / "x.jpg", src / "x.jpg")
+    assert run_segment(src.parent, out, BrightBlobSegmenter(), progress=False)["rows_written"] == 0
+    paths = mask_paths(samples, src.parent, out / "masks")
+    assert [cv2.imread(str(p), 0).shape for p in paths] == [(48, 48), (64, 64)]
+
+
 def test_segment_then_evaluate_on_phantoms(tmp_path):
     root = write_phantom_dataset(tmp_path / "ph", n_per_class=2, size=96, seed=1, splits={"Testing": 1.0})
     out = tmp_path / "seg"

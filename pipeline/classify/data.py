@@ -28,17 +28,35 @@ from pipeline.scans import read_scan
 def mask_paths(samples: Sequence[Sample], image_root: Path, masks_dir: Path) -> list[Path]:
     """Where ``segment`` wrote each sample's mask: as its ``mask_names.csv`` beside ``masks_dir``
     records, else (runs before that record) by its rule over the folder's files (:func:`mask_names`)."""
-    from pipeline.folders import iter_input_files
+    from pipeline.folders import csv_key, iter_input_files
     from pipeline.segment.run import mask_names, mask_relpath, plain_mask_name, read_mask_names
 
     rels = [_path_under(s.path, image_root) for s in samples]
     recorded = read_mask_names(Path(masks_dir).parent)
     if recorded is not None:
+        # the record lists only names that differ from the plain rule: a scan added since segment ran
+        # would otherwise read the plain name, which may be another scan's mask
+        segmented = _segmented(Path(masks_dir).parent)
+        missing = next((s.path for s, rel in zip(samples, rels) if csv_key(rel) not in segmented), None)
+        if missing is not None:
+            raise FileNotFoundError(f"{missing}: no row in {Path(masks_dir).parent / 'segments.csv'}, so no mask "
+                                    f"(run `segment` on {image_root} again: it adds what is new)")
         names = {rel: recorded.get(rel) or plain_mask_name(rel) for rel in rels}
     else:
         root = Path(image_root).resolve()
         names = mask_names([p.relative_to(root).as_posix() for p in iter_input_files(root)])
     return [Path(masks_dir) / mask_relpath(rel, names) for rel in rels]
+
+
+def _segmented(out: Path) -> set[str]:
+    """The ``path`` column of ``out/segments.csv``."""
+    import csv
+
+    try:
+        with open(out / "segments.csv", newline="", encoding="utf-8", errors="surrogateescape") as fh:
+            return {row["path"] for row in csv.DictReader(fh)}
+    except FileNotFoundError:
+        return set()
 
 
 def _path_under(path: str | os.PathLike, root: str | os.PathLike) -> str:

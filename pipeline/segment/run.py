@@ -118,6 +118,10 @@ def settle_mask_names(rels: Sequence[str], done: set[str], recorded: dict[str, s
     names = {rel: (fresh[rel] if recorded is None else recorded.get(rel) or plain_mask_name(rel)) for rel in is_done}
 
     given = {_name_key(n) for n in names.values()}
+    if recorded is not None:  # the masks of inputs done and gone since: a new file must not take them
+        here = {csv_key(rel) for rel in rels}
+        given |= {_name_key(recorded.get(key) or plain_mask_name(key)) for key in done
+                  if "#z=" not in key and key not in here}
     clashing = []
     for rel in sorted(set(rels) - set(is_done)):
         if _name_key(fresh[rel]) in given:

@@ -55,7 +55,8 @@ def build_sam(model_type: str = "vit_b", checkpoint: str | os.PathLike | None = 
         sam.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:
         raise WeightsError(f"{path}: does not fit SAM {model_type} ({exc})"[:2000]) from exc
-    sam.checkpoint_sha256 = _weights.sha256_file(path)  # resumed runs must use the same weights
+    # resumed runs must use the same weights; a listed file was just checked against the manifest's sha256
+    sam.checkpoint_sha256 = (entry or {}).get("sha256") or _weights.sha256_file(path)
     return sam.to(device).eval()
 
 
