@@ -113,6 +113,8 @@ def _args_train_cls(p):
     p.add_argument("--flip-shear", action=argparse.BooleanOptionalAction, default=False,
                    help="a flipped slice is also sheared by its rotation (up to 1.30x / 0.84x), as the classifiers "
                         "before session 24 were trained; default: an exact mirror (Augment in classify/data.py)")
+    p.add_argument("--mixup", type=float,
+                   help="mixup: each batch blended with a shuffled copy, lam ~ Beta(MIXUP, MIXUP) (e.g. 0.2; 0: off)")
     p.add_argument("--stretch", type=float,
                    help="stretch every training slice along x by a and y by 1/a, log a ~ U(+-log(1 + STRETCH)) "
                         "(0.2: up to 1.2x / 0.83x; 0: off)")
@@ -201,7 +203,7 @@ def cmd_train_cls(a):
     summary = train(str(data / "train.npz"), str(data / "val.npz"), a.out, model_name=a.model,
                     pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
                     patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume,
-                    drop=a.drop, threads=a.threads, ema=a.ema, refit=a.refit,
+                    drop=a.drop, threads=a.threads, ema=a.ema, refit=a.refit, mixup=a.mixup or 0.0,
                     augment={"flip_shear": a.flip_shear, "stretch": a.stretch})
     print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "train_seconds", "best_sha256")}, indent=2))
 

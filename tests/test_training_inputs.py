@@ -455,3 +455,25 @@ def test_augment_stretch_widens_along_one_image_axis_and_keeps_the_area():
     assert ratios.min() < 0.92 and ratios.max() > 1.08 and ratios.min() > 1 / 1.2 - 0.02 and ratios.max() < 1.22
     with pytest.raises(ValueError, match="stretch"):
         Augment(stretch=1.5)
+
+
+def test_mix_batch_blends_each_slice_with_a_shuffled_one_and_keeps_both_labels():
+    from pipeline.classify.train import mix_batch
+
+    x = torch.arange(4 * 1 * 2 * 2, dtype=torch.float32).reshape(4, 1, 2, 2)
+    y = torch.tensor([0, 1, 2, 3])
+    mixed, other, lam = mix_batch(x, y, np.random.default_rng(0), 0.2)
+    perm = other  # the labels are 0..3, so the shuffled labels are the permutation itself
+    assert 0.0 < lam < 1.0 and sorted(perm.tolist()) == [0, 1, 2, 3]
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+
+
+def test_train_cls_records_mixup_only_when_on(tmp_path):
+    _tiny_caches(tmp_path)
+    assert _train_tiny(tmp_path, "--mixup", "0.2") == 0
+    assert torch.load(tmp_path / "run" / "best.pt", weights_only=True)["meta"]["mixup"] == 0.2
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    _tiny_caches(plain)
+    assert _train_tiny(plain) == 0
+    assert "mixup" not in torch.load(plain / "run" / "best.pt", weights_only=True)["meta"]

@@ -62,6 +62,15 @@ def _without(cache: dict, path_list: str) -> dict:
             for k, v in cache.items()}
 
 
+def mix_batch(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator,
+              alpha: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Mixup: (B, C, H, W) ``x`` blended with a shuffled copy of itself, lam ~ Beta(alpha, alpha);
+    returns the blend, the shuffled labels and lam (the loss is lam * CE(y) + (1 - lam) * CE(shuffled))."""
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.as_tensor(rng.permutation(len(y)), device=x.device)
+    return lam * x + (1 - lam) * x[perm], y[perm], lam
+
+
 def _joined(a: dict, b: dict) -> dict:
     """Two caches of the same mode, size and margin as one (per-sample arrays concatenated)."""
     for key in ("mode", "size", "margin", "segmenter_sha256"):
@@ -76,7 +85,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
           pretrained: bool = True, epochs: int = 8, batch_size: int = 64, lr: float = 2e-3,
           weight_decay: float = 1e-4, label_smoothing: float = 0.05, patience: int = 4, seed: int = 0,
           device: str = "cpu", resume: bool = True, augment: dict | None = None, threads: int | None = None,
-          drop: str | None = None, ema: float = 0.0, refit: bool = False) -> dict:
+          drop: str | None = None, ema: float = 0.0, refit: bool = False, mixup: float = 0.0) -> dict:
     """Train and return a summary dict (also written to ``out_dir/summary.json``).
 
     ``ema`` in (0, 1): validate and save an exponential moving average of the weights (decay per
@@ -139,6 +148,10 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
         meta["flip_shear"] = False
     if aug.stretch:
         meta["stretch"] = aug.stretch
+    if not 0.0 <= mixup:
+        raise ValueError(f"mixup must be >= 0, got {mixup}")
+    if mixup:  # recorded only when on, as the other additions
+        meta["mixup"] = mixup
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"ema must be in [0, 1), got {ema}")
     averaged = None
@@ -180,14 +193,20 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
         t0 = time.time()
         model.train()
         rng = np.random.default_rng(seed * 1000 + epoch)
+        mix_rng = np.random.default_rng([seed, epoch, 1])  # its own stream: runs without mixup draw as before
         total_loss, seen = 0.0, 0
         bar = tqdm(list(_batches(len(tr["labels"]), batch_size, rng)), desc=f"epoch {epoch + 1}/{epochs}",
                    disable=None, mininterval=5)
         for idx in bar:
             x = normalise(aug(to_input(tr["images"][idx], device))).contiguous(memory_format=torch.channels_last)
             y = torch.as_tensor(tr["labels"][idx]).to(device)
+            if mixup:
+                x, y_other, lam = mix_batch(x, y, mix_rng, mixup)
             with torch.autocast("cuda", enabled=device.startswith("cuda")):
-                loss = loss_fn(model(x), y)
+                out_logits = model(x)
+                loss = loss_fn(out_logits, y)
+                if mixup:
+                    loss = lam * loss + (1 - lam) * loss_fn(out_logits, y_other)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
