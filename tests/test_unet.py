@@ -697,7 +697,7 @@ def test_export_names_the_file_that_is_not_a_stage(tmp_path, tiny_classifier):
     for bad, says in ((tiny_classifier, "neither a train-unet best.pt nor a U-Net cascade"),
                       (tmp_path / "answer.pt", "neither a train-unet best.pt nor a U-Net cascade"),
                       (tmp_path / "torn.pt", "not a loadable weights-only checkpoint"),
-                      (tmp_path / "gone.pt", "no such checkpoint")):
+                      (tmp_path / "gone.pt", "checkpoint not found")):
         with pytest.raises(WeightsError, match=f"{bad.name}: {says}"):
             unet.export_cascade(bad, tmp_path / "fine" / "best.pt", tmp_path / "out.pt")
     assert not (tmp_path / "out.pt").exists()
@@ -720,3 +720,27 @@ def test_export_unet_keeps_a_source_cascades_setting_unless_told(tmp_path):
                  "--out", str(tmp_path / "run.pt"), "--min-area", "3"]) == 0
     run = torch.load(tmp_path / "run.pt", weights_only=True)["meta"]
     assert (run["threshold"], run["min_area"]) == (0.5, 3)  # a training run: the documented defaults
+
+
+def test_export_unet_takes_a_manifest_name_and_refuses_a_tampered_listed_file(tmp_path, monkeypatch):
+    # export-unet opened its inputs directly: no manifest names, and a tampered shipped file went through
+    from pipeline import weights as W
+    from pipeline.weights import WeightsError
+
+    cache = synthetic_cache(tmp_path / "cache.npz", n=12)
+    for stage in ("coarse", "fine"):
+        unet.train_stage(cache, tmp_path / stage, stage=stage, size=32, epochs=1, batch_size=8, net=TINY)
+    listed = tmp_path / "w" / "coarse.pt"
+    listed.parent.mkdir()
+    listed.write_bytes((tmp_path / "coarse" / "best.pt").read_bytes())
+    manifest = {"weights": [{"name": "my-coarse", "file": "coarse.pt", "sha256": W.sha256_file(listed), "kind": "x"}]}
+    (listed.parent / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(W, "WEIGHTS_DIR", listed.parent)
+    monkeypatch.setattr(W, "MANIFEST", listed.parent / "manifest.json")
+    unet.export_cascade("my-coarse", tmp_path / "fine" / "best.pt", tmp_path / "out.pt")
+    assert (tmp_path / "out.pt").is_file()
+    with open(listed, "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(WeightsError, match="sha256"):
+        unet.export_cascade("my-coarse", tmp_path / "fine" / "best.pt", tmp_path / "out2.pt")
+    assert not (tmp_path / "out2.pt").exists()

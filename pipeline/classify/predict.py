@@ -291,8 +291,9 @@ def _trained_on_segmenter(weights: str | os.PathLike, own_sha256: str, meta: dic
 
 def export_checkpoint(run_best: str | os.PathLike, dest: str | os.PathLike, half: bool = True) -> str:
     """Copy a training ``best.pt`` to a small shippable checkpoint (fp16 weights); returns its sha256."""
-    from pipeline.weights import save_checkpoint, sha256_file
+    from pipeline.weights import resolve, save_checkpoint, sha256_file
 
+    run_best = resolve(run_best)  # a manifest name works; a listed file is sha256-checked
     try:
         ckpt = torch.load(run_best, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds on a file that is not a checkpoint

@@ -825,8 +825,9 @@ def with_borrowed_coarse(ckpt: dict) -> dict:
 def _stage_checkpoint(path: str | os.PathLike) -> dict:
     """A ``train-unet`` ``best.pt`` or a U-Net cascade checkpoint, weights-only; WeightsError naming the file
     for anything else (a classifier, a YOLO run, a torn file)."""
-    from pipeline.weights import WeightsError
+    from pipeline.weights import WeightsError, resolve
 
+    path = resolve(path)  # a manifest name works; a listed file is sha256-checked like everywhere else
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
