@@ -89,4 +89,11 @@ def as_backend(module: torch.nn.Module, example: torch.Tensor, backend: str = "t
     path = cache_dir() / f"{key}-{'x'.join(str(d) for d in example.shape[1:])}.onnx"
     if not path.is_file():
         export_onnx(module, example, path)
-    return OnnxModule(path, threads=threads)
+        return OnnxModule(path, threads=threads)
+    try:
+        return OnnxModule(path, threads=threads)
+    except Exception as exc:  # noqa: BLE001 - a cached file cut short or damaged: onnxruntime raises its own kinds
+        if isinstance(exc.__cause__, ImportError):
+            raise  # onnxruntime missing: exporting again would not help
+        export_onnx(module, example, path)  # the cache is ours to remake, from the weights just loaded
+        return OnnxModule(path, threads=threads)

@@ -141,7 +141,7 @@ def _write_gradcam(path: Path, classifier, x: np.ndarray, target: int) -> None:
     cam = grad_cam(classifier.torch_model, normalise(x[None], device), target_class=target)
     heat = cv2.applyColorMap(np.uint8(255 * cam), cv2.COLORMAP_JET)
     blend = cv2.addWeighted(cv2.cvtColor(x, cv2.COLOR_GRAY2BGR), 0.6, heat, 0.4, 0)
-    scale = max(1, 256 // x.shape[0])
+    scale = max(1, -(-256 // x.shape[0]))  # ceil: a 192 px input comes out at 384, not 192
     blend = cv2.resize(blend, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
     cv2.putText(blend, CLASSES[target], (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
     _write_picture(path, blend)

@@ -338,7 +338,7 @@ def _args_train_yolo_cls(p):
 def cmd_train_yolo_cls(a):
     import numpy as np
 
-    from pipeline.classify.yolo_cls import export_cache_as_folders, predict_yolo_cls, train_yolo_cls
+    from pipeline.classify.yolo_cls import check_all_classes, export_cache_as_folders, predict_yolo_cls, train_yolo_cls
 
     from pipeline.evaluate_cls import _describe, cache_view
 
@@ -352,6 +352,10 @@ def cmd_train_yolo_cls(a):
     if other:  # the baseline is scored as it was trained, like every CNN (evaluate-cls checks the same)
         raise ConfigError(f"{data}: " + "; ".join(f"{part}.npz is {_describe(*v)}" for part, v in other.items())
                           + f", but train.npz is {_describe(*views['train'])}; make all three with one `crop` setting")
+    try:
+        check_all_classes(data / "train.npz")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     folders = export_cache_as_folders({"train": data / "train.npz", "val": data / "val.npz"}, out / "images")
     size = int(views["train"][1])
     best = train_yolo_cls(folders, out / "run", imgsz=size, epochs=a.epochs, batch=a.batch, device=a.device,

@@ -420,6 +420,11 @@ def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None 
     out.mkdir(parents=True, exist_ok=True)
     if not runs:
         raise ValueError("compare needs at least one --runs NAME=DIR")
+    gradcam_net = None
+    if gradcam_cls or gradcam_data:  # checked before the metrics: a wrong name should not cost a whole run
+        if not (gradcam_cls and gradcam_data):
+            raise ValueError("--gradcam-cls and --gradcam-data go together")
+        gradcam_net = _gradcam_classifier(gradcam_cls, device)
     clean = load_clean(clean_path)
     preds = {name: read_predictions(path) for name, path in runs.items()}
     results, masks = {}, {}
@@ -454,10 +459,8 @@ def build_report(runs: dict[str, Path], out: str | Path, clean_path: str | None 
         png = plot_confusions(name, results[name], out / f"confusion_{stems[name]}.png")
         figures.append((f"Confusion matrix: {name}", png.name))
     gradcam_png = None
-    if gradcam_cls or gradcam_data:
-        if not (gradcam_cls and gradcam_data):
-            raise ValueError("--gradcam-cls and --gradcam-data go together")
-        gradcam_png = _gradcam(gradcam_cls, gradcam_data, out / "gradcam.png", gradcam_n, seed, device)
+    if gradcam_net is not None:
+        gradcam_png = _gradcam(gradcam_net, gradcam_data, out / "gradcam.png", gradcam_n, seed)
         figures.append((f"Grad-CAM: {gradcam_cls} on a sample of right and wrong predictions", gradcam_png.name))
 
     notes = header_notes(results, len(clean) if clean is not None else None, alpha)
@@ -477,13 +480,23 @@ def _readable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _gradcam(weights: str, data: str, out_png: Path, n: int, seed: int, device: str) -> Path:
+def _gradcam_classifier(weights: str, device: str):
+    """One network for Grad-CAM; an ensemble is refused by name (its mean has no single feature map)."""
+    from pipeline.classify.predict import ClassifierEnsemble, load_classifier
+
+    classifier = load_classifier(weights, device=device)
+    if isinstance(classifier, ClassifierEnsemble):
+        views = ", ".join(f"{m.mode} at {m.size} px" for m in classifier.members)
+        raise ValueError(f"--gradcam-cls {weights}: an ensemble ({views}); Grad-CAM explains one network, so pass "
+                         f"one member (a manifest name or .pt) with a cache of that member's view")
+    return classifier
+
+
+def _gradcam(classifier, data: str, out_png: Path, n: int, seed: int) -> Path:
     from pipeline.classify.data import load_cache
     from pipeline.classify.gradcam import gradcam_panel
-    from pipeline.classify.predict import Classifier
     from pipeline.evaluate_cls import predict_cache
 
-    classifier = Classifier(weights, device=device)
     cache = load_cache(data)
     # a seeded sample is enough to find right and wrong examples; spares a pass over the whole split
     keep = np.sort(np.random.default_rng(seed).permutation(len(cache["labels"]))[:GRADCAM_POOL])

@@ -276,14 +276,22 @@ def _decode_turned_tiff(path: Path, key: str, frame: int, orientation: int) -> t
         raise
     except Exception as e:  # noqa: BLE001
         raise ScanReadError(key, f"cannot decode the turned TIFF: {type(e).__name__}: {e}") from e
-    stored, eight_bit = arr.dtype.name, arr.dtype == np.uint8
+    stored, eight_bit, is_float = arr.dtype.name, arr.dtype == np.uint8, arr.dtype.kind == "f"
     arr = arr.astype(np.float64)
     if photometric == 0:  # MINISWHITE: 0 is white
-        arr = (2.0 ** bits - 1) - arr
+        arr = _invert(arr, bits, is_float)
     if arr.ndim == 3:
         arr = arr[..., 0] if arr.shape[2] < 3 else arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
     arr = np.ascontiguousarray(_EXIF_TURNS[orientation](arr))
     return arr, (np.rint(arr).astype(np.uint8) if eight_bit else None), stored
+
+
+def _invert(vals: np.ndarray, bits: int, is_float: bool) -> np.ndarray:
+    """MINISWHITE values as MINISBLACK: integers mirrored in their stored range, floats in their own."""
+    if not is_float:
+        return (2.0 ** bits - 1) - vals
+    finite = vals[np.isfinite(vals)]
+    return (finite.max() + finite.min()) - vals if finite.size else vals
 
 
 def _decode_high_depth_colour(path: Path, key: str, frame: int, orientation: int) -> np.ndarray:
@@ -305,6 +313,50 @@ def _decode_high_depth_colour(path: Path, key: str, frame: int, orientation: int
     return np.ascontiguousarray(_EXIF_TURNS.get(orientation, lambda a: a)(arr))
 
 
+def _read_tiff_pillow_cannot(path: Path, key: str, window) -> list[Scan]:
+    """A TIFF Pillow has no mode for, read with tifffile by the same rules: the middle page of a
+    stack of equal pages, MINISWHITE inverted, colour as luma, grey + alpha as grey, EXIF-turned."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            pages = list(tif.pages)
+            if not pages:
+                raise ScanReadError(key, "TIFF without pages")
+            same = all((pg.shape, pg.dtype) == (pages[0].shape, pages[0].dtype) for pg in pages)
+            frame = len(pages) // 2 if len(pages) > 1 and same else 0
+            page = pages[frame]
+            photometric, bits = int(page.photometric), int(page.bitspersample)
+            orientation = int(page.tags[274].value) if 274 in page.tags else 1
+            arr = np.asarray(page.asarray())
+    except ScanReadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - tifffile raises many kinds
+        raise ScanReadError(key, f"not an image file (unrecognised content; tifffile: {type(e).__name__}: {e})") from e
+    if photometric not in (0, 1, 2) or arr.ndim not in (2, 3):
+        raise ScanReadError(key, f"TIFF with {page.photometric.name} pixels of shape {arr.shape}: not a slice "
+                                 f"this reader decodes")
+    meta = {"format": "tiff", "orig_mode": f"tifffile:{page.photometric.name}", "orig_dtype": arr.dtype.name}
+    vals = arr.astype(np.float64)
+    if vals.ndim == 3:
+        vals = vals[..., 0] if vals.shape[2] < 3 else vals[..., 0] * 0.299 + vals[..., 1] * 0.587 + vals[..., 2] * 0.114
+    if photometric == 0:
+        vals = _invert(vals, bits, arr.dtype.kind == "f")
+    vals = np.ascontiguousarray(_EXIF_TURNS.get(orientation, lambda a: a)(vals))
+    meta["orig_shape"] = tuple(vals.shape)
+    if len(pages) > 1:
+        meta["n_frames"], meta["frame_index"] = len(pages), frame
+    if orientation in range(2, 9):
+        meta["exif_orientation"] = orientation
+    if window is not None:
+        image = _apply_center_width(vals, window)
+        meta["window"] = tuple(window)
+    else:
+        image = _minmax(vals)
+        meta["window"], meta["normalisation"] = None, "minmax"
+    return [Scan(image=image, key=key, meta=meta)]
+
+
 def _read_raster(path: Path, key: str, window) -> list[Scan]:
     from PIL import Image, UnidentifiedImageError
 
@@ -314,13 +366,15 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
         Image.init()
         im = _pil_open()(path, formats=[f for f in _RASTER_FORMATS if f in Image.OPEN])
     except UnidentifiedImageError:
+        if _suffix(path) in (".tif", ".tiff"):  # float64, 16-bit grey+alpha...: layouts Pillow has no mode for
+            return _read_tiff_pillow_cannot(path, key, window)
         raise ScanReadError(key, "not an image file (unrecognised content)") from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds
         raise ScanReadError(key, f"cannot open image: {type(e).__name__}: {e}") from e
     with im:
-        n_frames = int(getattr(im, "n_frames", 1) or 1)
-        frame = 0
+        frame, n_frames = 0, 1
         try:
+            n_frames = int(getattr(im, "n_frames", 1) or 1)  # walks a TIFF's page chain: may meet a cut
             if n_frames > 1 and im.format == "TIFF":
                 frame = _middle_of_stack(im, n_frames)
             if frame:
@@ -379,6 +433,9 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
                 vals = raw.astype(np.float64)
                 if vals.ndim == 3:  # multi-channel high-depth: average channels
                     vals = vals[..., :3].mean(axis=-1)
+                if im.format == "TIFF" and im.tag_v2.get(262) == 0:
+                    # MINISWHITE (0 is white): Pillow inverts it at 8 bits only
+                    vals = _invert(vals, _stored_bits(path, im), raw.dtype.kind == "f")
                 gray = None
         except Exception as e:  # noqa: BLE001
             raise ScanReadError(key, f"unsupported image mode {mode!r}: {e}") from e
@@ -645,7 +702,11 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
     is_2d = vol.ndim == 2
     if is_2d:
         vol = vol[:, :, None]
-    vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
+    # +-inf at the ends of the finite range, as the raster and DICOM readers show them; NaN as background
+    finite = np.isfinite(vol)
+    if not finite.all():
+        top, bottom = (float(vol[finite].max()), float(vol[finite].min())) if finite.any() else (0.0, 0.0)
+        vol = np.nan_to_num(vol, nan=0.0, posinf=top, neginf=bottom)
     # Slices are cut along the file's own third axis, the plane it was acquired or stored in, and
     # numbered as the file numbers them; only their display is turned to the viewer's convention.
     ornt = _voxel_orientation(affine if affine.shape == (4, 4) else np.eye(4))[axes]

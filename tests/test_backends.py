@@ -78,3 +78,40 @@ def test_onnx_backend_without_onnxruntime_is_an_error_line_not_a_traceback(monke
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
     with pytest.raises(RuntimeError, match="pip install onnxruntime"):
         OnnxModule(b"")  # main() prints a RuntimeError as one `error:` line
+
+
+def test_a_damaged_cached_onnx_file_is_exported_again(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten()).eval()
+    x = torch.randn(2, 1, 8, 8)
+    as_backend(net, torch.zeros(1, 1, 8, 8), "onnx", key="cut")
+    cached = cache_dir() / "cut-1x8x8.onnx"
+    cached.write_bytes(cached.read_bytes()[:40])  # a copy cut short, as by a full disk or a kill
+    fast = as_backend(net, torch.zeros(1, 1, 8, 8), "onnx", key="cut")
+    np.testing.assert_allclose(fast(x).numpy(), net(x).detach().numpy(), atol=1e-5)
+
+
+def test_an_onnx_ensemble_leaves_torchs_thread_count_alone(tmp_path):
+    import json
+
+    from pipeline.classify.predict import load_classifier
+
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        from pipeline.classify.models import create_model
+
+        path = tmp_path / f"m{seed}.pt"
+        torch.save({"state_dict": create_model("smallcnn").state_dict(),
+                    "meta": {"model": "smallcnn", "mode": "full", "size": 32,
+                             "classes": ["glioma", "meningioma", "notumor", "pituitary"]}}, path)
+        members.append(str(path))
+    (tmp_path / "pair.json").write_text(json.dumps({"members": members}))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        pair = load_classifier(str(tmp_path / "pair.json"), backend="onnx", threads=2)
+        assert torch.get_num_threads() == 2  # the segmenter and Grad-CAM, loaded later, keep both cores
+        assert [m.model.session.get_session_options().intra_op_num_threads for m in pair.members] == [1, 1]
+    finally:
+        torch.set_num_threads(before)

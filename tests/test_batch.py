@@ -236,3 +236,12 @@ def test_a_private_umask_keeps_caches_private(tmp_path):
             f"savez_atomic(__import__('pathlib').Path({str(tmp_path / 'c.npz')!r}), a=np.zeros(3))")
     subprocess.run([sys.executable, "-c", f"import os; os.umask(0o077); exec({code!r})"], check=True)
     assert (tmp_path / "c.npz").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("size, side", [(32, 256), (192, 384), (256, 256), (300, 300)])
+def test_gradcam_picture_is_at_least_256_px(tmp_path, tiny_classifier, size, side):
+    from pipeline.batch import _write_gradcam
+
+    x = (np.random.default_rng(0).random((size, size)) * 255).astype(np.uint8)
+    _write_gradcam(tmp_path / "cam.png", Classifier(tiny_classifier), x, target=0)
+    assert cv2.imread(str(tmp_path / "cam.png")).shape[:2] == (side, side)

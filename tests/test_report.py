@@ -436,3 +436,14 @@ def test_markdown_escapes_names_and_states_n_per_run(tmp_path):
     k = CLASSES.index("glioma")
     assert f"| precision glioma (predicted n={int(np.sum(full == k))}/" in md
     assert f"| recall glioma (n={int(np.sum(y == k))}/" in md
+
+
+def test_compare_refuses_an_ensemble_for_gradcam_by_name_before_scoring(tmp_path):
+    from pipeline import report
+
+    ckpts = [str(_checkpoint(tmp_path / f"m{seed}.pt", seed=seed)) for seed in (0, 1)]
+    ensemble = tmp_path / "pair.json"
+    ensemble.write_text(json.dumps({"members": ckpts}))
+    with pytest.raises(ValueError, match="an ensemble .*Grad-CAM explains one network"):
+        report.build_report({"x": tmp_path / "no-such-run"}, tmp_path / "out", gradcam_cls=str(ensemble),
+                            gradcam_data=str(tmp_path / "cache.npz"), n_boot=10)

@@ -292,6 +292,42 @@ def test_a_turned_uncompressed_miniswhite_tiff_keeps_its_polarity(tmp_path):
     np.testing.assert_array_equal(read_scan(tmp_path / "w.tif").image, _EXIF_TURNS[6](grey8))
 
 
+@pytest.mark.parametrize("dtype, compression", [(np.uint16, None), (np.uint16, "zlib"), (np.float32, None)])
+def test_a_high_depth_miniswhite_tiff_is_read_as_shown(tmp_path, dtype, compression):
+    tifffile = pytest.importorskip("tifffile")
+
+    dark_square = np.zeros((8, 8), dtype)
+    dark_square[2:6, 2:6] = 1000  # MINISWHITE: the high values are the dark ones
+    tifffile.imwrite(tmp_path / "w.tif", dark_square, photometric="miniswhite", compression=compression)
+    image = read_scan(tmp_path / "w.tif").image
+    assert image[4, 4] == 0 and image[0, 0] == 255
+
+
+@pytest.mark.parametrize("name, arr", [
+    ("f64.tif", np.linspace(0, 1, 64).reshape(8, 8)),
+    ("grey_alpha16.tif", np.stack([np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000,
+                                   np.full((8, 8), 65535, np.uint16)], -1)),
+])
+def test_tiffs_pillow_cannot_decode_are_read_with_tifffile(tmp_path, name, arr):
+    tifffile = pytest.importorskip("tifffile")
+
+    tifffile.imwrite(tmp_path / name, arr, photometric="minisblack", planarconfig="contig",
+                     extrasamples=["unassalpha"] if arr.ndim == 3 else None)
+    s = read_scan(tmp_path / name)
+    assert s.image.shape == (8, 8) and s.image[0, 0] == 0 and s.image[7, 7] == 255
+    assert np.all(np.diff(s.image.astype(int).ravel()) >= 0)  # the grey ramp, alpha left out
+
+
+def test_a_tiff_stack_cut_short_is_called_corrupt(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+
+    tifffile.imwrite(tmp_path / "s.tif", (np.arange(5 * 64 * 64) % 251).astype(np.uint8).reshape(5, 64, 64))
+    data = (tmp_path / "s.tif").read_bytes()
+    (tmp_path / "s.tif").write_bytes(data[:int(len(data) * 0.9)])
+    with pytest.raises(ScanReadError, match="truncated or corrupt"):
+        read_scan(tmp_path / "s.tif")
+
+
 def test_16bit_constant_maps_to_zero_and_window(tmp_path):
     s = read_scan(write_png(tmp_path / "c16.png", np.full((10, 10), 1234, np.uint16)))
     assert s.image.dtype == np.uint8 and not s.image.any()
@@ -601,6 +637,15 @@ def test_nifti_slices_keep_the_file_numbering_and_turn_the_same_as_ras(tmp_path)
     (b,) = read_scans(lpi, nifti_slices=[1])
     assert b.key.endswith("lpi.nii#z=01") and b.meta["slice_index"] == 1
     np.testing.assert_array_equal(a.image, b.image)  # what a viewer shows: the same picture
+
+
+def test_nifti_infinite_voxels_sit_at_the_ends_of_the_range(tmp_path):
+    vol = np.zeros((16, 16, 1), np.float32)
+    vol[4:12, 4:12] = 100
+    vol[8, 8], vol[0, 0] = np.inf, -np.inf
+    image = read_scan(write_nifti(tmp_path / "v.nii", vol)).image
+    assert np.count_nonzero(image == 255) == 64  # the tissue, its +inf voxel among it: the top
+    assert np.count_nonzero(image == 0) == 256 - 64  # background and -inf: the bottom
 
 
 def test_nifti_2d_reads_like_a_volume_of_one_slice(tmp_path):

@@ -34,6 +34,21 @@ def test_yolo_cls_trains_offline_and_writes_compare_predictions(tiny_caches, tmp
         assert row["pred"] == CLASSES[int(np.argmax(probs))]
     assert [r["true"] for r in rows] == [CLASSES[k] for k in np.repeat(np.arange(4), 3)]
 
+    # a run that dies before its file is complete keeps the previous one whole (compare would score a
+    # cut-off file): the rows go to a temporary file, renamed over the old one as the last step
+    import os
+
+    before = out.read_bytes()
+
+    def killed_before_rename(src, dst):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "replace", killed_before_rename)
+        with pytest.raises(KeyboardInterrupt):
+            predict_yolo_cls(best, tiny_caches / "testing.npz", out, batch=5)
+    assert out.read_bytes() == before
+
 
 def test_train_yolo_cls_refuses_caches_of_another_view(tiny_caches, tmp_path, capsys):
     import shutil
@@ -50,3 +65,21 @@ def test_train_yolo_cls_refuses_caches_of_another_view(tiny_caches, tmp_path, ca
     assert main(["train-yolo-cls", "--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1"]) != 0
     assert "testing.npz is mode=full size=48" in capsys.readouterr().err
     assert not (tmp_path / "out" / "run").exists()  # refused before any training
+
+
+def test_train_yolo_cls_refuses_a_cache_missing_a_class_before_training(tiny_caches, tmp_path, capsys):
+    import shutil
+
+    from pipeline.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with np.load(tiny_caches / "train.npz") as cache:
+        arrays = {k: cache[k] for k in cache.files}
+    keep = arrays["labels"] != CLASSES.index("meningioma")
+    n = len(arrays["labels"])
+    np.savez(data / "train.npz", **{k: (v[keep] if v.ndim and len(v) == n else v) for k, v in arrays.items()})
+    shutil.copy(tiny_caches / "val.npz", data / "val.npz")
+    assert main(["train-yolo-cls", "--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1"]) != 0
+    assert "no training slice of class meningioma" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

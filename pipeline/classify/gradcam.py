@@ -119,7 +119,7 @@ def gradcam_panel(classifier, images: np.ndarray, labels: Sequence[int], preds: 
     import matplotlib.pyplot as plt
 
     chosen = pick_examples(labels, preds, n, seed)
-    model = classifier.model
+    model = getattr(classifier, "torch_model", classifier.model)  # an ONNX-backed one keeps its torch network
     device = next(model.parameters()).device
     rows = max(1, -(-len(chosen) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False, layout="constrained")

@@ -61,7 +61,7 @@ class Classifier:
         self.segmenter, self.segmenter_sha256 = _trained_on_segmenter(weights, self.fingerprint["weights_sha256"],
                                                                       self.meta)
         self.device = device
-        if threads:
+        if threads and backend == "torch":  # an ONNX session takes its own count; torch's is process-wide
             torch.set_num_threads(threads)
         model = create_model(self.meta["model"], pretrained=False, in_chans=1, num_classes=len(CLASSES))
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()})

@@ -6,7 +6,6 @@ Predictions come out in the ``predictions.csv`` format that ``compare`` reads.
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 from pipeline import CLASSES
 from pipeline.classify.data import load_cache
 from pipeline.config import REPO_ROOT
+from pipeline.evaluate_cls import write_predictions
 
 PRETRAINED_CLS = REPO_ROOT / "weights" / "yolov8n-cls.pt"
 
@@ -50,11 +50,14 @@ def train_yolo_cls(data_dir: str | os.PathLike, out_dir: str | os.PathLike, imgs
     from pipeline.segment.yolo import verified_pretrained
 
     source = str(verified_pretrained("yolov8n-cls")) if PRETRAINED_CLS.is_file() else "yolov8n-cls.yaml"
+    # ultralytics' classifier ignores ``degrees``: its geometric augmentation is a random resized
+    # crop of 50-100 % of the area (``scale=0.5``, its default, kept so that earlier runs reproduce)
+    # plus the flip; not the CNNs' rotation/affine
     cuda = str(device).startswith("cuda")
     kwargs = dict(data=str(Path(data_dir).resolve()), imgsz=imgsz, epochs=epochs, batch=batch,
                   device=device.replace("cuda:", "") if cuda else "cpu", seed=seed, deterministic=True,
                   workers=workers, project=str(out_dir.parent), name=out_dir.name, exist_ok=True, plots=False,
-                  amp=cuda, pretrained=source.endswith(".pt"), verbose=False, fliplr=0.5, degrees=10.0,
+                  amp=cuda, pretrained=source.endswith(".pt"), verbose=False, fliplr=0.5, scale=0.5,
                   auto_augment=None, erasing=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.2)
     if time_hours:
         kwargs["time"] = time_hours
@@ -72,23 +75,27 @@ def predict_yolo_cls(weights: str | os.PathLike, cache: str | os.PathLike, out_c
 
     model = YOLO(str(weights), task="classify")
     names = model.names
+    missing = [c for c in CLASSES if c not in names.values()]
+    if missing:
+        raise ValueError(f"{weights}: the YOLO-cls model has no class {', '.join(missing)} (it has "
+                         f"{', '.join(map(str, names.values()))}); was it trained on a cache missing that class?")
     order = [next(k for k, v in names.items() if v == c) for c in CLASSES]
     data = load_cache(cache)
     imgsz = int(data["size"])
-    rows = []
+    probs = []
     for i in range(0, len(data["labels"]), batch):
         images = [cv2.cvtColor(im, cv2.COLOR_GRAY2BGR) for im in data["images"][i:i + batch]]
-        for j, res in enumerate(model.predict(images, imgsz=imgsz, device=device, verbose=False)):
-            probs = res.probs.data.cpu().numpy()[order]
-            k = i + j
-            rows.append({"path": str(data["paths"][k]), "true": CLASSES[int(data["labels"][k])],
-                         "pred": CLASSES[int(np.argmax(probs))], "confidence": f"{probs.max():.6f}",
-                         **{f"p_{c}": f"{p:.6f}" for c, p in zip(CLASSES, probs)},
-                         "found": str(bool(data["found"][k])).lower()})
-    out_csv = Path(out_csv)
-    out_csv.parent.mkdir(parents=True, exist_ok=True)
-    with out_csv.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return out_csv
+        probs += [res.probs.data.cpu().numpy()[order] for res in
+                  model.predict(images, imgsz=imgsz, device=device, verbose=False)]
+    # written whole or not at all: a run killed here keeps the previous file for compare
+    return write_predictions(out_csv, [str(p) for p in data["paths"]], data["labels"],
+                             np.asarray(probs, np.float64).reshape(-1, len(CLASSES)), found=data["found"])
+
+
+def check_all_classes(cache: str | os.PathLike) -> None:
+    """Raise ValueError naming the classes a training cache has no slice of (before any training)."""
+    labels = set(int(v) for v in load_cache(cache)["labels"])
+    missing = [c for i, c in enumerate(CLASSES) if i not in labels]
+    if missing:
+        raise ValueError(f"{cache}: no training slice of class {', '.join(missing)}; YOLO-cls learns its classes "
+                         f"from the folders it is given, so every class needs slices")
