@@ -314,7 +314,13 @@ def check_settings(out: Path, csv_name: str, settings: dict, root: Path | None =
     path = out / f"{csv_name}.settings.json"
     plain = json.loads(json.dumps({**settings, "slicing": SLICING}, sort_keys=True, default=str))
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+            if not isinstance(old, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:  # emptied by a crash, or edited by hand
+            raise ValueError(f"{path}: not a readable settings record ({exc}), so what made the results beside "
+                             f"it is unknown; use another --out, or delete that folder to redo it") from None
         adopted = (("slicing" not in old and not _has_slice_rows(out / csv_name))
                    or (old.get("slicing") == 2 and not _has_recut_volume_rows(out / csv_name, root)))
         if adopted:  # recorded now, so slices this run adds are not taken for older ones next time

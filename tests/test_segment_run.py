@@ -154,6 +154,38 @@ def test_a_scan_added_later_does_not_rename_the_masks_already_written(tmp_path):
     assert (out / "mask_names.csv").read_text().splitlines()[1:] == ["glioma/x.png,glioma/x.png.png"]
 
 
+@pytest.mark.parametrize("x_jpg_stays", [True, False])
+def test_a_folder_from_before_the_names_record_keeps_its_masks(tmp_path, x_jpg_stays):
+    # segmented before mask_names.csv existed: x.jpg's mask is masks/x.png. A clashing x.png added
+    # since must neither rename x.jpg's mask (to a file never written) nor overwrite it
+    src, out = tmp_path / "scans", tmp_path / "out"
+    src.mkdir()
+    write_jpeg(src / "x.jpg", make_phantom("notumor", 48, 0)[0])
+    run_segment(src, out, BrightBlobSegmenter(), progress=False)
+    (out / "mask_names.csv").unlink()
+    first = (out / "masks" / "x.png").read_bytes()
+    if not x_jpg_stays:
+        (src / "x.jpg").unlink()
+    write_png(src / "x.png", make_phantom("meningioma", 64, 0)[0])
+    assert run_segment(src, out, BrightBlobSegmenter(), progress=False)["rows_written"] == 1
+    assert (out / "masks" / "x.png").read_bytes() == first
+    assert cv2.imread(str(out / "masks" / "x.png.png"), 0).shape == (64, 64)
+    assert (out / "mask_names.csv").read_text().splitlines() == ["path,mask", "x.png,x.png.png"]
+
+
+def test_an_input_folder_spelt_like_a_mask_file_is_an_error_row_and_the_run_goes_on(tmp_path):
+    src, out = tmp_path / "scans", tmp_path / "out"
+    (src / "x.png").mkdir(parents=True)  # a folder: its masks go under masks/x.png/, x.jpg's mask is masks/x.png
+    write_jpeg(src / "x.jpg", make_phantom("glioma", 48, 0)[0])
+    write_jpeg(src / "x.png" / "b.jpg", make_phantom("glioma", 48, 1)[0])
+    write_jpeg(src / "z.jpg", make_phantom("glioma", 48, 2)[0])
+    run_segment(src, out, BrightBlobSegmenter(), progress=False)
+    rows = {r["path"]: r for r in read_rows(out / "segments.csv")}
+    assert set(rows) == {"x.jpg", "x.png/b.jpg", "z.jpg"}
+    assert rows["x.jpg"]["status"] == rows["z.jpg"]["status"] == "ok"
+    assert rows["x.png/b.jpg"]["status"] == "error" and "mask not written" in rows["x.png/b.jpg"]["error"]
+
+
 def test_masks_of_scans_gone_and_back_and_of_scans_never_segmented(tmp_path):
     import shutil
 
@@ -315,3 +347,17 @@ def test_a_long_name_in_many_byte_characters_is_written(tmp_path):
     name = "\N{BRAIN}" * 62 + ".png"  # 252 bytes: fits, but a temporary name built from it would not
     write_png_atomic(tmp_path / name, np.zeros((4, 4), np.uint8))
     assert (tmp_path / name).is_file() and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize("record, text, why", [
+    ("segments.csv.settings.json", "", "segments.csv.settings.json: not a readable settings record"),
+    ("mask_names.csv", "path,name\nx.png,y.png\n", "mask_names.csv: expected the columns path,mask"),
+])
+def test_a_damaged_record_is_refused_by_name(tmp_path, record, text, why):
+    src, out = tmp_path / "scans", tmp_path / "out"
+    src.mkdir()
+    write_jpeg(src / "x.jpg", make_phantom("glioma", 48, 0)[0])
+    run_segment(src, out, BrightBlobSegmenter(), progress=False)
+    (out / record).write_text(text)
+    with pytest.raises(ValueError, match=why):
+        run_segment(src, out, BrightBlobSegmenter(), progress=False)

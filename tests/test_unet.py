@@ -744,3 +744,14 @@ def test_export_unet_takes_a_manifest_name_and_refuses_a_tampered_listed_file(tm
     with pytest.raises(WeightsError, match="sha256"):
         unet.export_cascade("my-coarse", tmp_path / "fine" / "best.pt", tmp_path / "out2.pt")
     assert not (tmp_path / "out2.pt").exists()
+
+
+def test_borrowing_the_coarse_stage_by_manifest_name_pins_the_listed_file(tmp_path, monkeypatch):
+    from pipeline.weights import load_manifest
+
+    # a file in the working folder spelt like the name must not be what gets pinned
+    (tmp_path / "seg-lite0-cascade").write_bytes(b"not the listed checkpoint")
+    monkeypatch.chdir(tmp_path)
+    meta = unet.export_cascade("seg-lite0-cascade", "seg-lite0-fine-cascade", tmp_path / "b.pt", borrow_coarse=True)
+    assert meta["coarse_from"] == {"name": "seg-lite0-cascade",
+                                   "sha256": load_manifest()["seg-lite0-cascade"]["sha256"]}

@@ -103,25 +103,43 @@ def read_mask_names(out: str | os.PathLike) -> dict[str, str] | None:
     if not os.path.isfile(path):
         return None
     with open(path, newline="", encoding="utf-8", errors="surrogateescape") as fh:
-        return {row["path"]: row["mask"] for row in csv.DictReader(fh)}
+        reader = csv.DictReader(fh)
+        if reader.fieldnames and not {"path", "mask"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected the columns path,mask, found {','.join(reader.fieldnames)}; "
+                             f"the masks of that folder cannot be matched to their scans")
+        return {row["path"]: row["mask"] for row in reader}
 
 
-def settle_mask_names(rels: Sequence[str], done: set[str], recorded: dict[str, str] | None) -> dict[str, str]:
+def settle_mask_names(rels: Sequence[str], done: set[str], recorded: dict[str, str] | None,
+                      masks_root: str | os.PathLike | None = None) -> dict[str, str]:
     """Mask names for ``rels`` in a run that may resume: the inputs already ``done`` keep the names
-    they were written under (``recorded``, else the plain rule; with no record at all, the rule over
-    today's files, as runs before the record assumed); the others get :func:`mask_names`' names, or a
-    fallback where those are taken."""
+    they were written under (``recorded``, else the plain rule); the others get :func:`mask_names`'
+    names, or a fallback where those are taken.
+
+    With no record at all (a folder from before it), a done input's name is read off ``masks_root``:
+    the rule over today's files where that mask is there, else its plain name where that one is (a
+    clashing file was added since), else the rule."""
     from pipeline.folders import csv_key
 
     fresh = mask_names(rels)
+    here = {csv_key(rel) for rel in rels}
+    gone = [key for key in done if "#z=" not in key and key not in here]
+
+    def on_disk(name: str) -> bool:
+        return masks_root is not None and os.path.isfile(os.path.join(masks_root, name))
+
+    def older(rel: str) -> str:
+        return fresh[rel] if on_disk(fresh[rel]) or not on_disk(plain_mask_name(rel)) else plain_mask_name(rel)
+
     is_done = [rel for rel in rels if csv_key(rel) in done]
-    names = {rel: (fresh[rel] if recorded is None else recorded.get(rel) or plain_mask_name(rel)) for rel in is_done}
+    names = {rel: (older(rel) if recorded is None else recorded.get(rel) or plain_mask_name(rel)) for rel in is_done}
 
     given = {_name_key(n) for n in names.values()}
-    if recorded is not None:  # the masks of inputs done and gone since: a new file must not take them
-        here = {csv_key(rel) for rel in rels}
-        given |= {_name_key(recorded.get(key) or plain_mask_name(key)) for key in done
-                  if "#z=" not in key and key not in here}
+    # the masks of inputs done and gone since: a new file must not take them
+    if recorded is not None:
+        given |= {_name_key(recorded.get(key) or plain_mask_name(key)) for key in gone}
+    else:
+        given |= {_name_key(plain_mask_name(key)) for key in gone if on_disk(plain_mask_name(key))}
     clashing = []
     for rel in sorted(set(rels) - set(is_done)):
         if _name_key(fresh[rel]) in given:
@@ -173,7 +191,7 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     masks_root = out / MASKS_DIR
     recorded = read_mask_names(out)
-    names = settle_mask_names([p.relative_to(root).as_posix() for p in files], results.done, recorded)
+    names = settle_mask_names([p.relative_to(root).as_posix() for p in files], results.done, recorded, masks_root)
     _write_mask_names(out, names, recorded)  # before any mask: a mask is never under an unrecorded name
     counts = {"files": len(files), "skipped_done": len(files) - len(todo), "rows_written": 0, "errors": 0,
               "found": 0}
@@ -197,7 +215,9 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
             try:
                 write_png_atomic(target, mask)
             except OSError as exc:  # a name the file system refuses: this scan's row says so
-                if exc.errno not in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL):
+                # (or one a folder of masks already holds: an input folder spelt like this mask)
+                if exc.errno not in (errno.ENAMETOOLONG, errno.EILSEQ, errno.EINVAL, errno.EEXIST, errno.EISDIR,
+                                     errno.ENOTDIR):
                     raise  # a full disk or a permission: the run stops and a rerun resumes
                 rows[it.key] = {"path": it.key, "model": model_name, "status": "error",
                                 "error": f"{target}: mask not written ({exc.strerror or exc})"}

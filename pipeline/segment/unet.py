@@ -901,13 +901,14 @@ def export_cascade(coarse_best: str | os.PathLike, fine_best: str | os.PathLike,
                       "min_area": int(area), "epoch": g["meta"]["epoch"]}
         parts[part] = pack(g["state_dict"])
     if borrow_coarse:
-        from pipeline.weights import listed_name, name_of_sha256, sha256_file
+        from pipeline.weights import listed_name, name_of_sha256, resolve, sha256_file
 
         del parts["coarse"]
-        sha = sha256_file(coarse_best)
+        coarse_file = resolve(coarse_best)  # the file the stage was loaded from, for a name as for a path
+        sha = sha256_file(coarse_file)
         # a manifest name where there is one; else the absolute path, which holds from any folder
-        meta["coarse_from"] = {"name": listed_name(coarse_best) or name_of_sha256(sha)
-                               or str(Path(coarse_best).resolve()), "sha256": sha}
+        meta["coarse_from"] = {"name": listed_name(coarse_file) or name_of_sha256(sha)
+                               or str(coarse_file.resolve()), "sha256": sha}
         meta.setdefault("coarse_net", c["meta"]["net"])
     save_checkpoint({**parts, "meta": meta}, dest)
     return meta
