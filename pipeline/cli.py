@@ -100,7 +100,7 @@ def _args_train_cls(p):
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--patience", type=int)
+    p.add_argument("--patience", type=_positive_int, help="epochs without a validation gain before stopping")
     p.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
     p.add_argument("--drop", help="path list (e.g. training_sartaj.txt from `sources`) left out of train and "
                                   "validation: leave-one-source-out runs")
@@ -237,7 +237,7 @@ def _args_train_seg(p):
     p.add_argument("--imgsz", type=int)
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch", type=int)
-    p.add_argument("--patience", type=int)
+    p.add_argument("--patience", type=int, help="epochs without a validation gain before stopping (0: never stop early, as in ultralytics)")
     p.add_argument("--time-hours", type=float, help="wall-time cap; ultralytics fits the schedule into it")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=False,
                    help="continue from OUT/weights/last.pt")

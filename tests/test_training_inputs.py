@@ -433,6 +433,26 @@ def test_train_cls_will_not_resume_a_sheared_run_with_the_mirror(tmp_path, capsy
     assert "last.pt: was trained with other settings (flip_shear)" in capsys.readouterr().err
 
 
+def test_train_cls_will_not_resume_on_rebuilt_caches_and_patience_is_at_least_one(tmp_path, capsys):
+    _tiny_caches(tmp_path)
+    assert _train_tiny(tmp_path) == 0
+    assert _train_tiny(tmp_path) == 0  # the same slices: resumes (and has nothing left to do)
+    with np.load(tmp_path / "train.npz") as tr, np.load(tmp_path / "val.npz") as va:
+        tr, va = dict(tr), dict(va)
+    # another split of the same sizes: two validation slices became training ones and the other way round
+    tr["images"][:2], va["images"][:2] = va["images"][:2].copy(), tr["images"][:2].copy()
+    tr["paths"][:2], va["paths"][:2] = va["paths"][:2].copy(), tr["paths"][:2].copy()
+    np.savez(tmp_path / "train.npz", **tr)
+    np.savez(tmp_path / "val.npz", **va)
+    capsys.readouterr()
+    assert _train_tiny(tmp_path) != 0
+    assert "was trained on other slices" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's way: refused before it trains nothing
+        _train_tiny(tmp_path, "--no-resume", "--patience", "0")
+    assert refused.value.code == 2 and "--patience: must be at least 1" in capsys.readouterr().err
+    assert _train_tiny(tmp_path, "--no-resume", "--patience", "1") == 0
+
+
 def test_augment_stretch_widens_along_one_image_axis_and_keeps_the_area():
     from pipeline.classify.data import Augment
 

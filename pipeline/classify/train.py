@@ -6,6 +6,7 @@ the best epoch by validation macro-F1 (ties: lower loss) is saved as ``best.pt``
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import time
@@ -81,6 +82,19 @@ def _joined(a: dict, b: dict) -> dict:
             for k, v in a.items()}
 
 
+def _data_fingerprint(tr: dict, va: dict) -> str:
+    """sha256 of the slices a run trains and validates on (paths, labels, pixels), after ``--drop``:
+    a resumed run must not pick its epochs on slices that have become training ones."""
+    h = hashlib.sha256()
+    for part in (tr, va):
+        h.update("\n".join(map(str, part["paths"])).encode("utf-8", "surrogateescape") + b"\0")
+        for key in ("labels", "images"):
+            arr = np.ascontiguousarray(part[key])
+            h.update(f"{key}:{arr.dtype.str}:{arr.shape}".encode())
+            h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
 def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "timm:tf_efficientnet_lite0",
           pretrained: bool = True, epochs: int = 8, batch_size: int = 64, lr: float = 2e-3,
           weight_decay: float = 1e-4, label_smoothing: float = 0.05, patience: int = 4, seed: int = 0,
@@ -100,6 +114,8 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
     ``val_*`` columns are then scored on slices the network trained on: a check that it fits, not an
     estimate of accuracy.
     """
+    if int(patience) < 1:  # 0 would stop before the first epoch and leave no checkpoint
+        raise ValueError(f"patience must be at least 1 epoch, got {patience}")
     if threads:
         torch.set_num_threads(threads)
     seed_everything(seed)
@@ -162,6 +178,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
     scored = averaged.module if averaged is not None else model
 
     start_epoch, best, history, elapsed = 0, None, [], 0.0
+    data_sha256 = _data_fingerprint(tr, va)
     last_path = out / "last.pt"
     if resume and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=True)
@@ -170,6 +187,10 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
             changed = sorted(k for k in {*meta, *before} if before.get(k) != meta.get(k))
             raise RuntimeError(f"{last_path}: was trained with other settings ({', '.join(changed)}); "
                                f"use another --out or --no-resume")
+        if state.get("data_sha256", data_sha256) != data_sha256:  # (absent in runs before it was recorded)
+            raise RuntimeError(f"{last_path}: was trained on other slices than {train_cache} and {val_cache} hold "
+                               f"now (the caches were rebuilt, or --drop's list changed): its validation slices may "
+                               f"be among today's training ones; use another --out or --no-resume")
         model.load_state_dict(state["model"])
         if averaged is not None:
             averaged.load_state_dict(state["ema"])
@@ -236,7 +257,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
         _save_atomic({"model": model.state_dict(), **({"ema": averaged.state_dict()} if averaged is not None else {}),
                       "optimizer": optimizer.state_dict(),
                       "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                      "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "meta": meta,
+                      "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "meta": meta, "data_sha256": data_sha256,
                       "cuda_rng": torch.cuda.get_rng_state(device) if device.startswith("cuda") else None,
                       "scaler": scaler.state_dict()}, last_path)
         write_curves(history, out)
