@@ -304,7 +304,8 @@ SLICING = 3
 
 def check_settings(out: Path, csv_name: str, settings: dict, root: Path | None = None) -> None:
     """Resume only what the same models made: ``OUT/<csv>.settings.json`` records them on the first run;
-    a later run with other settings (another checkpoint, threshold, mode) is refused, not mixed in.
+    a later run with other settings (another checkpoint, threshold, mode) or on another input folder
+    (``root``, resolved) is refused, not mixed in.
 
     A folder from before ``slicing`` was recorded resumes if it holds no volume slice (no ``#z=`` row);
     one of slicing 2 if none of its NIfTI slices (under ``root``) comes from a volume that slicing 3
@@ -313,6 +314,8 @@ def check_settings(out: Path, csv_name: str, settings: dict, root: Path | None =
 
     path = out / f"{csv_name}.settings.json"
     plain = json.loads(json.dumps({**settings, "slicing": SLICING}, sort_keys=True, default=str))
+    if root is not None:  # rows are keyed by path under the input: another input would pass for done
+        plain["input"] = os.fsdecode(root)
     if path.is_file():
         try:
             old = json.loads(path.read_text())
@@ -321,8 +324,14 @@ def check_settings(out: Path, csv_name: str, settings: dict, root: Path | None =
         except (ValueError, UnicodeDecodeError) as exc:  # emptied by a crash, or edited by hand
             raise ValueError(f"{path}: not a readable settings record ({exc}), so what made the results beside "
                              f"it is unknown; use another --out, or delete that folder to redo it") from None
+        if "input" in plain and "input" in old and old["input"] != plain["input"]:
+            raise ValueError(f"{out}: holds results for the scans under {old['input']}, not {plain['input']}: "
+                             f"their rows would be taken for this folder's; use another --out (or, if these "
+                             f"are the same scans moved, move that folder's results aside and start over)")
         adopted = (("slicing" not in old and not _has_slice_rows(out / csv_name))
                    or (old.get("slicing") == 2 and not _has_recut_volume_rows(out / csv_name, root)))
+        if "input" in plain and "input" not in old:  # recorded since session 25; older folders take this one
+            old["input"], adopted = plain["input"], True
         if adopted:  # recorded now, so slices this run adds are not taken for older ones next time
             old["slicing"] = SLICING
         # a non-default --nifti-slices has been recorded since session 24; a folder from before whose

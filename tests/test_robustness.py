@@ -488,13 +488,13 @@ def test_train_cls_refit_trains_on_train_plus_val_and_keeps_the_last_epoch(tmp_p
     real_batches = train_mod._batches
     monkeypatch.setattr(train_mod, "_batches", lambda n, bs, rng: (rng is not None and seen.append(n), real_batches(n, bs, rng))[1])
 
-    # patience 0 stops a plain run before its first epoch; a refit runs every epoch.
-    plain = train_mod.train(str(tr), str(va), str(tmp_path / "plain"), patience=0, **kw)
-    assert seen == [] and plain["best_epoch"] is None
-    assert "refit" not in plain and plain["n_train"] == 16
+    # patience 0 would stop a plain run before its first epoch, with no checkpoint: refused
+    with pytest.raises(ValueError, match="patience must be at least 1"):
+        train_mod.train(str(tr), str(va), str(tmp_path / "plain"), patience=0, **kw)
+    assert seen == [] and not (tmp_path / "plain" / "summary.json").exists()
 
-    seen.clear()
-    refit = train_mod.train(str(tr), str(va), str(tmp_path / "refit"), patience=0, refit=True, **kw)
+    # a refit runs every epoch, whatever validation says (its validation slices are training ones)
+    refit = train_mod.train(str(tr), str(va), str(tmp_path / "refit"), patience=1, refit=True, **kw)
     assert seen == [24, 24, 24]  # the 8 validation slices are trained on, every epoch
     assert refit["refit"] is True and refit["n_train"] == 24 and refit["best_epoch"] == 2
     best = torch.load(tmp_path / "refit" / "best.pt", weights_only=True)

@@ -361,3 +361,23 @@ def test_a_damaged_record_is_refused_by_name(tmp_path, record, text, why):
     (out / record).write_text(text)
     with pytest.raises(ValueError, match=why):
         run_segment(src, out, BrightBlobSegmenter(), progress=False)
+
+
+def test_an_output_folder_is_not_resumed_for_another_input_folder(tmp_path):
+    # rows are keyed by the path under the input: patient B's IM0001 would pass for patient A's, done
+    out = tmp_path / "out"
+    for patient, seed in (("A", 0), ("B", 1)):
+        (tmp_path / patient).mkdir()
+        write_jpeg(tmp_path / patient / "IM0001.jpg", make_phantom("glioma", 48, seed)[0])
+    run_segment(tmp_path / "A", out, BrightBlobSegmenter(), progress=False)
+    with pytest.raises(ValueError, match=r"holds results for the scans under .*A, not .*B"):
+        run_segment(tmp_path / "B", out, BrightBlobSegmenter(), progress=False)
+    # a folder from before the input was recorded takes this run's, and keeps it
+    record = out / "segments.csv.settings.json"
+    settings = json.loads(record.read_text())
+    assert settings.pop("input") == str((tmp_path / "A").resolve())
+    record.write_text(json.dumps(settings))
+    assert run_segment(tmp_path / "A", out, BrightBlobSegmenter(), progress=False)["rows_written"] == 0
+    assert json.loads(record.read_text())["input"] == str((tmp_path / "A").resolve())
+    with pytest.raises(ValueError, match="holds results for the scans under"):
+        run_segment(tmp_path / "B", out, BrightBlobSegmenter(), progress=False)
