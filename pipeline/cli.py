@@ -210,25 +210,28 @@ def cmd_train_cls(a):
 
 def _args_predict(p):
     p.add_argument("--input", required=True, help="folder of scans (walked recursively; any format)")
-    p.add_argument("--out", required=True, help="output folder: predictions.csv (+ overlays/)")
+    p.add_argument("--out", required=True, help="output folder: predictions.csv (+ overlays/, gradcam/ when asked)")
     p.add_argument("--mode", help="classifier input: full, crop, masked, or an ensemble's full+crop "
                                   "(default and only choice: the classifier's own)")
     p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json (an ensemble too), a .pt "
-                                 "path, or A.pt,B.pt: the mean of several")
-    p.add_argument("--seg", help="segmenter: a manifest name, a .pt path, auto (shipped one if any) or none")
+                                 "path, or A.pt,B.pt: the mean of several (default: cls-lite0-full+crop)")
+    p.add_argument("--seg", help="segmenter: a manifest name, a .pt path, none, or auto (default): the one the "
+                                 "classifier's crop member was trained on; for a whole-slice classifier, the "
+                                 "shipped default segmenter (its lesion box is reported)")
     p.add_argument("--backend", choices=["auto", "torch", "onnx"],
                    help="auto (onnx on the CPU when onnxruntime is installed, else torch), torch, or onnx (ONNX "
-                        "Runtime on the CPU; the networks are exported once and cached)")
+                        "Runtime on the CPU; the networks are exported once and cached); default auto")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="torch.compile the classifier (torch backend; pays off on CUDA with large batches)")
-    p.add_argument("--batch-size", type=_positive_int)
-    p.add_argument("--workers", type=_positive_int, help="reader threads")
+    p.add_argument("--batch-size", type=_positive_int, help="scans per forward pass (default 32)")
+    p.add_argument("--workers", type=_positive_int, help="reader threads (default 2)")
     p.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=False,
                    help="write each scan with the mask outline and label")
     p.add_argument("--gradcam", action=argparse.BooleanOptionalAction, default=False,
                    help="write OUT/gradcam/<path>.png: the classifier input with the Grad-CAM map of its label")
     p.add_argument("--nifti-slices", type=_nifti_slices,
-                   help="all | middle | nonempty | 3,4,5: slices of a NIfTI volume or frames of a multi-frame DICOM")
+                   help="all | middle | nonempty (default) | 3,4,5: slices of a NIfTI volume or frames of a "
+                        "multi-frame DICOM")
 
 
 def _args_train_seg(p):

@@ -287,7 +287,8 @@ def add_arguments(p) -> None:
     p.add_argument("--data", nargs="+", help="test cache .npz from `crop` (same mode and size as the classifier); "
                                              "an ensemble of full and crop models takes both caches")
     p.add_argument("--predictions", help="instead of --cls/--data: a predictions CSV from another model "
-                                         f"(columns {','.join(PRED_COLUMNS)}; path,true,pred required)")
+                                         f"(columns {','.join(PRED_COLUMNS)}; path,true,pred required), or "
+                                         f"`predict`'s predictions.csv, its true class read from the folder name")
     p.add_argument("--clean", help="clean_test.txt from `audit`: also report metrics on that subset")
     p.add_argument("--subset", action="append", metavar="NAME=LIST",
                    help="also report metrics on the paths listed in LIST (one per line), e.g. the Testing "

@@ -514,6 +514,9 @@ def _read_dicom(path: Path, key: str, window, nifti_slices="nonempty") -> list[S
         raise ScanReadError(key, f"not a readable DICOM file: {type(e).__name__}: {e}") from e
     has_pixels = any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
     if not has_pixels:
+        # force=True parses anything; without the DICM preamble and with no image tags it was not DICOM
+        if not _has_dicm_magic(path) and "Rows" not in ds and "SOPClassUID" not in ds:
+            raise ScanReadError(key, "not a DICOM file (no DICM header and no DICOM image attributes)")
         raise ScanReadError(key, "no pixel data")
     try:
         _ensure_transfer_syntax(ds)

@@ -538,6 +538,10 @@ def test_garbage_dcm(tmp_path):
     p.write_bytes(b"\xff\xfe garbage" * 10)
     with pytest.raises(ScanReadError):
         read_scans(p)
+    # bytes that pydicom's lenient parser takes for a dataset without pixels: said to be no DICOM at all
+    p.write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    with pytest.raises(ScanReadError, match="not a DICOM file"):
+        read_scans(p)
 
 
 # ----------------------------------------------------------------------------- NIfTI
