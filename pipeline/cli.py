@@ -355,8 +355,9 @@ def cmd_train_yolo_cls(a):
     if other:  # the baseline is scored as it was trained, like every CNN (evaluate-cls checks the same)
         raise ConfigError(f"{data}: " + "; ".join(f"{part}.npz is {_describe(*v)}" for part, v in other.items())
                           + f", but train.npz is {_describe(*views['train'])}; make all three with one `crop` setting")
-    try:
+    try:  # ultralytics numbers each split's folders on its own: a class missing in val shifts its labels
         check_all_classes(data / "train.npz")
+        check_all_classes(data / "val.npz")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     folders = export_cache_as_folders({"train": data / "train.npz", "val": data / "val.npz"}, out / "images")

@@ -276,19 +276,22 @@ def _decode_turned_tiff(path: Path, key: str, frame: int, orientation: int) -> t
         raise
     except Exception as e:  # noqa: BLE001
         raise ScanReadError(key, f"cannot decode the turned TIFF: {type(e).__name__}: {e}") from e
-    stored, eight_bit, is_float = arr.dtype.name, arr.dtype == np.uint8, arr.dtype.kind == "f"
+    stored, eight_bit, kind = arr.dtype.name, arr.dtype == np.uint8, arr.dtype.kind
     arr = arr.astype(np.float64)
     if photometric == 0:  # MINISWHITE: 0 is white
-        arr = _invert(arr, bits, is_float)
+        arr = _invert(arr, bits, kind)
     if arr.ndim == 3:
         arr = arr[..., 0] if arr.shape[2] < 3 else arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
     arr = np.ascontiguousarray(_EXIF_TURNS[orientation](arr))
     return arr, (np.rint(arr).astype(np.uint8) if eight_bit else None), stored
 
 
-def _invert(vals: np.ndarray, bits: int, is_float: bool) -> np.ndarray:
-    """MINISWHITE values as MINISBLACK: integers mirrored in their stored range, floats in their own."""
-    if not is_float:
+def _invert(vals: np.ndarray, bits: int, kind: str) -> np.ndarray:
+    """MINISWHITE values as MINISBLACK: integers mirrored in their stored range (``kind`` ``u``:
+    0 .. 2**bits - 1; ``i``: -2**(bits-1) .. 2**(bits-1) - 1), floats in their own."""
+    if kind == "i":
+        return -1.0 - vals
+    if kind != "f":
         return (2.0 ** bits - 1) - vals
     finite = vals[np.isfinite(vals)]
     return (finite.max() + finite.min()) - vals if finite.size else vals
@@ -329,6 +332,8 @@ def _read_tiff_pillow_cannot(path: Path, key: str, window) -> list[Scan]:
             photometric, bits = int(page.photometric), int(page.bitspersample)
             orientation = int(page.tags[274].value) if 274 in page.tags else 1
             arr = np.asarray(page.asarray())
+            if page.samplesperpixel > 1 and int(page.planarconfig) == 2 and arr.ndim == 3:
+                arr = np.moveaxis(arr, 0, -1)  # planes stored one after another: (samples, H, W)
     except ScanReadError:
         raise
     except Exception as e:  # noqa: BLE001 - tifffile raises many kinds
@@ -341,7 +346,7 @@ def _read_tiff_pillow_cannot(path: Path, key: str, window) -> list[Scan]:
     if vals.ndim == 3:
         vals = vals[..., 0] if vals.shape[2] < 3 else vals[..., 0] * 0.299 + vals[..., 1] * 0.587 + vals[..., 2] * 0.114
     if photometric == 0:
-        vals = _invert(vals, bits, arr.dtype.kind == "f")
+        vals = _invert(vals, bits, arr.dtype.kind)
     vals = np.ascontiguousarray(_EXIF_TURNS.get(orientation, lambda a: a)(vals))
     meta["orig_shape"] = tuple(vals.shape)
     if len(pages) > 1:
@@ -435,7 +440,7 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
                     vals = vals[..., :3].mean(axis=-1)
                 if im.format == "TIFF" and im.tag_v2.get(262) == 0:
                     # MINISWHITE (0 is white): Pillow inverts it at 8 bits only
-                    vals = _invert(vals, _stored_bits(path, im), raw.dtype.kind == "f")
+                    vals = _invert(vals, _stored_bits(path, im), raw.dtype.kind)
                 gray = None
         except Exception as e:  # noqa: BLE001
             raise ScanReadError(key, f"unsupported image mode {mode!r}: {e}") from e
@@ -674,6 +679,69 @@ def _display_slice(sl: np.ndarray, ornt: np.ndarray) -> tuple[np.ndarray, tuple[
     return out, (rows_axis, cols_axis)
 
 
+def _undisplay_slice(image: np.ndarray, ornt: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`_display_slice`: a (rows, cols) picture as shown -> ``data[:, :, k]``'s order."""
+    (w0, d0), (w1, d1) = ornt[0], ornt[1]
+    rows_axis = 0 if w0 > w1 else 1
+    d_rows, d_cols = (d0, d1) if rows_axis == 0 else (d1, d0)
+    out = image[:, ::-1] if d_cols > 0 else image
+    out = out[::-1, :] if d_rows > 0 else out
+    return out if rows_axis == 0 else out.T
+
+
+def _nifti_cut(shape: tuple[int, ...], affine: np.ndarray) -> tuple[list[int], np.ndarray]:
+    """How :func:`_read_nifti` cuts a volume of ``shape``: the voxel-axis order whose last axis is the
+    slice axis, and the orientation of those axes (:func:`_voxel_orientation`, reordered)."""
+    shape3 = tuple(shape[:3])
+    axes = [0, 1, 2]
+    if len(shape3) == 3 and shape3[2] > 1 and 1 in shape3[:2]:
+        lone = shape3.index(1)
+        axes = [a for a in axes if a != lone] + [lone]
+    ornt = _voxel_orientation(affine if affine.shape == (4, 4) else np.eye(4))[axes]
+    return axes, ornt
+
+
+def write_nifti_mask(source: PathLike, slice_masks: dict[int, np.ndarray], dest: PathLike) -> Path:
+    """Put the masks of a NIfTI's slices, (H, W) as shown (``segment``'s PNGs), back into the file's
+    own voxel grid and write them to ``dest`` (``.nii.gz``): uint8, 1 tumor / 0 background, with the
+    source's affine and codes, so a viewer overlays it on the scan. Slices with no mask are 0."""
+    import nibabel as nib
+
+    src = nib.load(os.fspath(source))
+    shape = tuple(int(v) for v in src.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape3 = shape[:3]
+    elif len(shape) in (2, 3):
+        shape3 = shape
+    else:
+        raise ValueError(f"{source}: unsupported NIfTI shape {shape} (need 2D or 3D)")
+    affine = np.asarray(src.affine, float)
+    axes, ornt = _nifti_cut(shape3, affine)
+    cut = np.zeros([shape3[a] for a in axes] if len(shape3) == 3 else [*shape3, 1], np.uint8)
+    for z, mask in slice_masks.items():
+        voxels = _undisplay_slice(np.asarray(mask) > 0, ornt)
+        if not 0 <= int(z) < cut.shape[2] or voxels.shape != cut.shape[:2]:
+            raise ValueError(f"{source}: a {np.shape(mask)} mask for slice {z} does not fit its "
+                             f"{cut.shape[2]} slices of {cut.shape[:2]}")
+        cut[:, :, int(z)] = voxels
+    data = cut.transpose(np.argsort(axes)) if len(shape3) == 3 else cut[:, :, 0]
+    data = data.reshape(shape)
+    out = nib.Nifti1Image(data, affine)
+    for get, put in (("get_qform", "set_qform"), ("get_sform", "set_sform")):
+        if hasattr(src, get):
+            matrix, code = getattr(src, get)(coded=True)
+            if code:
+                getattr(out, put)(matrix, code=int(code))
+    out.header.set_xyzt_units(*src.header.get_xyzt_units())
+    out.header.set_data_dtype(np.uint8)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp.nii.gz")
+    nib.save(out, os.fspath(tmp))
+    os.replace(tmp, dest)
+    return dest
+
+
 def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
     import nibabel as nib
 
@@ -697,10 +765,8 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
     # one slice stored across the first or second voxel axis (a sagittal or coronal slice in RAS
     # order, shape (1, H, W)): that axis is the one to cut along, not the third, which would give
     # one-pixel lines
-    axes = [0, 1, 2]
-    if vol.ndim == 3 and vol.shape[2] > 1 and 1 in vol.shape[:2]:
-        lone = vol.shape.index(1)
-        axes = [a for a in axes if a != lone] + [lone]
+    axes, ornt = _nifti_cut(vol.shape, affine)
+    if axes != [0, 1, 2]:
         vol = vol.transpose(axes)
     is_2d = vol.ndim == 2
     if is_2d:
@@ -712,7 +778,6 @@ def _read_nifti(path: Path, key: str, window, nifti_slices) -> list[Scan]:
         vol = np.nan_to_num(vol, nan=0.0, posinf=top, neginf=bottom)
     # Slices are cut along the file's own third axis, the plane it was acquired or stored in, and
     # numbered as the file numbers them; only their display is turned to the viewer's convention.
-    ornt = _voxel_orientation(affine if affine.shape == (4, 4) else np.eye(4))[axes]
     zooms = zooms + (1.0,) * (3 - len(zooms))
     zooms = tuple(zooms[a] for a in axes)
 

@@ -318,6 +318,24 @@ def test_tiffs_pillow_cannot_decode_are_read_with_tifffile(tmp_path, name, arr):
     assert np.all(np.diff(s.image.astype(int).ravel()) >= 0)  # the grey ramp, alpha left out
 
 
+def test_a_planar_tiff_pillow_cannot_open_keeps_its_rows_and_columns(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+
+    ramp = np.arange(8 * 6, dtype=np.float64).reshape(8, 6)
+    tifffile.imwrite(tmp_path / "p.tif", np.stack([ramp, ramp, ramp]), photometric="rgb", planarconfig="separate")
+    s = read_scan(tmp_path / "p.tif")
+    assert s.image.shape == (8, 6) and s.image[0, 0] == 0 and s.image[7, 5] == 255
+
+
+def test_a_signed_miniswhite_tiff_under_a_window(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+
+    stored = np.array([[-3000, 0, 3000]], np.int16)  # MINISWHITE: -3000 is the whitest
+    tifffile.imwrite(tmp_path / "s.tif", stored, photometric="miniswhite")
+    shown = read_scan(tmp_path / "s.tif", window=(0, 8000)).image  # as MINISBLACK: 2999, -1, -3001
+    assert shown[0, 0] > shown[0, 1] > shown[0, 2] and 120 <= shown[0, 1] <= 135
+
+
 def test_a_tiff_stack_cut_short_is_called_corrupt(tmp_path):
     tifffile = pytest.importorskip("tifffile")
 
@@ -585,6 +603,46 @@ def _marker_volume(shape, at):
 
 def _argmax(image):
     return tuple(int(v) for v in np.unravel_index(np.argmax(image), image.shape))
+
+
+_AFFINES = {
+    "ras": np.eye(4),
+    "lps": np.diag([-1.0, -1.0, 1.0, 1.0]),
+    "coronal": np.array([[0.9, 0, 0, 0], [0, 0, 6.0, 0], [0, 0.8, 0, 0], [0, 0, 0, 1]]),
+    "sagittal_flipped": np.array([[0, 0, -3.0, 0], [-1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 1]]),
+    "tilted": np.array([[0.98, 0.17, 0, 0], [-0.17, 0.98, 0, 0], [0, 0, -1.0, 0], [0, 0, 0, 1]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_AFFINES))
+@pytest.mark.parametrize("shape", [(12, 10, 4), (1, 12, 10), (12, 1, 10), (12, 10), (12, 10, 3, 1)])
+def test_slice_masks_as_shown_go_back_into_the_files_voxel_grid(tmp_path, name, shape):
+    from pipeline.scans import write_nifti_mask
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    vol = np.where(rng.random(shape) < 0.2, 1000, 50).astype(np.float32)
+    src = write_nifti(tmp_path / "v.nii.gz", vol, affine=_AFFINES[name])
+    scans = read_scans(src, nifti_slices="all")
+    # segment's PNGs: the slices as shown; here each voxel of 1000 is "tumor"
+    masks = {s.meta.get("slice_index", 0): (s.image > 128).astype(np.uint8) * 255 for s in scans}
+    out = write_nifti_mask(src, masks, tmp_path / "m" / "v_mask.nii.gz")
+    back = nib.load(out)
+    assert back.shape == vol.shape and back.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(back.dataobj), (vol > 500).astype(np.uint8))
+    np.testing.assert_allclose(back.affine, nib.load(src).affine, atol=1e-6)
+
+
+def test_slices_without_a_mask_are_background_in_the_mask_volume(tmp_path):
+    from pipeline.scans import write_nifti_mask
+    import nibabel as nib
+
+    src = write_nifti(tmp_path / "v.nii.gz", np.full((8, 6, 3), 1000, np.float32))
+    out = write_nifti_mask(src, {1: np.full((6, 8), 255, np.uint8)}, tmp_path / "m.nii.gz")
+    data = np.asarray(nib.load(out).dataobj)
+    assert data[:, :, 1].all() and not data[:, :, [0, 2]].any()
+    with pytest.raises(ValueError, match="does not fit"):
+        write_nifti_mask(src, {1: np.ones((8, 6), np.uint8)}, tmp_path / "m.nii.gz")
 
 
 def test_nifti_coronal_and_sagittal_stacks_are_cut_in_their_own_plane(tmp_path):

@@ -381,3 +381,35 @@ def test_an_output_folder_is_not_resumed_for_another_input_folder(tmp_path):
     assert json.loads(record.read_text())["input"] == str((tmp_path / "A").resolve())
     with pytest.raises(ValueError, match="holds results for the scans under"):
         run_segment(tmp_path / "B", out, BrightBlobSegmenter(), progress=False)
+
+
+def test_a_nifti_gets_a_mask_volume_in_its_own_voxel_grid(tmp_path):
+    import nibabel as nib
+
+    from pipeline.scans import read_scans
+
+    src, out = tmp_path / "scans", tmp_path / "out"
+    src.mkdir()
+    x = np.linspace(450, 550, 40, dtype=np.float32)[:, None, None]
+    vol = np.broadcast_to(x, (40, 32, 5)).copy()
+    vol[24:32, 8:16, 1:4] = 1000  # the lesion, on slices 1-3
+    lps = np.diag([-1.0, -1.0, 2.0, 1.0])
+    write_nifti(src / "vol.nii.gz", vol, affine=lps)
+    counts = run_segment(src, out, BrightBlobSegmenter(), progress=False, nifti_slices="all")
+    assert counts["mask_volumes"] == 1
+    volume = out / "masks" / "vol.nii.gz_mask.nii.gz"
+    img = nib.load(volume)
+    data = np.asarray(img.dataobj)
+    assert data.shape == vol.shape and np.allclose(img.affine, lps)
+    assert data.any() and not data[vol < 1000].any()  # on the lesion's voxels only
+    assert not data[:, :, [0, 4]].any()
+    for z in range(5):  # the volume, shown as the reader shows it, is segment's PNG of that slice
+        png = cv2.imread(str(out / "masks" / f"vol.nii.gz_z{z:02d}.png"), cv2.IMREAD_GRAYSCALE)
+        shown = read_scans(volume, nifti_slices=[z])[0].image
+        np.testing.assert_array_equal(shown > 0, png > 0)
+    # a rerun with nothing new leaves it as it is
+    before = volume.stat().st_mtime_ns
+    assert run_segment(src, out, BrightBlobSegmenter(), progress=False, nifti_slices="all")["mask_volumes"] == 0
+    assert volume.stat().st_mtime_ns == before
+    volume.unlink()  # lost (a kill between the last slice and the volume): the rerun writes it again
+    assert run_segment(src, out, BrightBlobSegmenter(), progress=False, nifti_slices="all")["mask_volumes"] == 1

@@ -453,6 +453,18 @@ def test_train_cls_will_not_resume_on_rebuilt_caches_and_patience_is_at_least_on
     assert _train_tiny(tmp_path, "--no-resume", "--patience", "1") == 0
 
 
+def test_data_fingerprint_takes_an_empty_split_and_tells_slices_apart():
+    from pipeline.classify.train import _data_fingerprint
+
+    def part(n, value=0):
+        return {"paths": np.array([f"p{i}" for i in range(n)], dtype=object), "labels": np.arange(n) % 4,
+                "images": np.full((n, 4, 4), value, np.uint8)}
+
+    assert _data_fingerprint(part(3), part(0))  # --drop may empty a split: an error line later, not a crash here
+    assert _data_fingerprint(part(3), part(2)) == _data_fingerprint(part(3), part(2))
+    assert _data_fingerprint(part(3), part(2)) != _data_fingerprint(part(3), part(2, value=1))
+
+
 def test_augment_stretch_widens_along_one_image_axis_and_keeps_the_area():
     from pipeline.classify.data import Augment
 

@@ -67,19 +67,22 @@ def test_train_yolo_cls_refuses_caches_of_another_view(tiny_caches, tmp_path, ca
     assert not (tmp_path / "out" / "run").exists()  # refused before any training
 
 
-def test_train_yolo_cls_refuses_a_cache_missing_a_class_before_training(tiny_caches, tmp_path, capsys):
+@pytest.mark.parametrize("part", ["train", "val"])
+def test_train_yolo_cls_refuses_a_cache_missing_a_class_before_training(tiny_caches, tmp_path, capsys, part):
+    # in val too: ultralytics numbers each split's class folders on its own, so val's labels would shift
     import shutil
 
     from pipeline.cli import main
 
     data = tmp_path / "data"
     data.mkdir()
-    with np.load(tiny_caches / "train.npz") as cache:
+    for other in ("train", "val"):
+        shutil.copy(tiny_caches / f"{other}.npz", data / f"{other}.npz")
+    with np.load(tiny_caches / f"{part}.npz") as cache:
         arrays = {k: cache[k] for k in cache.files}
     keep = arrays["labels"] != CLASSES.index("meningioma")
     n = len(arrays["labels"])
-    np.savez(data / "train.npz", **{k: (v[keep] if v.ndim and len(v) == n else v) for k, v in arrays.items()})
-    shutil.copy(tiny_caches / "val.npz", data / "val.npz")
+    np.savez(data / f"{part}.npz", **{k: (v[keep] if v.ndim and len(v) == n else v) for k, v in arrays.items()})
     assert main(["train-yolo-cls", "--data", str(data), "--out", str(tmp_path / "out"), "--epochs", "1"]) != 0
-    assert "no training slice of class meningioma" in capsys.readouterr().err
+    assert f"{part}.npz: no slice of class meningioma" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

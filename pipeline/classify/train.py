@@ -91,7 +91,7 @@ def _data_fingerprint(tr: dict, va: dict) -> str:
         for key in ("labels", "images"):
             arr = np.ascontiguousarray(part[key])
             h.update(f"{key}:{arr.dtype.str}:{arr.shape}".encode())
-            h.update(memoryview(arr).cast("B"))
+            h.update(arr)  # the buffer itself, no copy (an empty split too)
     return h.hexdigest()
 
 
@@ -114,7 +114,7 @@ def train(train_cache: str, val_cache: str, out_dir: str, model_name: str = "tim
     ``val_*`` columns are then scored on slices the network trained on: a check that it fits, not an
     estimate of accuracy.
     """
-    if int(patience) < 1:  # 0 would stop before the first epoch and leave no checkpoint
+    if int(patience) < 1 and not refit:  # 0 would stop before the first epoch and leave no checkpoint
         raise ValueError(f"patience must be at least 1 epoch, got {patience}")
     if threads:
         torch.set_num_threads(threads)

@@ -7,7 +7,9 @@ Outputs
 
   - a 2D file ``a/b/x.jpg`` -> ``masks/a/b/x.png`` (its suffix, ``.nii.gz`` included, replaced by ``.png``);
   - a suffix-less file (DICOM ``IM0001``) -> ``masks/IM0001.png``;
-  - a volume slice ``a/vol.nii.gz#z=07`` -> ``masks/a/vol.nii.gz_z07.png`` (full name + ``_zNN``);
+  - a volume slice ``a/vol.nii.gz#z=07`` -> ``masks/a/vol.nii.gz_z07.png`` (full name + ``_zNN``),
+    and for a NIfTI the slices together, back in its own voxel grid with its affine:
+    ``masks/a/vol.nii.gz_mask.nii.gz`` (uint8 1 / 0; slices not segmented are 0), to overlay on the scan;
   - if two inputs of one folder would get the same name (``x.jpg`` and ``x.png``), each of them
     keeps its full name instead: ``x.jpg.png``, ``x.png.png``; a scan done by an earlier run keeps
     the name it got then, and a new one that would take it gets its full name. Every name that is
@@ -244,7 +246,42 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
     for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update):
         flush(batch)
     bar.close()
+    counts["mask_volumes"] = write_mask_volumes(root, files, results.done, masks_root, names)
     return counts
+
+
+def write_mask_volumes(root, files, done: set[str], masks_root, names: dict[str, str]) -> int:
+    """``masks/<volume>_mask.nii.gz`` for every NIfTI input with slice masks: those PNGs put back into
+    the file's own voxel grid (:func:`pipeline.scans.write_nifti_mask`). Written when missing or older
+    than one of its slices, so a resumed run completes it; returns how many were written."""
+    import cv2
+
+    from pipeline.folders import csv_key
+    from pipeline.scans import write_nifti_mask
+
+    written = 0
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        if not rel.lower().endswith((".nii", ".nii.gz")):
+            continue
+        key = csv_key(rel)
+        slices = {int(k.rsplit("#z=", 1)[1]): masks_root / mask_relpath(k) for k in done
+                  if k.startswith(key + "#z=") and k.rsplit("#z=", 1)[1].isdigit()}
+        if not slices and key in done:  # a 2D NIfTI: one row, one mask under its own name
+            slices = {0: masks_root / mask_relpath(rel, names)}
+        slices = {z: png for z, png in slices.items() if png.is_file()}
+        if not slices:
+            continue
+        dest = masks_root / f"{rel}_mask.nii.gz"
+        if dest.is_file() and dest.stat().st_mtime >= max(png.stat().st_mtime for png in slices.values()):
+            continue
+        try:
+            write_nifti_mask(path, {z: cv2.imread(str(png), cv2.IMREAD_GRAYSCALE) for z, png in slices.items()}, dest)
+        except (OSError, ValueError) as exc:  # the slice masks and rows stand; only the volume is missing
+            print(f"warning: {dest}: mask volume not written ({exc})")
+            continue
+        written += 1
+    return written
 
 
 # --- building the segmenter ------------------------------------------------------------------------
