@@ -252,7 +252,9 @@ def _args_seg_data(p):
     p.add_argument("--split", help="classifier split CSV: its notumor slices become background images")
     p.add_argument("--root", help="folder the split's paths are relative to (Training)")
     p.add_argument("--n-background", type=int)
-    p.add_argument("--exclude-copies-of", help="Kaggle-layout folder (Testing) whose near-copies are left out")
+    p.add_argument("--exclude-copies-of", help="Kaggle-layout folder (Testing) whose near-copies are left out, "
+                                               "lesion slices and no-tumor backgrounds alike (not used by the "
+                                               "shipped segmenters' builds: their Testing no-tumor scores say so)")
     p.add_argument("--out", required=True, help="YOLO dataset folder to write (data.yaml, images/, labels/)")
 
 

@@ -29,11 +29,23 @@ def test_label_text_is_yolo_segment_format():
     assert abs(ys.min() - 0.2) < 0.01 and abs(ys.max() - 0.59) < 0.01
 
 
-def test_empty_and_specks_give_no_polygon():
+def test_empty_gives_no_polygon_and_specks_beside_a_lesion_are_dropped():
     mask = np.zeros((64, 64), np.uint8)
-    assert mask_to_polygons(mask) == []
-    mask[10:12, 10:12] = 255  # 4 px: below min_area, a labelling speck
     assert mask_to_polygons(mask) == [] and polygons_to_label([]) == ""
+    mask[30:50, 30:50] = 255
+    mask[10:12, 10:12] = 255  # 4 px: below min_area, a labelling speck beside the lesion
+    assert len(mask_to_polygons(mask)) == 1
+
+
+def test_a_slice_whose_only_lesion_is_tiny_keeps_it():
+    # a slice with a lesion must never become a background image, however small the lesion
+    for h, w in ((1, 1), (1, 2), (2, 2), (3, 3)):
+        mask = np.zeros((512, 512), np.uint8)
+        mask[100:100 + h, 200:200 + w] = 255
+        mask[300, 300] = 255  # and a one-pixel speck elsewhere: the larger one is kept (ties: either)
+        polygons = mask_to_polygons(mask)
+        assert len(polygons) == 1 and len(polygons[0]) >= 3, (h, w)
+        assert polygons_to_mask(polygons, mask.shape)[100:100 + h, 200:200 + w].all() or (h, w) == (1, 1)
 
 
 def test_two_regions_give_two_lines():
@@ -98,3 +110,21 @@ def test_a_rerun_after_yolo_trained_and_a_bad_mask_on_rerun_keeps_the_build(tmp_
     with pytest.raises(ValueError, match="none above 127"):
         build_yolo_dataset(out, root / "seg", val_fraction=0.2, test_fraction=0.2, seed=2)
     assert sorted(p.name for p in (out / "images").rglob("*") if p.is_symlink()) == before
+
+
+def test_backgrounds_copied_into_testing_are_left_out_with_exclude_copies_of(tmp_path):
+    import shutil
+
+    from pipeline.datasets import make_split
+
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=6, size=96, seed=1)
+    make_split(root / "Training", tmp_path / "split.csv", 0.25, seed=0)
+    train_notumor = [line.split(",")[0] for line in (tmp_path / "split.csv").read_text().splitlines()[1:]
+                     if line.endswith(",notumor,train")]
+    copied = root / "Training" / train_notumor[0]
+    shutil.copy(copied, root / "Testing" / "notumor" / "te-copy.png")
+    build_yolo_dataset(tmp_path / "yolo", root / "seg", cls_split=tmp_path / "split.csv", cls_root=root / "Training",
+                       n_background=20, val_fraction=0.2, test_fraction=0.2, exclude_copies_of=root / "Testing")
+    names = (tmp_path / "yolo" / "split.csv").read_text()
+    assert f"background_{copied.stem}," not in names and "background_" in names
+    assert str(copied) in (tmp_path / "yolo" / "excluded.txt").read_text()

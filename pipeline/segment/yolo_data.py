@@ -24,24 +24,33 @@ def mask_to_polygons(mask: np.ndarray, min_area: float = 16.0, epsilon_frac: flo
                      ) -> list[np.ndarray]:
     """Outer contours of a (H, W) mask as polygons normalised to 0..1, each (K, 2) in (x, y) order.
 
-    Regions of fewer than ``min_area`` pixels are dropped; contours are simplified by
-    ``epsilon_frac`` of the image diagonal (sub-pixel at 512 px) to keep label files small. A region
-    the simplification would cut below a triangle (a small or thin lesion) keeps its whole contour,
-    so a slice with a lesion never becomes a background image.
+    Regions of fewer than ``min_area`` pixels are dropped as labelling specks, unless every region
+    of the mask is that small: then the largest is kept, so a slice with a lesion never becomes a
+    background image. Contours are simplified by ``epsilon_frac`` of the image diagonal (sub-pixel
+    at 512 px) to keep label files small; a region the simplification would cut below a triangle
+    keeps its whole contour, and one of one or two pixels its pixels' outline.
     """
     h, w = mask.shape[:2]
     binary = (mask > 127).astype(np.uint8)
     contours, _ = cv2.findContours(binary, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     eps = epsilon_frac * float(np.hypot(h, w))
-    polygons = []
+    areas = []
     for contour in contours:
         region = np.zeros_like(binary)
         cv2.drawContours(region, [contour], -1, 1, thickness=cv2.FILLED)
-        if int(region.sum()) < min_area:  # pixels, not the area inside the boundary pixels' centres
-            continue
+        areas.append(int(region.sum()))  # pixels, not the area inside the boundary pixels' centres
+    keep = [i for i, a in enumerate(areas) if a >= min_area]
+    if not keep and areas:
+        keep = [int(np.argmax(areas))]
+    polygons = []
+    for i in keep:
+        contour = contours[i]
         approx = cv2.approxPolyDP(contour, eps, True).reshape(-1, 2).astype(np.float64)
         if len(approx) < 3:  # the whole contour has 3 points or more once a region has 3 pixels
             approx = contour.reshape(-1, 2).astype(np.float64)
+        if len(approx) < 3:  # one or two pixels: the outline of their pixel squares
+            (x0, y0), (x1, y1) = approx.min(0), approx.max(0) + 1
+            approx = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
         approx[:, 0] /= w
         approx[:, 1] /= h
         polygons.append(np.clip(approx, 0, 1))
@@ -206,6 +215,10 @@ def build_yolo_dataset(out: str | os.PathLike, figshare: str | os.PathLike | Non
         rng = random.Random(seed)
         for part, share in (("train", 1.0), ("val", val_fraction / (1 - val_fraction - test_fraction))):
             negatives = [s for s in cls.get(part, []) if s.label == "notumor"]
+            if exclude_copies_of:  # a background copied into Testing would flatter its false-mask rate there
+                drop = copies_of([s.path for s in negatives], exclude_copies_of)
+                excluded |= drop
+                negatives = [s for s in negatives if str(s.path) not in drop]
             rng.shuffle(negatives)
             for s in negatives[: round(n_background * share)]:
                 name = f"background_{s.path.stem}"
