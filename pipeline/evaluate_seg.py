@@ -9,7 +9,9 @@ metrics.json) and left out of every metric; a prediction without a truth mask is
 
 Masks: a pixel is tumor when its value is ``> threshold`` (default 127, for 0/255 masks); in a label
 image (integers up to ``LABEL_MAX``, 8: 0/1 or BraTS-style 0/1/2/4, with a background of 0 or one value
-throughout) when ``> 0``; in a float map within [0, 1] when ``> threshold`` (default 0.5).
+throughout) when ``> 0``; in a float map within [0, 1] when ``> threshold`` (default 0.5). An explicit
+``threshold`` applies to the predictions only: truth masks are always read by the defaults, so a
+probability cut for float predictions never lets a 0/255 truth's JPEG edge values in.
 Linked sub-folders are followed, as ``segment`` follows them in its input.
 
 Per-image metrics use MONAI (``DiceMetric``, ``MeanIoU``, ``HausdorffDistanceMetric(percentile=95)``,
@@ -39,6 +41,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +214,8 @@ def evaluate_segmentation(pred_dir: str | os.PathLike, truth_dir: str | os.PathL
             rows.append(_Row("paired", key, "missing_pred", error="no predicted mask with this relative path"))
             continue
         try:
-            truth, pred = read_mask(truth_path, threshold), read_mask(preds[key], threshold)
+            # the threshold is the predictions' (a probability cut, say); the truth is read by its own kind
+            truth, pred = read_mask(truth_path), read_mask(preds[key], threshold)
             values = metrics(pred, truth)
         except ValueError as exc:
             rows.append(_Row("paired", key, "error", error=str(exc)))
@@ -246,7 +250,9 @@ def evaluate_segmentation(pred_dir: str | os.PathLike, truth_dir: str | os.PathL
                                        "missed_tumor": "dice=iou=0, hd95=NaN left out of the hd95 summary "
                                                        "(counted in hd95.missed and the detection rate)",
                                        "false_mask": "dice=iou=0, hd95=NaN (counted in the false-mask rate)",
-                                       "missing_pred": "truth without prediction: left out of all metrics"}},
+                                       "missing_pred": "truth without prediction: left out of all metrics",
+                                       "error": "a pair that cannot be scored (unreadable, another size): left "
+                                                "out of all metrics, listed in per_image.csv"}},
         "counts": {"truth_masks": len(truths), "pred_masks": len(preds), "paired": len(ok),
                    "missing_pred": sum(r.status == "missing_pred" for r in rows),
                    "unpaired_pred": len(set(preds) - set(truths)),
@@ -366,8 +372,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output folder: metrics.json, per_image.csv, worst_cases.png")
     p.add_argument("--images", help="scans folder (the `segment` input) to draw under the worst cases")
     p.add_argument("--no-tumor", help="predicted masks of slices known to hold no tumor (false-mask rate)")
-    p.add_argument("--threshold", type=float, help="a pixel is tumor when its value is above this (default 127; "
-                   "0.5 in a float map within [0, 1]); in a label image (0 to at most 8, background 0) any value above 0")
+    p.add_argument("--threshold", type=float, help="predictions only: a pixel is tumor when its value is above this "
+                   "(default 127; 0.5 in a float map within [0, 1]); in a label image (0 to at most 8, background 0) "
+                   "any value above 0. Truth masks are always read by those defaults")
     p.add_argument("--n-worst", type=int, default=8, help="how many lowest-Dice slices to draw")
 
 
@@ -376,4 +383,9 @@ def run(args) -> int:
                                    no_tumor_dir=args.no_tumor, images_dir=args.images, n_worst=args.n_worst)
     keys = ("counts", "tumor_slices", "detection_rate", "hit_rate", "false_mask_rate")
     print(json.dumps(_json_safe({k: result[k] for k in keys}), indent=2))
+    left_out = result["counts"]["errors"] + result["counts"]["missing_pred"]
+    if left_out:  # the means above are over fewer slices than the truth folder holds: say so where it is read
+        print(f"warning: {left_out} mask(s) left out of every figure above ({result['counts']['errors']} that could "
+              f"not be scored, {result['counts']['missing_pred']} without a prediction); see status in "
+              f"{Path(args.out) / 'per_image.csv'}", file=sys.stderr)
     return 0

@@ -204,3 +204,28 @@ def test_cli_run(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["counts"]["missing_pred"] == 1
     with pytest.raises(FileNotFoundError):
         evaluate_segmentation(out, tmp_path / "absent", tmp_path / "ev2")
+
+
+def test_an_explicit_threshold_cuts_the_predictions_not_the_truth(tmp_path, capsys):
+    import argparse
+
+    from pipeline.evaluate_seg import run
+
+    truth = np.zeros((20, 20), np.uint8)
+    truth[5:15, 5:15] = 255
+    truth[4, 5:15] = 60  # a JPEG-like edge: not tumor in a 0/255 mask
+    (tmp_path / "truth").mkdir()
+    cv2.imwrite(str(tmp_path / "truth" / "x.png"), truth)
+    cv2.imwrite(str(tmp_path / "truth" / "y.png"), truth)
+    prob = np.zeros((20, 20), np.float32)
+    prob[5:15, 5:15] = 0.4  # a probability map, cut at 0.3
+    (tmp_path / "pred").mkdir()
+    cv2.imwrite(str(tmp_path / "pred" / "x.tiff"), prob)
+    cv2.imwrite(str(tmp_path / "pred" / "y.tiff"), np.zeros((10, 10), np.float32))  # another size: not scored
+    args = argparse.Namespace(pred=str(tmp_path / "pred"), truth=str(tmp_path / "truth"), out=str(tmp_path / "e"),
+                              threshold=0.3, no_tumor=None, images=None, n_worst=2)
+    assert run(args) == 0
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["tumor_slices"]["dice"]["mean"] == pytest.approx(1.0)  # the edge row stays background
+    assert metrics["counts"]["errors"] == 1
+    assert "warning: 1 mask(s) left out of every figure above" in capsys.readouterr().err
