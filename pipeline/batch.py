@@ -36,10 +36,17 @@ def _fmt(x: float) -> str:
     return f"{x:.6f}"
 
 
+def _check_dicom_window(value: str) -> None:
+    from pipeline.scans import DICOM_WINDOWS
+
+    if value not in DICOM_WINDOWS:  # here, not per file: every scan would become an error row
+        raise ValueError(f"dicom_window must be one of {', '.join(DICOM_WINDOWS)}, got {value!r}")
+
+
 def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classifier: ClassifierLike,
                 segmenter: Segmenter | None = None, mode: str | None = None, batch_size: int = 32,
                 workers: int = 2, overlays: bool = False, nifti_slices="nonempty", progress: bool | None = None,
-                margin: float = 0.25, gradcam: bool = False) -> dict:
+                margin: float = 0.25, gradcam: bool = False, dicom_window: str = "file") -> dict:
     """Process every file under ``input_dir``; returns counts. See the module docstring for guarantees."""
     mode = mode or classifier.mode
     if mode == classifier.mode and hasattr(classifier, "views"):
@@ -60,6 +67,9 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     settings.update({k: True for k, on in (("overlays", overlays), ("gradcam", gradcam)) if on})
     if nifti_slices != "nonempty":  # other slices of a volume: a rerun with another choice is refused, not skipped
         settings["nifti_slices"] = nifti_slices if isinstance(nifti_slices, str) else sorted({int(z) for z in nifti_slices})
+    if dicom_window != "file":  # the pixels differ: recorded when chosen, like the slices
+        _check_dicom_window(dicom_window)
+        settings["dicom_window"] = dicom_window
     _adopt_older_picture_settings(Path(out_dir), settings)
     run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
@@ -110,7 +120,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
 
     if run.unlisted:
         flush(run.unlisted)
-    for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update):
+    for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update, dicom_window):
         flush(batch)
     bar.close()
     return counts

@@ -232,6 +232,9 @@ def _args_predict(p):
     p.add_argument("--nifti-slices", type=_nifti_slices,
                    help="all | middle | nonempty (default) | 3,4,5: slices of a NIfTI volume or frames of a "
                         "multi-frame DICOM")
+    p.add_argument("--dicom-window", choices=["file", "minmax"],
+                   help="file (default): a DICOM's own WindowCenter/Width where it has one, as a viewer opens it; "
+                        "minmax: the full range of its values, whatever window the file suggests")
 
 
 def _args_train_seg(p):
@@ -424,6 +427,7 @@ def cmd_predict(a):
                           f"(see weights/manifest.json)")
     counts = run_predict(a.input, a.out, classifier, segmenter, mode=mode, batch_size=a.batch_size,
                          workers=a.workers, overlays=a.overlays, gradcam=a.gradcam, nifti_slices=a.nifti_slices,
+                         dicom_window=a.dicom_window or "file",
                          margin=float(classifier.meta.get("margin", 0.25)))
     print(json.dumps(counts))
 

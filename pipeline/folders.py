@@ -152,10 +152,10 @@ class Item:
     error: str = ""
 
 
-def read_items(path: Path, root: Path, nifti_slices) -> list[Item]:
+def read_items(path: Path, root: Path, nifti_slices, dicom_window: str = "file") -> list[Item]:
     rel = path.relative_to(root).as_posix()
     try:
-        scans = read_scans(path, nifti_slices=nifti_slices)
+        scans = read_scans(path, nifti_slices=nifti_slices, dicom_window=dicom_window)
     except ScanReadError as exc:
         return [Item(rel, None, exc.reason)]
     except Exception as exc:  # one bad file must never stop the folder
@@ -171,7 +171,7 @@ def read_items(path: Path, root: Path, nifti_slices) -> list[Item]:
 
 
 def iter_read(files: Sequence[Path], root: Path, nifti_slices="nonempty", workers: int = 2,
-              window_size: int = 64) -> Iterator[list[Item]]:
+              window_size: int = 64, dicom_window: str = "file") -> Iterator[list[Item]]:
     """Read files on ``workers`` threads, in order, with at most ``window_size`` in flight.
 
     The bounded window keeps memory flat whatever the folder's size.
@@ -184,7 +184,7 @@ def iter_read(files: Sequence[Path], root: Path, nifti_slices="nonempty", worker
                 p = next(it, None)
                 if p is None:
                     break
-                window.append(pool.submit(read_items, p, root, nifti_slices))
+                window.append(pool.submit(read_items, p, root, nifti_slices, dicom_window))
             if not window:
                 return
             yield window.popleft().result()
@@ -262,13 +262,13 @@ def write_png_atomic(path: Path, image: np.ndarray) -> None:
 
 
 def iter_batches(files: Sequence[Path], root: Path, done: set[str], batch_size: int, nifti_slices="nonempty",
-                 workers: int = 2, on_file=None) -> Iterator[list[Item]]:
+                 workers: int = 2, on_file=None, dicom_window: str = "file") -> Iterator[list[Item]]:
     """Batches of ``batch_size`` read items (scans or error items), skipping keys in ``done``.
 
     ``on_file`` is called once per file read (a progress bar's ``update``).
     """
     pending: list[Item] = []
-    for items in iter_read(files, root, nifti_slices, workers, 2 * batch_size):
+    for items in iter_read(files, root, nifti_slices, workers, 2 * batch_size, dicom_window):
         if on_file:
             on_file(1)
         pending.extend(it for it in items if csv_key(it.key) not in done)

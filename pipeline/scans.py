@@ -21,7 +21,8 @@ given, in which case that linear window is used for every format:
 * 8-bit rasters: kept as is (colour -> ITU-R 601 luma, alpha ignored).
 * 16-bit / 32-bit / float rasters (16-bit colour: its luma) and ``.mat`` images: min-max over the image.
 * DICOM: colour to luma, RescaleSlope/Intercept, then the file's first WindowCenter/WindowWidth,
-  else min-max (over all frames of a multi-frame file); MONOCHROME1 is inverted afterwards.
+  else (or with ``dicom_window="minmax"``) min-max (over all frames of a multi-frame file);
+  MONOCHROME1 is inverted afterwards.
   A multi-frame file gives one Scan per selected frame, chosen and keyed like a NIfTI volume's slices.
 * NIfTI: one window per volume, the 0.5/99.5 percentiles of the nonzero voxels.
 
@@ -510,7 +511,7 @@ def _ensure_transfer_syntax(ds) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def _read_dicom(path: Path, key: str, window, nifti_slices="nonempty") -> list[Scan]:
+def _read_dicom(path: Path, key: str, window, nifti_slices="nonempty", dicom_window: str = "file") -> list[Scan]:
     import pydicom
 
     try:
@@ -569,7 +570,7 @@ def _read_dicom(path: Path, key: str, window, nifti_slices="nonempty") -> list[S
 
     used = window
     source = "user" if window is not None else None
-    if used is None:
+    if used is None and dicom_window == "file":
         try:
             voi = _functional_group(ds, "FrameVOILUTSequence", 0)  # one window for all frames, as for a volume
             c = _first(voi.get("WindowCenter"))
@@ -872,10 +873,11 @@ def _read_mat(path: Path, key: str, window) -> list[Scan]:
 # --------------------------------------------------------------------------- entry points
 
 _NIFTI_MODES = ("all", "middle", "nonempty")
+DICOM_WINDOWS = ("file", "minmax")
 
 
 def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "nonempty",
-               window: tuple[float, float] | None = None) -> list[Scan]:
+               window: tuple[float, float] | None = None, dicom_window: str = "file") -> list[Scan]:
     """Read one file into a list of :class:`Scan` (each image (H, W) uint8).
 
     2D formats give exactly one Scan.  A 3D NIfTI volume gives one Scan per selected slice along
@@ -889,10 +891,14 @@ def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "non
 
     ``window=(center, width)``, in the file's intensity units (after DICOM rescale),
     overrides the default per-format normalisation described in the module docstring.
+    ``dicom_window``: ``file`` (a DICOM's own WindowCenter/Width where it has one, as viewers
+    open it) or ``minmax`` (the full range of its values, whatever window the file suggests).
 
     Raises ScanReadError for any unreadable file; ValueError for bad arguments.
     """
     window = _check_window(window)
+    if dicom_window not in DICOM_WINDOWS:
+        raise ValueError(f"dicom_window must be one of {DICOM_WINDOWS}, got {dicom_window!r}")
     if isinstance(nifti_slices, str):
         if nifti_slices not in _NIFTI_MODES:
             raise ValueError(f"nifti_slices must be one of {_NIFTI_MODES} or a list of ints, got {nifti_slices!r}")
@@ -919,7 +925,7 @@ def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "non
     suf = _suffix(p)
     try:
         if _has_dicm_magic(p) or suf in _DICOM_SUFFIXES:
-            return _read_dicom(p, key, window, nifti_slices)
+            return _read_dicom(p, key, window, nifti_slices, dicom_window)
         if suf in _RASTER_SUFFIXES:
             return _read_raster(p, key, window)
         if suf in _NIFTI_SUFFIXES:

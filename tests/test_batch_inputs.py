@@ -3,6 +3,7 @@ failed before its fix."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -315,3 +316,20 @@ def test_predict_refuses_a_rerun_with_other_volume_slices(tmp_path, tiny_classif
     record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "nifti_slices"}))
     assert run_predict(src, tmp_path / "out", clf, None, progress=False, nifti_slices=[2, 1, 2])["rows_written"] == 0
     assert json.loads(record.read_text())["nifti_slices"] == [1, 2]
+
+
+def test_dicom_window_is_recorded_and_a_rerun_with_another_is_refused(tmp_path, tiny_classifier):
+    from pipeline.batch import run_predict
+    from pipeline.classify.predict import Classifier
+    from tests.scan_fixtures import write_dicom
+
+    src = tmp_path / "scans"
+    src.mkdir()
+    write_dicom(src / "a.dcm", (np.arange(32 * 32).reshape(32, 32) % 4000).astype(np.uint16), window=(1000, 500))
+    out = tmp_path / "out"
+    run_predict(src, out, Classifier(tiny_classifier), None, dicom_window="minmax", progress=False)
+    assert json.loads((out / "predictions.csv.settings.json").read_text())["dicom_window"] == "minmax"
+    with pytest.raises(ValueError, match="dicom_window"):
+        run_predict(src, out, Classifier(tiny_classifier), None, progress=False)  # the file's window: other pixels
+    with pytest.raises(ValueError, match="dicom_window must be one of"):
+        run_predict(src, tmp_path / "out2", Classifier(tiny_classifier), None, dicom_window="soft", progress=False)

@@ -865,3 +865,14 @@ def test_real_brain_tumor_mri_jpegs():
         assert s.image.dtype == np.uint8 and s.image.ndim == 2
         assert min(s.image.shape) >= 64 and s.image.max() > s.image.min()
         assert s.meta["format"] == "jpeg" and s.key == str(files[0])
+
+
+def test_a_dicoms_own_window_or_its_full_range(tmp_path):
+    stored = np.array([[0, 1000, 2000, 4000]], np.uint16)
+    p = write_dicom(tmp_path / "w.dcm", stored, window=(1000, 1000))  # a narrow window: 500 .. 1500
+    as_filed = read_scan(p)
+    assert as_filed.image.tolist() == [[0, 128, 255, 255]] and as_filed.meta["window_source"] == "file"
+    full = read_scans(p, dicom_window="minmax")[0]
+    assert full.image.tolist() == [[0, 64, 128, 255]] and full.meta["window_source"] == "minmax"
+    with pytest.raises(ValueError, match="dicom_window"):
+        read_scans(p, dicom_window="narrow")

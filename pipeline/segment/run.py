@@ -183,12 +183,17 @@ def mask_relpath(key: str, names: dict[str, str] | None = None) -> str:
 
 def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmenter,
                 batch_size: int = 16, workers: int = 2, nifti_slices="nonempty", model_name: str = "yolo",
-                progress: bool | None = None) -> dict:
+                progress: bool | None = None, dicom_window: str = "file") -> dict:
     """Segment every file under ``input_dir``; returns counts. See the module docstring for the outputs."""
     batch_size = max(1, int(batch_size))
     settings = {"model": model_name, "segmenter": getattr(segmenter, "fingerprint", None)}
     if nifti_slices != "nonempty":  # recorded only when chosen, so folders from before resume
         settings["nifti_slices"] = nifti_slices if isinstance(nifti_slices, str) else sorted({int(z) for z in nifti_slices})
+    if dicom_window != "file":
+        from pipeline.batch import _check_dicom_window
+
+        _check_dicom_window(dicom_window)
+        settings["dicom_window"] = dicom_window
     run = start_folder_run(input_dir, out_dir, CSV_NAME, SEG_COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     masks_root = out / MASKS_DIR
@@ -243,7 +248,7 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
                smoothing=0.1)
     if run.unlisted:
         flush(run.unlisted)
-    for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update):
+    for batch in iter_batches(todo, root, results.done, batch_size, nifti_slices, workers, bar.update, dicom_window):
         flush(batch)
     bar.close()
     counts["mask_volumes"] = write_mask_volumes(root, files, results.done, masks_root, names)
@@ -377,6 +382,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nifti-slices", type=parse_nifti_slices, default="nonempty",
                    help="all | middle | nonempty | comma list: which slices of a NIfTI volume or frames of a "
                         "multi-frame DICOM")
+    p.add_argument("--dicom-window", choices=["file", "minmax"], default="file",
+                   help="file (default): a DICOM's own WindowCenter/Width where it has one, as a viewer opens it; "
+                        "minmax: the full range of its values, whatever window the file suggests")
 
 
 def run(args) -> int:
@@ -390,6 +398,7 @@ def run(args) -> int:
     if isinstance(slices, str) and slices not in ("all", "middle", "nonempty"):  # from a config file
         slices = parse_nifti_slices(slices)
     counts = run_segment(args.input, args.out, segmenter, batch_size=args.batch_size or 16,
-                         workers=args.workers or 2, nifti_slices=slices, model_name=args.model or getattr(segmenter, "name", "segmenter"))
+                         workers=args.workers or 2, nifti_slices=slices, model_name=args.model or getattr(segmenter, "name", "segmenter"),
+                         dicom_window=getattr(args, "dicom_window", None) or "file")
     print(json.dumps(counts))
     return 0
