@@ -78,6 +78,10 @@ def _args_phantoms(p):
 
 def _args_read(p):
     p.add_argument("files", nargs="+", help="scan files (image, DICOM, NIfTI, figshare .mat)")
+    p.add_argument("--nifti-slices", type=_nifti_slices, default="nonempty",
+                   help="all | middle | nonempty (default) | 3,4,5: which slices of a volume to list, as predict reads them")
+    p.add_argument("--dicom-window", choices=["file", "minmax"], default="file",
+                   help="file (default) or minmax, as for predict")
 
 
 def _args_crop(p):
@@ -153,7 +157,8 @@ def cmd_read(a):
     status = 0
     for f in a.files:
         try:
-            scans = read_scans(f)
+            scans = read_scans(f, nifti_slices=getattr(a, "nifti_slices", None) or "nonempty",
+                               dicom_window=getattr(a, "dicom_window", None) or "file")
             if not scans:  # what predict records as an error row
                 print(f"error: {f}: no slice selected (volume is blank)", file=sys.stderr)
                 status = 1

@@ -214,3 +214,17 @@ def test_compare_reports_a_run_whose_folder_name_is_not_utf8(tmp_path):
                      "--out", str(tmp_path / "rep"), "--n-boot", "20", "--device", "cpu"]) == 0
     md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")  # valid UTF-8, the odd byte shown as U+FFFD
     assert "caf\ufffd" in md and "caf\ufffd" in (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+
+
+def test_read_lists_the_slices_predict_would_read(tmp_path, capsys):
+    from pipeline import cli
+    from tests.scan_fixtures import write_nifti
+
+    vol = np.zeros((16, 12, 4), np.float32)
+    vol[4:10, 3:8, 1:3] = 100  # slices 0 and 3 blank
+    path = write_nifti(tmp_path / "v.nii.gz", vol)
+    assert cli.main(["read", str(path), "--device", "cpu"]) == 0
+    assert [json.loads(line)["key"][-5:] for line in capsys.readouterr().out.splitlines()] == ["#z=01", "#z=02"]
+    assert cli.main(["read", str(path), "--nifti-slices", "all", "--device", "cpu"]) == 0
+    keys = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [k["key"][-5:] for k in keys] == ["#z=00", "#z=01", "#z=02", "#z=03"] and keys[0]["blank"] is True
