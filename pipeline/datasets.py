@@ -252,6 +252,9 @@ def make_split(train_dir: str | os.PathLike, out: str | os.PathLike, val_fractio
     if "val" not in assignment.values():
         raise DatasetError(f"{train_dir}: {len(samples)} images give no validation image at --val-fraction "
                            f"{val_fraction}; add images or raise the fraction")
+    if "train" not in assignment.values():
+        raise DatasetError(f"{train_dir}: {len(samples)} images give no training image at --val-fraction "
+                           f"{val_fraction}; lower the fraction")
     write_split(out, samples, assignment, root=train_dir)
     counts: dict[str, int] = defaultdict(int)
     for split in assignment.values():

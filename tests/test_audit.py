@@ -230,3 +230,24 @@ def test_copies_inside_testing_are_found_and_a_copy_of_a_leaked_copy_is_not_clea
     clean = (tmp_path / "out2" / "clean_test.txt").read_text().splitlines()
     assert clean == sorted([str(new), str(twin)])
     assert res["totals"]["n_test_copy_via_testing"] == 1 and res["per_class"]["glioma"]["test_copy_via_testing"] == 1
+
+
+def test_a_copy_at_another_resolution_is_found(shared_root):
+    # figshare 1462 (512 px) is Kaggle Tr-pi_0672 (224 px) resized; the head outline found at each
+    # image's own size differed by a pixel or two at 224 px, enough to miss the pair (and `sources`
+    # tagged 27 such figshare slices as SARTAJ)
+    big = shared_root / "figshare-cheng2017" / "images" / "1462.jpg"
+    small = shared_root / "brain-tumor-mri" / "Training" / "pituitary" / "Tr-pi_0672.jpg"
+    res = audit.find_duplicates([(small, "pituitary")], [(big, "pituitary")], workers=1)
+    assert [(r["test_path"], r["train_path"]) for r in res["cross"]] == [(str(big), str(small))]
+
+
+def test_a_testing_name_with_a_line_break_is_left_out_of_the_clean_list(tmp_path, capsys):
+    tr, te = tmp_path / "Training", tmp_path / "Testing"
+    _write(tr / "glioma" / "a.jpg", _scan(1))
+    odd = _write(te / "glioma" / "new\nline.jpg", _scan(2))
+    _write(te / "glioma" / "plain.jpg", _scan(3))
+    audit.run_audit(tr, te, tmp_path / "out", workers=1)
+    listed = (tmp_path / "out" / "clean_test.txt").read_text().splitlines()
+    assert [Path(p).name for p in listed] == ["plain.jpg"] and str(odd) not in listed
+    assert "hold a line break" in capsys.readouterr().err

@@ -71,3 +71,10 @@ def test_a_volume_finds_itself_and_the_index_file_is_what_was_named(tmp_path, ti
     assert f"{out}: not an index written by `index`" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["similar", "--index", str(out), "--query", str(scans / "vol.nii.gz"), "-k", "0"])
+
+
+def test_a_scan_is_labelled_by_its_outermost_class_folder():
+    from pipeline.classify.search import _label_of
+
+    assert _label_of("glioma/normal/x.jpg") == "glioma"  # as list_class_folder reads it
+    assert _label_of("study/notumor/x.jpg") == "notumor" and _label_of("x.jpg") == ""

@@ -509,3 +509,11 @@ def test_train_cls_records_mixup_only_when_on(tmp_path):
     _tiny_caches(plain)
     assert _train_tiny(plain) == 0
     assert "mixup" not in torch.load(plain / "run" / "best.pt", weights_only=True)["meta"]
+
+
+def test_split_says_when_training_is_empty(phantoms, tmp_path):
+    from pipeline.datasets import DatasetError
+
+    with pytest.raises(DatasetError, match="no training image"):
+        make_split(phantoms / "Training", tmp_path / "split.csv", 0.99, 0)
+    assert not (tmp_path / "split.csv").exists()

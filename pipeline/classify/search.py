@@ -36,7 +36,9 @@ def embed(classifier: Classifier, images: np.ndarray) -> np.ndarray:
 
 
 def _label_of(rel: str) -> str:
-    for part in reversed(Path(rel).parts[:-1]):
+    """The outermost folder that names a class, as :func:`pipeline.datasets.list_class_folder` reads it
+    (``glioma/normal/x.jpg`` is a glioma scan)."""
+    for part in Path(rel).parts[:-1]:
         try:
             return canonical_class(part)
         except DatasetError:
