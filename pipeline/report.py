@@ -373,7 +373,8 @@ def _per_run(results: dict[str, dict], describe) -> str:
 def header_notes(results: dict[str, dict], clean_size: int | None, alpha: float = 0.05) -> list[str]:
     """Dataset lines: n and per-class n on ALL and CLEAN (per run where runs differ), rows a run could
     not score, and classes the clean subset has few of."""
-    lines = [f"ALL = every scored Testing image: {_per_run(results, lambda r: _class_counts(r['all']))}."]
+    lines = [f"ALL = every scored image of the runs (Kaggle Testing in this project's reports): "
+             f"{_per_run(results, lambda r: _class_counts(r['all']))}."]
     skipped = [(name, r.get("n_skipped", 0)) for name, r in results.items() if r.get("n_skipped", 0)]
     if skipped:
         lines.append("; ".join(f"{name}: {k} row{'s' if k > 1 else ''} not scored (read errors), excluded"
@@ -385,8 +386,9 @@ def header_notes(results: dict[str, dict], clean_size: int | None, alpha: float 
                  f"past an observed 0% or 100%, so for a small class it is too narrow, e.g. [1.000, 1.000]). Recall "
                  f"is listed before precision: a missed tumor costs most.")
     if any(r.get("clean") is None for r in results.values()):
-        lines.append("No clean list was given (`--clean`): only ALL is reported; ALL includes Testing images "
-                     "that have near-copies in Training, so its scores are optimistic.")
+        lines.append("No clean list was given (`--clean`): only ALL is reported. Where the scored images have "
+                     "near-copies among the training images (as most of Kaggle Testing does, by the audit), "
+                     "ALL is optimistic; `audit` on your own training and test folders gives the clean list.")
         return lines + [intervals]
     lines.append(f"CLEAN = Testing images with no near-copy in Training (audit; {clean_size} listed, "
                  + _per_run(results, lambda r: f"{r['clean']['n']} matched here, by "
