@@ -63,8 +63,15 @@ def test_a_volume_finds_itself_and_the_index_file_is_what_was_named(tmp_path, ti
     assert info["out"] == str(out) and out.is_file() and info["indexed"] == 4
     assert main(["similar", "--index", str(out), "--query", str(scans / "vol.nii.gz"), "-k", "1",
                  "--cls", str(tiny_classifier), "--device", "cpu"]) == 0
-    hit = json.loads(capsys.readouterr().out.splitlines()[0])
+    captured = capsys.readouterr()
+    hit = json.loads(captured.out.splitlines()[0])
     assert hit["key"].startswith("glioma/vol.nii.gz#z=") and hit["distance"] == pytest.approx(0, abs=1e-5)
+    assert f"query: {scans / 'vol.nii.gz'}#z=" in captured.err  # which slice of the volume was read
+    # a slice named as predict names it: another slice than the middle one, its own distance
+    assert main(["similar", "--index", str(out), "--query", f"{scans / 'vol.nii.gz'}#z=03", "-k", "4",
+                 "--cls", str(tiny_classifier), "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert f"query: {scans / 'vol.nii.gz'}#z=03" in captured.err and len(captured.out.splitlines()) == 4
     out.write_bytes(out.read_bytes()[:200])  # a write cut short
     assert main(["similar", "--index", str(out), "--query", str(scans / "vol.nii.gz"), "--cls", str(tiny_classifier),
                  "--device", "cpu"]) != 0

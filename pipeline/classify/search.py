@@ -121,14 +121,24 @@ def run_index(args) -> int:
 
 def add_similar_arguments(p) -> None:
     p.add_argument("--index", required=True, help="index .npz from `index`")
-    p.add_argument("--query", required=True, help="a scan file")
+    p.add_argument("--query", required=True, help="a scan file; a volume's slice as predict names it, "
+                                                  "vol.nii.gz#z=07 (default: its middle non-empty slice)")
     p.add_argument("-k", type=_positive, default=5, help="how many neighbours")
     p.add_argument("--cls", default="cls-lite0-full", help="the classifier the index was built with")
 
 
 def run_similar(args) -> int:
+    import sys
+
     from pipeline.scans import read_scan
 
-    for hit in search(args.index, read_scan(args.query).image, Classifier(args.cls, device=args.device), args.k):
+    path, kw = args.query, {}
+    if not os.path.exists(path) and "#z=" in path and path.rsplit("#z=", 1)[1].isdigit():
+        path, z = path.rsplit("#z=", 1)
+        kw = {"nifti_slices": [int(z)]}
+    query = read_scan(path, **kw)
+    if query.key != path:  # a volume: say which slice was read
+        print(f"query: {query.key}", file=sys.stderr)
+    for hit in search(args.index, query.image, Classifier(args.cls, device=args.device), args.k):
         print(json.dumps(hit))
     return 0
