@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,12 @@ def load_manifest(path: str | os.PathLike | None = None) -> dict[str, dict[str, 
     path = Path(path or MANIFEST)
     if not path.is_file():
         return {}
-    entries = json.loads(path.read_text())
-    return {e["name"]: e for e in entries["weights"]}
+    try:
+        entries = json.loads(path.read_text())
+        return {e["name"]: e for e in entries["weights"]}
+    except (ValueError, KeyError, TypeError) as exc:  # every command reads it: say which file is broken
+        raise WeightsError(f"{path}: not a valid weights manifest ({type(exc).__name__}: {exc}); restore it with "
+                           f"`git checkout -- {path.name}` if it is the repository's") from None
 
 
 def listed_name(path: str | os.PathLike, manifest: dict | None = None) -> str | None:
@@ -103,6 +108,9 @@ def load_checkpoint(name_or_path: str | os.PathLike, map_location: str = "cpu") 
     path = resolve(name_or_path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's own text suggests weights_only=False: never here
+        raise WeightsError(f"{path}: holds Python objects beyond tensors, so it is refused (checkpoints are "
+                           f"loaded weights-only; a file that needs more can run code when loaded)") from exc
     except Exception as exc:
         raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: {exc})") from exc
 
@@ -137,7 +145,7 @@ def download(name: str, manifest: dict | None = None, timeout: float = 30.0) -> 
         tmp.unlink(missing_ok=True)
         by_hand = (f"copy the file to {dest} by hand (sha256 {entry['sha256']})" if entry.get("sha256") else
                    f"copy the file to {dest} by hand; its sha256 is not known offline, so check it against "
-                   f"the publisher's before use")
+                   f"the publisher's, then `python -m pipeline weights --record {name}` records it")
         raise WeightsError(f"{name}: could not download {entry['url']} ({exc}). Without internet, {by_hand}") from exc
     actual = sha256_file(tmp)
     if entry.get("sha256") and actual != entry["sha256"]:

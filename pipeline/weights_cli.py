@@ -15,6 +15,8 @@ def add_arguments(p) -> None:
     p.add_argument("--list", action="store_true",
                    help="print name, file, present?, sha256 ok?, license for every manifest entry (default)")
     p.add_argument("--download", nargs="+", metavar="NAME", help="fetch these manifest entries and check them")
+    p.add_argument("--record", nargs="+", metavar="NAME", help="record the sha256 of a file placed in weights/ by "
+                   "hand (no internet), where the manifest has none yet: check it against the publisher's first")
     p.add_argument("--verify", action="store_true", help="check every file against its manifest sha256; a missing checkpoint of the "
                    "project's own is an error")
 
@@ -36,13 +38,13 @@ def _checked(entry: dict) -> tuple[bool, str, str | None]:
     return True, "ok" if actual == entry["sha256"] else "MISMATCH", actual
 
 
-def _record_sha(name: str) -> None:
+def _record_sha(name: str, how: str = "recorded from the first download (trust on first use)") -> None:
     """Trust on first download: write the file's sha256 into the manifest where it was null."""
     data = json.loads(_weights.MANIFEST.read_text())
     for entry in data["weights"]:
         if entry["name"] == name and not entry.get("sha256"):
             entry["sha256"] = _weights.sha256_file(_weights.WEIGHTS_DIR / entry["file"])
-            entry["sha256_source"] = "recorded from the first download (trust on first use)"
+            entry["sha256_source"] = how
             _weights.MANIFEST.write_text(json.dumps(data, indent=2) + "\n")
             print(f"{name}: recorded sha256 {entry['sha256']} in {_weights.MANIFEST}")
 
@@ -97,6 +99,18 @@ def run(args) -> int:
         print(f"{name}: {path}")
         _record_sha(name)
         manifest = _weights.load_manifest(_weights.MANIFEST)
+    for name in args.record or []:
+        entry = manifest.get(name)
+        path = _weights.WEIGHTS_DIR / entry["file"] if entry else None
+        if entry is None or entry.get("sha256") or not path.is_file():
+            why = (f"not in {_weights.MANIFEST}" if entry is None else
+                   f"the manifest already has its sha256 (`--verify` checks it)" if entry.get("sha256") else
+                   f"{path} is not there")
+            print(f"error: --record {name}: {why}", file=sys.stderr)
+            rc = 1
+            continue
+        _record_sha(name, "recorded from a copy placed by hand (trust on first use)")
+        manifest = _weights.load_manifest(_weights.MANIFEST)
     if args.verify:
         for name, entry in manifest.items():
             present, sha, actual = _checked(entry)
@@ -122,7 +136,7 @@ def run(args) -> int:
             for problem in problems:
                 print(f"error: {name}: {problem}", file=sys.stderr)
                 rc = 1
-    if args.list or not (args.download or args.verify):
+    if args.list or not (args.download or args.verify or args.record):
         rows = [("name", "file", "present", "sha256", "license")]
         for name, entry in manifest.items():
             present, sha = _status(entry)

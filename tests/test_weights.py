@@ -196,8 +196,9 @@ def test_load_checkpoint_weights_only(tmp_path):
     assert ckpt["meta"]["imgsz"] == 64 and torch.equal(ckpt["state_dict"]["w"], torch.ones(2))
     bad = tmp_path / "gadget.pt"
     torch.save({"meta": Gadget()}, bad)
-    with pytest.raises(WeightsError, match="not a loadable weights-only checkpoint"):
+    with pytest.raises(WeightsError, match="holds Python objects beyond tensors, so it is refused") as refused:
         W.load_checkpoint(bad)
+    assert "weights_only=False" not in str(refused.value)  # torch's own advice is never ours
 
 
 def test_real_manifest_shape():
@@ -226,3 +227,32 @@ def test_a_checkpoint_write_cut_short_leaves_the_old_file(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]  # no temporary file left behind
+
+
+def test_a_copy_placed_by_hand_is_recorded_once_and_then_checked(wdir, capsys):
+    (wdir / "unk.pt").write_bytes(b"copied by hand")
+    assert _run("--record", "unk") == 0
+    entry = W.load_manifest(W.MANIFEST)["unk"]
+    assert entry["sha256"] == hashlib.sha256(b"copied by hand").hexdigest() and "by hand" in entry["sha256_source"]
+    assert _run("--record", "unk") == 1  # recorded already: --verify checks it from now on
+    assert "already has its sha256" in capsys.readouterr().err
+    assert _run("--record", "absent", "nosuch") == 1
+    err = capsys.readouterr().err
+    assert "absent: the manifest already has its sha256" in err and "nosuch: not in" in err
+    (wdir / "unk.pt").write_bytes(b"changed")
+    assert _run("--verify") == 1
+
+
+def test_a_broken_manifest_is_named(wdir):
+    (wdir / "manifest.json").write_text('{"weights": [{"name": "x", "file": "x.pt"')
+    with pytest.raises(WeightsError, match=r"manifest.json: not a valid weights manifest"):
+        W.load_manifest(W.MANIFEST)
+
+
+def test_an_ensemble_with_a_second_opinion_member_that_is_no_name_is_refused(tmp_path):
+    from pipeline.classify.predict import load_classifier
+
+    spec = tmp_path / "pair.json"
+    spec.write_text(json.dumps({"members": ["cls-lite0-full"], "second_opinion": {"members": [1], "below": 0.8}}))
+    with pytest.raises(WeightsError, match="second_opinion"):
+        load_classifier(str(spec))

@@ -237,7 +237,8 @@ def load_classifier(weights: str | os.PathLike, device: str = "cpu", threads: in
             raise WeightsError(f"{path}: not an ensemble file (expected JSON with \"members\": a list of "
                                f"manifest names or paths)") from None
         second = spec.get("second_opinion") or {}
-        if not isinstance(second, dict) or not isinstance(second.get("members", []), list):
+        if not isinstance(second, dict) or not isinstance(second.get("members", []), list) \
+                or not all(isinstance(m, str) for m in second.get("members", [])):
             raise WeightsError(f"{path}: \"second_opinion\" must be {{\"members\": [...], \"below\": P}}")
         members, extra = ([m if m in manifest else str(path.parent / m) for m in names]
                           for names in (members, second.get("members", [])))

@@ -40,7 +40,9 @@ def verified_pretrained(name: str) -> Path:
     if not entry or not entry.get("sha256"):
         raise WeightsError(f"{name}: no sha256 recorded in weights/manifest.json, so the file is not opened "
                            f"(it is a pickle). `python -m pipeline weights --download {name}` fetches it and "
-                           f"records its sha256; or remove it to train from the YAML")
+                           f"records its sha256; a copy placed by hand, once checked against the publisher's "
+                           f"sha256, is recorded by `python -m pipeline weights --record {name}`; or remove it "
+                           f"to train from the YAML")
     return resolve(name)
 
 
