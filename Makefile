@@ -115,6 +115,11 @@ help: ## this list
 	@echo "  FULL_SIZE    input size of the shipped whole-slice member, for shipped-eval's cache (default: $(FULL_SIZE))"
 	@echo "  CLS_MODEL, CLS_TAG, CLS_EPOCHS, CLS_PRETRAINED   the CNN cls-train trains (default: $(CLS_MODEL))"
 	@echo "  CLS_ARGS     more train-cls options for cls-train, reference and loso (--flip-shear: as runs before session 24)"
+	@echo "  CLS_BATCH    train-cls batch size (default: $(CLS_BATCH))"
+	@echo "  BASELINE_MODES, BASELINE_EPOCHS   YOLOv8n-cls baseline inputs and epochs (default: $(BASELINE_MODES), $(BASELINE_EPOCHS))"
+	@echo "  SEG_THRESHOLD, SEG_MIN_AREA   the cascade's coarse threshold and smallest region, packed by export-unet (default: $(SEG_THRESHOLD), $(SEG_MIN_AREA))"
+	@echo "  PYTEST_ARGS  more pytest options for make test (e.g. -k scans)"
+	@echo "  One OUT per DATA: finished stages are judged by their files, so another DATA wants another OUT"
 	@echo "  REF_MODEL, REF_MODES, REF_EPOCHS   from-scratch reference (default: $(REF_MODEL) on $(REF_MODES))"
 	@echo "  LOSO_DROP, LOSO_MODES   leave-one-source-out: train without LOSO_DROP tumors, score on them (default: $(LOSO_DROP) on $(LOSO_MODES))"
 	@echo "  CLS_WEIGHTS, SEG_WEIGHTS   checkpoints predict uses (default: $(CLS_WEIGHTS), $(SEG_WEIGHTS))"
@@ -223,7 +228,10 @@ $(OUT)/seg/diagnose/diagnosis.json: $(SEG_CKPT) $(OUT)/seg/data/data.yaml
 
 seg-eval: $(OUT)/seg/eval/metrics.json ## Dice/IoU/HD95 on held-out figshare slices, false masks on no-tumor Testing
 
+# these folders are redone whole whenever the metrics are (235 + 405 slices): an earlier run's folder holds
+# another segmenter's masks, or masks of another build of the held-out split, which segment would refuse to mix
 $(OUT)/seg/eval/metrics.json: $(SEG_CKPT) $(OUT)/seg/data/data.yaml $(OUT)/segment/Testing/.done
+	rm -rf $(OUT)/seg/test_pred
 	$(PY) -m pipeline segment --input $(OUT)/seg/data/images/test --out $(OUT)/seg/test_pred --weights $(SEG_CKPT) \
 	  --device $(DEVICE)
 	$(PY) -m pipeline evaluate-seg --pred $(OUT)/seg/test_pred --truth $(OUT)/seg/data/masks/test \
@@ -247,6 +255,7 @@ $(OUT)/seg/lite0_fine_cascade.pt: $(SEG_LITE0_FINE_RUN)/summary.json $(SEG_CKPT)
 seg-eval-default: $(OUT)/seg/eval_default/metrics.json ## seg-eval for SEG_DEFAULT, the default of segment
 
 $(OUT)/seg/eval_default/metrics.json: $(SEG_DEFAULT) $(OUT)/seg/data/data.yaml $(DATA_READY)
+	rm -rf $(OUT)/seg/test_pred_default $(OUT)/seg/notumor_pred_default
 	$(PY) -m pipeline segment --input $(OUT)/seg/data/images/test --out $(OUT)/seg/test_pred_default \
 	  --weights $(SEG_DEFAULT) --device $(DEVICE)
 	$(PY) -m pipeline segment --input $(DATA)/Testing/notumor --out $(OUT)/seg/notumor_pred_default \

@@ -35,6 +35,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A float strictly between 0 and 1 (a significance level)."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {value}")
+    return value
+
+
 def _margin(text: str) -> float:
     from pipeline.preprocess import MAX_MARGIN
 
@@ -101,8 +116,8 @@ def _args_train_cls(p):
     p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, curves.csv/png, summary.json")
     p.add_argument("--model", help="registry name, e.g. timm:tf_efficientnet_lite0, timm:resnet18, smallcnn")
     p.add_argument("--pretrained", type=_bool)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--epochs", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--patience", type=_positive_int, help="epochs without a validation gain before stopping")
     p.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
@@ -259,7 +274,7 @@ def _args_seg_data(p):
     p.add_argument("--brisc", help="brisc2025-seg folder (images/, masks/)")
     p.add_argument("--split", help="classifier split CSV: its notumor slices become background images")
     p.add_argument("--root", help="folder the split's paths are relative to (Training)")
-    p.add_argument("--n-background", type=int)
+    p.add_argument("--n-background", type=_non_negative_int)
     p.add_argument("--exclude-copies-of", help="Kaggle-layout folder (Testing) whose near-copies are left out, "
                                                "lesion slices and no-tumor backgrounds alike (not used by the "
                                                "shipped segmenters' builds: their Testing no-tumor scores say so)")
@@ -520,7 +535,8 @@ def _config_value(command: str, action: argparse.Action, value):
         if isinstance(v, bool):
             v = str(v).lower()  # YAML's true/false, read as the text a flag would get
         try:
-            out = v if action.type is None else action.type(str(v))
+            # text, as a typed flag would be: a YAML number or yes/no is not a name or a device
+            out = str(v) if action.type is None else action.type(str(v))
         except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:
             raise ConfigError(f"config section {command!r}: {action.dest} = {v!r}: {exc}") from None
         if action.choices is not None and out not in action.choices:

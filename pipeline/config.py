@@ -21,7 +21,10 @@ class ConfigError(ValueError):
 
 
 def load_config(*paths: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
-    """Merge YAML files (later wins, section by section) over ``configs/default.yaml``."""
+    """Merge YAML files (later wins, section by section) over ``configs/default.yaml``.
+
+    ``null`` in a later file means "the default", as it does in ``default.yaml``: it does not
+    replace a value an earlier file gives (several options have no default but that file's)."""
     merged: dict[str, dict[str, Any]] = {}
     for path in (DEFAULT_CONFIG, *[p for p in paths if p]):
         path = Path(path)
@@ -42,7 +45,8 @@ def load_config(*paths: str | os.PathLike | None) -> dict[str, dict[str, Any]]:
                 values = {}
             if not isinstance(values, dict):
                 raise ConfigError(f"{path}: section {section!r} must be a mapping")
-            merged.setdefault(section, {}).update(values)
+            into = merged.setdefault(section, {})
+            into.update({k: v for k, v in values.items() if v is not None or k not in into})
     return merged
 
 

@@ -283,6 +283,8 @@ def predict_cache(classifier, cache: dict | Sequence[dict], batch_size: int = 64
 
 
 def add_arguments(p) -> None:
+    from pipeline.cli import _fraction, _positive_int
+
     p.add_argument("--cls", help="classifier: a manifest name from weights/manifest.json or a .pt path")
     p.add_argument("--data", nargs="+", help="test cache .npz from `crop` (same mode and size as the classifier); "
                                              "an ensemble of full and crop models takes both caches")
@@ -300,8 +302,8 @@ def add_arguments(p) -> None:
     p.add_argument("--tta", choices=TTA_MODES, default="none",
                    help="test-time augmentation: hflip averages each slice with its left-right mirror "
                         "(twice the compute)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level of the intervals")
+    p.add_argument("--n-boot", type=_positive_int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--alpha", type=_fraction, default=0.05, help="1 - confidence level of the intervals")
 
 
 def run(args) -> int:

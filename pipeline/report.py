@@ -583,6 +583,8 @@ def _html(title, notes, results, tests, figures, alpha, n_pairs, out: Path) -> s
 # --- command ------------------------------------------------------------------------------------
 
 def add_arguments(p) -> None:
+    from pipeline.cli import _fraction, _positive_int
+
     p.add_argument("--runs", nargs="+", required=True, metavar="NAME=DIR",
                    help="runs to compare: NAME=DIR with DIR/predictions.csv (from evaluate-cls) or NAME=FILE.csv; "
                         "name them <model>-<mode> (e.g. lite0-masked, lite0-full) to pair them automatically")
@@ -590,8 +592,8 @@ def add_arguments(p) -> None:
     p.add_argument("--out", required=True, help="output folder: report.md, report.html, compare.json, PNGs")
     p.add_argument("--pairs", nargs="+", metavar="A:B", help="run pairs for McNemar (default: same model, "
                                                              "masked/crop vs full, masked vs crop)")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level; significance level")
+    p.add_argument("--n-boot", type=_positive_int, default=1000, help="bootstrap resamples for the intervals")
+    p.add_argument("--alpha", type=_fraction, default=0.05, help="1 - confidence level; significance level")
     p.add_argument("--gradcam-cls", help="classifier whose Grad-CAM panel to add (manifest name or .pt)")
     p.add_argument("--gradcam-data", help="cache .npz matching --gradcam-cls (mode and size)")
     p.add_argument("--gradcam-n", type=int, default=8, help="images in the Grad-CAM panel (half right, half wrong)")

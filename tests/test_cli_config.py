@@ -152,3 +152,32 @@ def test_a_required_flag_given_by_the_config_file_is_not_asked_for_again():
     assert (args.input, args.out) == ("scans", "results")
     with pytest.raises(SystemExit):  # still required where the config does not give it
         build_parser({}).parse_args(["predict"])
+
+
+def test_null_in_a_users_config_means_the_default_and_yaml_scalars_are_text(tmp_path):
+    # default.yaml uses null for "the default"; in a user's file it replaced values that have no
+    # other default (predict's batch size became None and crashed, seg: null meant no segmenter)
+    got = _defaults(tmp_path, "predict:\n  batch_size: null\n  seg: null\n  nifti_slices: null\n", "predict")
+    assert (got["batch_size"], got["seg"], got["nifti_slices"]) == (32, "auto", "nonempty")
+    # a YAML number or yes/no for an option that takes a name is that text, as typed on the command line
+    got = _defaults(tmp_path, "predict:\n  cls: 5\n  seg: no\n", "predict")
+    assert (got["cls"], got["seg"]) == ("5", "false")
+    assert _defaults(tmp_path, "common:\n  device: 1\n", "predict")["device"] == "1"
+
+
+@pytest.mark.parametrize("argv", [
+    ["seg-data", "--out", "o", "--n-background", "-1"],          # sliced as [:-1]: all but one background
+    ["segment", "--input", "i", "--out", "o", "--batch-size", "-1"],
+    ["segment", "--input", "i", "--out", "o", "--workers", "0"],
+    ["evaluate-cls", "--out", "o", "--alpha", "5"],
+    ["compare", "--runs", "a=b", "--out", "o", "--n-boot", "0"],  # null intervals, silently
+    ["train-cls", "--data", "d", "--out", "o", "--epochs", "-1"],
+    ["train-cls", "--data", "d", "--out", "o", "--batch-size", "0"],
+])
+def test_out_of_range_numbers_are_refused_by_the_parser(argv, capsys):
+    from pipeline.cli import build_parser
+    from pipeline.config import load_config
+
+    with pytest.raises(SystemExit):
+        build_parser(load_config()).parse_args(argv)
+    assert "must" in capsys.readouterr().err

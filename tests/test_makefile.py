@@ -54,3 +54,17 @@ def test_every_classifier_training_takes_cls_args(tmp_path):
     assert {c.split("--out ")[1].split()[0] for c in trainings} == {
         f"{tmp_path}/cls/lite0_full_128", f"{tmp_path}/ref/cls/smallcnn_full_128", f"{tmp_path}/loso/cls/lite0_full_128"}
     assert all(c.split()[-1] == "--flip-shear" for c in trainings)
+
+
+def test_seg_eval_starts_its_prediction_folders_afresh(tmp_path):
+    # a second seg-eval (another SEG_CKPT, as a card asks) reused test_pred, which segment refuses to mix
+    ckpt = tmp_path / "seg.pt"
+    ckpt.write_bytes(b"a segmenter")
+    runs = tmp_path / "runs"
+    (runs / "seg" / "data").mkdir(parents=True)
+    (runs / "seg" / "data" / "data.yaml").write_text("path: x\n")
+    _finished_segment_folder(runs, ckpt, hashlib.sha256(ckpt.read_bytes()).hexdigest())
+    out = _dry_run("seg-eval", f"OUT={runs}", f"SEG_CKPT={ckpt}", "DATA_READY=", f"STAMP={ckpt}")
+    lines = out.splitlines()
+    clear = next(i for i, line in enumerate(lines) if line.startswith(f"rm -rf {runs}/seg/test_pred"))
+    assert clear < next(i for i, line in enumerate(lines) if "pipeline segment --input" in line)

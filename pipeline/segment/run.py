@@ -377,8 +377,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                               "probability (default: the checkpoint's)")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run the U-Net networks with ONNX Runtime (CPU)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--workers", type=int, default=2, help="reader threads")
+    from pipeline.cli import _positive_int
+
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="scans per forward pass (default 16)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="reader threads (default 2)")
     p.add_argument("--nifti-slices", type=parse_nifti_slices, default="nonempty",
                    help="all | middle | nonempty | comma list: which slices of a NIfTI volume or frames of a "
                         "multi-frame DICOM")
