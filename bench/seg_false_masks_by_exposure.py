@@ -32,7 +32,9 @@ def main(argv=None) -> dict:
     copies: dict[str, set[str]] = {}
     with open(a.duplicates, newline="") as fh:
         for r in csv.DictReader(fh):
-            copies.setdefault(PurePosixPath(r["test_path"]).name, set()).add(PurePosixPath(r["train_path"]).stem)
+            test = PurePosixPath(r["test_path"])
+            if test.parent.name == "notumor":  # segments.csv holds paths under Testing/notumor
+                copies.setdefault(test.name, set()).add(PurePosixPath(r["train_path"]).stem)
     groups = {"copy among its training backgrounds": [0, 0], "no such copy": [0, 0]}
     with open(a.segments, newline="") as fh:
         for r in csv.DictReader(fh):

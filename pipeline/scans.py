@@ -731,8 +731,9 @@ def write_nifti_mask(source: PathLike, slice_masks: dict[int, np.ndarray], dest:
     for get, put in (("get_qform", "set_qform"), ("get_sform", "set_sform")):
         if hasattr(src, get):
             matrix, code = getattr(src, get)(coded=True)
-            if code:
-                getattr(out, put)(matrix, code=int(code))
+            # as the source says, a code of 0 included: a viewer that reads such a file by its voxel
+            # sizes alone must read the mask the same way
+            getattr(out, put)(matrix if code else None, code=int(code or 0))
     out.header.set_xyzt_units(*src.header.get_xyzt_units())
     out.header.set_data_dtype(np.uint8)
     dest = Path(dest)

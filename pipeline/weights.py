@@ -108,7 +108,11 @@ def load_checkpoint(name_or_path: str | os.PathLike, map_location: str = "cpu") 
     path = resolve(name_or_path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:  # torch's own text suggests weights_only=False: never here
+    except pickle.UnpicklingError as exc:
+        if "unsupported global" not in str(exc).lower():  # no object refused: a damaged or foreign file
+            raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})") from exc
+        # torch's own text suggests weights_only=False: never here
         raise WeightsError(f"{path}: holds Python objects beyond tensors, so it is refused (checkpoints are "
                            f"loaded weights-only; a file that needs more can run code when loaded)") from exc
     except Exception as exc:

@@ -413,3 +413,40 @@ def test_a_nifti_gets_a_mask_volume_in_its_own_voxel_grid(tmp_path):
     assert volume.stat().st_mtime_ns == before
     volume.unlink()  # lost (a kill between the last slice and the volume): the rerun writes it again
     assert run_segment(src, out, BrightBlobSegmenter(), progress=False, nifti_slices="all")["mask_volumes"] == 1
+
+
+def test_mask_volumes_for_odd_names_and_a_file_that_only_looks_like_a_nifti(tmp_path, capsys):
+    import os
+
+    import nibabel as nib
+
+    from tests.scan_fixtures import write_dicom
+
+    src, out = tmp_path / "scans", tmp_path / "out"
+    src.mkdir()
+    x = np.linspace(450, 550, 40, dtype=np.float32)[:, None, None]
+    vol = np.broadcast_to(x, (40, 32, 3)).copy()
+    vol[24:32, 8:16, 1] = 1000
+    write_nifti(src / "line\nbreak.nii.gz", vol)
+    odd = os.fsencode(str(src)) + b"/v\xff.nii.gz"  # not UTF-8: cv2.imread would crash the process
+    (src / "plain.nii.gz").write_bytes((src / "line\nbreak.nii.gz").read_bytes())
+    os.rename(os.fsencode(str(src / "plain.nii.gz")), odd)
+    write_dicom(src / "x.nii", np.full((32, 32), 500, np.uint16))  # a DICOM, named as a NIfTI
+    counts = run_segment(src, out, BrightBlobSegmenter(), progress=False, nifti_slices="all")
+    assert counts["mask_volumes"] == 2
+    assert nib.load(out / "masks" / "line\nbreak.nii.gz_mask.nii.gz").shape == vol.shape
+    assert os.path.isfile(os.fsencode(str(out / "masks")) + b"/v\xff.nii.gz_mask.nii.gz")
+    assert "x.nii_mask.nii.gz: mask volume not written" in capsys.readouterr().err
+
+
+def test_a_mask_volume_keeps_a_source_without_orientation_codes_without_them(tmp_path):
+    import nibabel as nib
+
+    from pipeline.scans import write_nifti_mask
+
+    src = nib.Nifti1Image(np.zeros((6, 5, 2), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+    src.set_qform(None, code=0)
+    src.set_sform(None, code=0)
+    nib.save(src, tmp_path / "v.nii")
+    out = nib.load(write_nifti_mask(tmp_path / "v.nii", {}, tmp_path / "m.nii.gz"))
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (0, 0)

@@ -256,3 +256,10 @@ def test_an_ensemble_with_a_second_opinion_member_that_is_no_name_is_refused(tmp
     spec.write_text(json.dumps({"members": ["cls-lite0-full"], "second_opinion": {"members": [1], "below": 0.8}}))
     with pytest.raises(WeightsError, match="second_opinion"):
         load_classifier(str(spec))
+
+
+def test_a_damaged_file_is_not_called_a_pickle_of_objects(tmp_path):
+    junk = tmp_path / "lfs.pt"
+    junk.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(WeightsError, match="not a loadable weights-only checkpoint"):
+        W.load_checkpoint(junk)

@@ -34,6 +34,7 @@ import os
 from collections import Counter
 from typing import Sequence
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
@@ -258,20 +259,27 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
 def write_mask_volumes(root, files, done: set[str], masks_root, names: dict[str, str]) -> int:
     """``masks/<volume>_mask.nii.gz`` for every NIfTI input with slice masks: those PNGs put back into
     the file's own voxel grid (:func:`pipeline.scans.write_nifti_mask`). Written when missing or older
-    than one of its slices, so a resumed run completes it; returns how many were written."""
-    import cv2
+    than one of its slices, so a resumed run completes it; returns how many were written. A volume
+    that cannot be written is a warning: its slice masks and rows stand."""
+    import sys
+    from collections import defaultdict
 
-    from pipeline.folders import csv_key
+    from pipeline.folders import csv_key, read_image_file
     from pipeline.scans import write_nifti_mask
 
+    by_volume: dict[str, list[str]] = defaultdict(list)  # once, not per volume: folders of thousands
+    for k in done:
+        base, sep, z = k.rpartition("#z=")
+        if sep and z.isdigit():
+            by_volume[base].append(z)
     written = 0
     for path in files:
         rel = path.relative_to(root).as_posix()
         if not rel.lower().endswith((".nii", ".nii.gz")):
             continue
         key = csv_key(rel)
-        slices = {int(k.rsplit("#z=", 1)[1]): masks_root / mask_relpath(k) for k in done
-                  if k.startswith(key + "#z=") and k.rsplit("#z=", 1)[1].isdigit()}
+        # the PNGs carry the real name (a line break kept), the CSV keys its one-line form
+        slices = {int(z): masks_root / mask_relpath(f"{rel}#z={z}") for z in by_volume.get(key, ())}
         if not slices and key in done:  # a 2D NIfTI: one row, one mask under its own name
             slices = {0: masks_root / mask_relpath(rel, names)}
         slices = {z: png for z, png in slices.items() if png.is_file()}
@@ -281,9 +289,12 @@ def write_mask_volumes(root, files, done: set[str], masks_root, names: dict[str,
         if dest.is_file() and dest.stat().st_mtime >= max(png.stat().st_mtime for png in slices.values()):
             continue
         try:
-            write_nifti_mask(path, {z: cv2.imread(str(png), cv2.IMREAD_GRAYSCALE) for z, png in slices.items()}, dest)
-        except (OSError, ValueError) as exc:  # the slice masks and rows stand; only the volume is missing
-            print(f"warning: {dest}: mask volume not written ({exc})")
+            masks = {z: read_image_file(png, cv2.IMREAD_GRAYSCALE) for z, png in slices.items()}
+            if any(m is None for m in masks.values()):
+                raise ValueError("a slice mask could not be read back")
+            write_nifti_mask(path, masks, dest)
+        except Exception as exc:  # noqa: BLE001 - one volume (a DICOM named .nii, say) must not stop the folder
+            print(f"warning: {dest}: mask volume not written ({type(exc).__name__}: {exc})", file=sys.stderr)
             continue
         written += 1
     return written
