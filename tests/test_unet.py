@@ -755,3 +755,41 @@ def test_borrowing_the_coarse_stage_by_manifest_name_pins_the_listed_file(tmp_pa
     meta = unet.export_cascade("seg-lite0-cascade", "seg-lite0-fine-cascade", tmp_path / "b.pt", borrow_coarse=True)
     assert meta["coarse_from"] == {"name": "seg-lite0-cascade",
                                    "sha256": load_manifest()["seg-lite0-cascade"]["sha256"]}
+
+
+def test_coarse_training_refuses_a_validation_split_without_lesions_before_training(tmp_path):
+    cache = synthetic_cache(tmp_path / "cache.npz")
+    data = dict(np.load(cache))
+    data["masks"][data["split"] == "val"] = 0
+    np.savez(tmp_path / "nolesion.npz", **data)
+    with pytest.raises(ValueError, match="'val' split has no slice with a lesion"):
+        unet.train_stage(tmp_path / "nolesion.npz", tmp_path / "run", stage="coarse", size=32, epochs=1,
+                         batch_size=8, net=TINY)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_decoded_cache_that_no_longer_matches_its_data_is_found_out(tmp_path, capsys):
+    import os
+
+    from pipeline.cli import main
+    from pipeline.datasets import make_split
+    from pipeline.phantoms import write_phantom_dataset
+    from pipeline.segment.yolo_data import build_yolo_dataset
+
+    root = write_phantom_dataset(tmp_path / "ph", n_per_class=4, size=64, seed=0)
+    make_split(root / "Training", tmp_path / "split.csv", 0.25, seed=0)
+    data = tmp_path / "seg"
+    build_yolo_dataset(data, root / "seg", cls_split=tmp_path / "split.csv", cls_root=root / "Training",
+                       n_background=2, val_fraction=0.25, test_fraction=0.25)
+    cache = unet.build_cache(data, tmp_path / "cache.npz", size=64, workers=1)
+    assert unet.stale_cache_reason(cache, data) is None
+    mask = next((data / "masks" / "train").iterdir())
+    os.utime(mask, ns=(mask.stat().st_atime_ns, mask.stat().st_mtime_ns + 10**9))  # edited since
+    assert "changed since it was decoded" in unet.stale_cache_reason(cache, data)
+    lines = (data / "split.csv").read_text().splitlines()
+    (data / "split.csv").write_text("\n".join(lines[:-1]) + "\n")  # a slice dropped
+    assert "slices" in unet.stale_cache_reason(cache, data)
+    # the user's own --cache is refused, not rebuilt, and before any training
+    assert main(["train-unet", "--data", str(data), "--cache", str(cache), "--out", str(tmp_path / "run"),
+                 "--stage", "coarse", "--size", "32", "--epochs", "1"]) != 0
+    assert "does not match" in capsys.readouterr().err and not (tmp_path / "run" / "last.pt").exists()

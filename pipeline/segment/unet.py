@@ -20,6 +20,7 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -408,7 +409,43 @@ def build_cache(data_dir: str | os.PathLike, out: str | os.PathLike, size: int =
     with ThreadPoolExecutor(workers) as pool:
         pairs = list(tqdm(pool.map(one, rows), total=len(rows), desc="decode", disable=None))
     return savez_atomic(out, images=np.stack([p[0] for p in pairs]), masks=np.stack([p[1] for p in pairs]),
-                        split=np.array([r["split"] for r in rows]), name=np.array([r["name"] for r in rows]))
+                        split=np.array([r["split"] for r in rows]), name=np.array([r["name"] for r in rows]),
+                        source=np.array(cache_source(data_dir)))
+
+
+def cache_source(data_dir: str | os.PathLike) -> str:
+    """sha256 of what a decoded cache was made from: ``split.csv`` and the size and date of every
+    image and mask file under ``data_dir`` (links followed), so an edit there is seen without decoding."""
+    import hashlib
+
+    data_dir = Path(data_dir)
+    h = hashlib.sha256((data_dir / "split.csv").read_bytes())
+    for part in ("images", "masks"):
+        root = data_dir / part
+        for path in sorted(root.rglob("*")) if root.is_dir() else ():
+            try:
+                st = path.stat()
+            except OSError:  # a dangling link: build_cache names it if it is listed
+                continue
+            if path.is_file():
+                h.update(f"{path.relative_to(data_dir).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(
+                    "utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def stale_cache_reason(cache: str | os.PathLike, data_dir: str | os.PathLike) -> str | None:
+    """Why a decoded cache no longer matches ``data_dir`` (its ``split.csv`` rows, or, for a cache that
+    records it, the files it was decoded from); None when it matches."""
+    with (Path(data_dir) / "split.csv").open() as fh:
+        rows = [(r["name"], r["split"]) for r in csv.DictReader(fh)]
+    with np.load(cache) as data:
+        held = list(zip(map(str, data["name"]), map(str, data["split"])))
+        source = str(data["source"]) if "source" in data.files else None
+    if held != rows:
+        return f"it holds {len(held)} slices, split.csv lists {len(rows)} (or assigns them otherwise)"
+    if source is not None and source != cache_source(data_dir):
+        return "images, masks or split.csv changed since it was decoded"
+    return None
 
 
 def augment_pair(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator, rotate_deg: float = 15,
@@ -656,6 +693,9 @@ def train_stage(cache_path: str | os.PathLike, out_dir: str | os.PathLike, stage
     rng = np.random.default_rng(seed)
     val_x, val_y = _stage_arrays(cache, "val", stage, size, margin, None, jitter, negatives)
     val_tumor = val_y.reshape(len(val_y), -1).max(1) > 0
+    if not val_tumor.any():  # epochs are chosen on validation Dice: with no lesion it has none to choose by
+        raise ValueError(f"{cache_path}: the 'val' split has no slice with a lesion, so no epoch can be chosen "
+                         f"on validation Dice (run `seg-data` with more slices or another seed)")
     model = build_net(net_cfg, pretrained=pretrained and not init).to(device)
     if init:
         init_sha = _load_init(model, init, stage, net_cfg)
@@ -968,6 +1008,11 @@ def run_train(args) -> int:
         net["decoder"] = list(args.decoder)
     cache = Path(args.cache or Path(args.data) / f"unet_cache_{CACHE_SIZE}.npz")
     if not cache.is_file():
+        build_cache(args.data, cache)
+    elif (Path(args.data) / "split.csv").is_file() and (why := stale_cache_reason(cache, args.data)):
+        if args.cache:  # the user's own file: not ours to overwrite
+            raise ValueError(f"{cache}: does not match {args.data} ({why}); rebuild it or leave out --cache")
+        print(f"{cache}: {why}; decoding again", file=sys.stderr)
         build_cache(args.data, cache)
     summary = train_stage(cache, args.out, stage=args.stage, size=args.size, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, margin=args.margin, seed=args.seed or 0,
