@@ -394,7 +394,8 @@ $(OUT)/report/report.md: $(EVALS) $(BASELINES) $(REF_EVALS) $(LOSO_EVALS) $(SHIP
 
 # predict always runs: it resumes by itself (finished scans are skipped, new ones in INPUT picked up).
 # Another INPUT or other models (names, or the files and manifest behind them) start PREDICT_OUT over;
-# the earlier predictions are moved to PREDICT_OUT/previous/, not deleted, in case the change was a typo.
+# the earlier predictions are moved to PREDICT_OUT/previous/<date-time>-<pid>/, not deleted, in case the change
+# was a typo (each change its own folder: a second one must not overwrite the first's).
 PREDICT_WEIGHTS = $(filter %.pt %.json,$(subst $(comma), ,$(CLS_WEIGHTS)) $(SEG_WEIGHTS))
 PREDICT_KEY     = $(abspath $(INPUT)) $(CLS_WEIGHTS) $(SEG_WEIGHTS)
 # the files an ensemble .json names beside it (members, second opinions, segmenter): a retrained one starts over too
@@ -407,15 +408,20 @@ predict: $(STAMP) $(if $(filter $(abspath $(DATA)/Testing),$(abspath $(INPUT))),
 	@if [ "$(abspath $(INPUT))" = "$(abspath $(PREDICT_OUT))" ]; then \
 	  echo "predict: PREDICT_OUT is the input folder; choose another" >&2; exit 2; fi
 	@mkdir -p "$(PREDICT_OUT)"
+	@# a predict still writing there (its lock is held) must not have its file moved from under it
+	@if command -v flock >/dev/null && [ -f "$(PREDICT_OUT)/.predictions.csv.lock" ] && \
+	    ! flock -n "$(PREDICT_OUT)/.predictions.csv.lock" true; then \
+	  echo "predict: another predict is writing $(PREDICT_OUT); wait for it, or set PREDICT_OUT" >&2; exit 2; fi
 	@key="$(PREDICT_KEY) $$(cat weights/manifest.json $(PREDICT_WEIGHTS) $(call json_members,$(filter %.json,$(PREDICT_WEIGHTS))) | cksum)"; \
 	  if [ -f "$(PREDICT_OUT)/predictions.csv" ] && [ "$$(cat "$(PREDICT_OUT)/.key" 2>/dev/null)" != "$$key" ]; then \
+	    aside="$(PREDICT_OUT)/previous/$$(date +%Y%m%d-%H%M%S)-$$$$"; \
 	    echo "predict: $(PREDICT_OUT) holds predictions of another input or other models (or from before"; \
-	    echo "         this was recorded): moved to $(PREDICT_OUT)/previous/, starting over"; \
-	    mkdir -p "$(PREDICT_OUT)/previous"; \
-	    mv -f "$(PREDICT_OUT)/predictions.csv" "$(PREDICT_OUT)/previous/"; \
+	    echo "         this was recorded): moved to $$aside/, starting over"; \
+	    mkdir -p "$$aside"; \
+	    mv "$(PREDICT_OUT)/predictions.csv" "$$aside/"; \
 	    if [ -f "$(PREDICT_OUT)/predictions.csv.settings.json" ]; then \
-	      mv -f "$(PREDICT_OUT)/predictions.csv.settings.json" "$(PREDICT_OUT)/previous/"; fi; \
-	    if [ -f "$(PREDICT_OUT)/.key" ]; then mv -f "$(PREDICT_OUT)/.key" "$(PREDICT_OUT)/previous/"; fi; fi; \
+	      mv "$(PREDICT_OUT)/predictions.csv.settings.json" "$$aside/"; fi; \
+	    if [ -f "$(PREDICT_OUT)/.key" ]; then mv "$(PREDICT_OUT)/.key" "$$aside/"; fi; fi; \
 	  echo "$$key" > "$(PREDICT_OUT)/.key"
 	$(PY) -m pipeline predict --input "$(INPUT)" --out "$(PREDICT_OUT)" --cls $(CLS_WEIGHTS) --seg $(SEG_WEIGHTS) \
 	  --device $(DEVICE)

