@@ -409,9 +409,12 @@ predict: $(STAMP) $(if $(filter $(abspath $(DATA)/Testing),$(abspath $(INPUT))),
 	  echo "predict: PREDICT_OUT is the input folder; choose another" >&2; exit 2; fi
 	@mkdir -p "$(PREDICT_OUT)"
 	@# a predict still writing there (its lock is held) must not have its file moved from under it
-	@if command -v flock >/dev/null && [ -f "$(PREDICT_OUT)/.predictions.csv.lock" ] && \
-	    ! flock -n "$(PREDICT_OUT)/.predictions.csv.lock" true; then \
-	  echo "predict: another predict is writing $(PREDICT_OUT); wait for it, or set PREDICT_OUT" >&2; exit 2; fi
+	@# (flock(1) where there is one, else the same kernel lock taken from Python, as predict takes it)
+	@lock="$(PREDICT_OUT)/.predictions.csv.lock"; \
+	  if [ -f "$$lock" ]; then \
+	    if command -v flock >/dev/null; then flock -n "$$lock" true; \
+	    else $(PY) -c 'import fcntl, sys; fcntl.flock(open(sys.argv[1], "a"), fcntl.LOCK_EX | fcntl.LOCK_NB)' "$$lock" 2>/dev/null; fi \
+	    || { echo "predict: another predict is writing $(PREDICT_OUT); wait for it, or set PREDICT_OUT" >&2; exit 2; }; fi
 	@key="$(PREDICT_KEY) $$(cat weights/manifest.json $(PREDICT_WEIGHTS) $(call json_members,$(filter %.json,$(PREDICT_WEIGHTS))) | cksum)"; \
 	  if [ -f "$(PREDICT_OUT)/predictions.csv" ] && [ "$$(cat "$(PREDICT_OUT)/.key" 2>/dev/null)" != "$$key" ]; then \
 	    aside="$(PREDICT_OUT)/previous/$$(date +%Y%m%d-%H%M%S)-$$$$"; \

@@ -109,9 +109,15 @@ def load_checkpoint(name_or_path: str | os.PathLike, map_location: str = "cpu") 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "unsupported global" not in str(exc).lower():  # no object refused: a damaged or foreign file
-            raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({type(exc).__name__}: "
-                               f"{str(exc)[:200]})") from exc
+        text = str(exc)
+        if not any(w in text.lower() for w in ("unsupported global", "unsupported class")):  # damaged or foreign
+            with open(path, "rb") as fh:
+                if fh.read(40).startswith(b"version https://git-lfs"):
+                    raise WeightsError(f"{path}: a Git LFS pointer, not the checkpoint; fetch it with "
+                                       f"`git lfs pull`") from exc
+            # torch's own reason, without its preamble (which advises loading unsafely)
+            reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].strip()
+            raise WeightsError(f"{path}: not a loadable weights-only checkpoint ({reason[:200]})") from exc
         # torch's own text suggests weights_only=False: never here
         raise WeightsError(f"{path}: holds Python objects beyond tensors, so it is refused (checkpoints are "
                            f"loaded weights-only; a file that needs more can run code when loaded)") from exc

@@ -259,7 +259,12 @@ def test_an_ensemble_with_a_second_opinion_member_that_is_no_name_is_refused(tmp
 
 
 def test_a_damaged_file_is_not_called_a_pickle_of_objects(tmp_path):
-    junk = tmp_path / "lfs.pt"
-    junk.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
-    with pytest.raises(WeightsError, match="not a loadable weights-only checkpoint"):
+    lfs = tmp_path / "lfs.pt"
+    lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(WeightsError, match="a Git LFS pointer, not the checkpoint; fetch it with `git lfs pull`"):
+        W.load_checkpoint(lfs)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"vx: bytes that are no pickle at all\n")
+    with pytest.raises(WeightsError, match="not a loadable weights-only checkpoint") as refused:
         W.load_checkpoint(junk)
+    assert "weights_only" not in str(refused.value)  # torch's preamble advising an unsafe load is cut

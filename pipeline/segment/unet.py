@@ -406,11 +406,12 @@ def build_cache(data_dir: str | os.PathLike, out: str | os.PathLike, size: int =
                           interpolation=cv2.INTER_NEAREST)
         return image, mask
 
+    source = cache_source(data_dir)  # before decoding: a file edited meanwhile is then seen as changed
     with ThreadPoolExecutor(workers) as pool:
         pairs = list(tqdm(pool.map(one, rows), total=len(rows), desc="decode", disable=None))
     return savez_atomic(out, images=np.stack([p[0] for p in pairs]), masks=np.stack([p[1] for p in pairs]),
                         split=np.array([r["split"] for r in rows]), name=np.array([r["name"] for r in rows]),
-                        source=np.array(cache_source(data_dir)))
+                        source=np.array(source))
 
 
 def cache_source(data_dir: str | os.PathLike) -> str:
@@ -993,7 +994,8 @@ def add_train_arguments(p) -> None:
     p.add_argument("--patch", type=int,
                    help="coarse stage: train on windows of this many pixels of the slice resized to --size "
                         "(validation and inference read the whole slice at --size)")
-    p.add_argument("--cache", help="decoded slices (.npz; default: DATA/unet_cache_512.npz, built when missing)")
+    p.add_argument("--cache", help="decoded slices (.npz; default: DATA/unet_cache_512.npz, built when missing "
+                                   "or when DATA changed since; a --cache that no longer matches DATA is refused)")
     p.add_argument("--init", help="start from these weights: a best.pt of the same stage and network, or a "
                                   "cascade checkpoint (e.g. fine-tune a 128 px coarse net at 160 px)")
 
