@@ -120,7 +120,8 @@ def _args_train_cls(p):
     p.add_argument("--batch-size", type=_positive_int)
     p.add_argument("--lr", type=float)
     p.add_argument("--patience", type=_positive_int, help="epochs without a validation gain before stopping")
-    p.add_argument("--no-resume", action="store_true", help="start over even if last.pt exists")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="continue from OUT/last.pt when it is there (default); --no-resume starts over")
     p.add_argument("--drop", help="path list (e.g. training_sartaj.txt from `sources`) left out of train and "
                                   "validation: leave-one-source-out runs")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for torch (default: torch's own)")
@@ -222,7 +223,7 @@ def cmd_train_cls(a):
     data = Path(a.data)
     summary = train(str(data / "train.npz"), str(data / "val.npz"), a.out, model_name=a.model,
                     pretrained=a.pretrained, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr,
-                    patience=a.patience, seed=a.seed, device=a.device, resume=not a.no_resume,
+                    patience=a.patience, seed=a.seed, device=a.device, resume=a.resume,
                     drop=a.drop, threads=a.threads, ema=a.ema, refit=a.refit, mixup=a.mixup or 0.0,
                     augment={"flip_shear": a.flip_shear, "stretch": a.stretch})
     print(json.dumps({k: summary[k] for k in ("best_epoch", "best", "train_seconds", "best_sha256")}, indent=2))

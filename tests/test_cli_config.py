@@ -181,3 +181,13 @@ def test_out_of_range_numbers_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit):
         build_parser(load_config()).parse_args(argv)
     assert "must" in capsys.readouterr().err
+
+
+def test_no_resume_set_in_a_config_can_be_undone_by_a_flag():
+    from pipeline.cli import build_parser
+
+    parser = build_parser({"train-cls": {"resume": False}})
+    base = ["train-cls", "--data", "d", "--out", "o"]
+    assert parser.parse_args(base).resume is False
+    assert parser.parse_args(base + ["--resume"]).resume is True
+    assert build_parser({}).parse_args(base + ["--no-resume"]).resume is False  # the flag users know still works
