@@ -479,6 +479,16 @@ ARGS = {"audit": _args_audit, "split": _args_split, "phantoms": _args_phantoms, 
         "sources": _args_sources}
 
 
+class _AppendOverConfig(argparse._AppendAction):
+    """A repeatable flag whose first use on the command line replaces a config file's list rather than
+    adding to it: flags win, for lists as for single values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.default and getattr(namespace, self.dest, None) is self.default:  # still the config's list
+            setattr(namespace, self.dest, None)
+        super().__call__(parser, namespace, values, option_string)
+
+
 def build_parser(config: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -492,6 +502,7 @@ def build_parser(config: dict) -> argparse.ArgumentParser:
                 for name, spec in MODULE_COMMANDS.items()]
     for name, help_text, add_args in entries:
         p = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
+        p.register("action", "append", _AppendOverConfig)
         p.add_argument("--config", help="YAML file layered over configs/default.yaml")
         p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: %(default)s)")
         p.add_argument("--seed", type=int, help="random seed (default: %(default)s)")

@@ -191,3 +191,13 @@ def test_no_resume_set_in_a_config_can_be_undone_by_a_flag():
     assert parser.parse_args(base).resume is False
     assert parser.parse_args(base + ["--resume"]).resume is True
     assert build_parser({}).parse_args(base + ["--no-resume"]).resume is False  # the flag users know still works
+
+
+def test_a_repeatable_flag_replaces_the_config_files_list():
+    from pipeline.cli import build_parser
+
+    parser = build_parser({"compare": {"subset": ["sartaj=a.txt"]}})
+    base = ["compare", "--runs", "x=y", "--out", "o"]
+    assert parser.parse_args(base).subset == ["sartaj=a.txt"]
+    assert parser.parse_args(base + ["--subset", "b=b.txt", "--subset", "c=c.txt"]).subset == ["b=b.txt", "c=c.txt"]
+    assert parser.parse_args(base).subset == ["sartaj=a.txt"]  # the config's list itself is left as it was
