@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import CLASSES
-from pipeline.folders import Item, iter_batches, start_folder_run, write_png_atomic
+from pipeline.folders import Item, iter_batches, reading_settings, start_folder_run, write_png_atomic
 from pipeline.roi import make_views, view_of
 from pipeline.scans import is_blank
 
@@ -34,13 +34,6 @@ class ClassifierLike(Protocol):
 
 def _fmt(x: float) -> str:
     return f"{x:.6f}"
-
-
-def _check_dicom_window(value: str) -> None:
-    from pipeline.scans import DICOM_WINDOWS
-
-    if value not in DICOM_WINDOWS:  # here, not per file: every scan would become an error row
-        raise ValueError(f"dicom_window must be one of {', '.join(DICOM_WINDOWS)}, got {value!r}")
 
 
 def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classifier: ClassifierLike,
@@ -65,11 +58,7 @@ def run_predict(input_dir: str | os.PathLike, out_dir: str | os.PathLike, classi
     # recorded only when on, so folders made before these keys existed still resume: a rerun that
     # adds --overlays to a finished folder is refused rather than silently writing none
     settings.update({k: True for k, on in (("overlays", overlays), ("gradcam", gradcam)) if on})
-    if nifti_slices != "nonempty":  # other slices of a volume: a rerun with another choice is refused, not skipped
-        settings["nifti_slices"] = nifti_slices if isinstance(nifti_slices, str) else sorted({int(z) for z in nifti_slices})
-    if dicom_window != "file":  # the pixels differ: recorded when chosen, like the slices
-        _check_dicom_window(dicom_window)
-        settings["dicom_window"] = dicom_window
+    settings.update(reading_settings(nifti_slices, dicom_window))
     _adopt_older_picture_settings(Path(out_dir), settings)
     run = start_folder_run(input_dir, out_dir, "predictions.csv", COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo

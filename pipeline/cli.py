@@ -35,6 +35,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_dicom_window_argument(p) -> None:
+    """``--dicom-window``, the same for every command that reads scans (predict, segment, read)."""
+    from pipeline.scans import DICOM_WINDOWS
+
+    p.add_argument("--dicom-window", choices=DICOM_WINDOWS, default="file",
+                   help="file (default): a DICOM's own WindowCenter/Width where it has one, as a viewer opens it; "
+                        "minmax: the full range of its values, whatever window the file suggests")
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -95,8 +104,7 @@ def _args_read(p):
     p.add_argument("files", nargs="+", help="scan files (image, DICOM, NIfTI, figshare .mat)")
     p.add_argument("--nifti-slices", type=_nifti_slices, default="nonempty",
                    help="all | middle | nonempty (default) | 3,4,5: which slices of a volume to list, as predict reads them")
-    p.add_argument("--dicom-window", choices=["file", "minmax"], default="file",
-                   help="file (default) or minmax, as for predict")
+    add_dicom_window_argument(p)
 
 
 def _args_crop(p):
@@ -253,9 +261,7 @@ def _args_predict(p):
     p.add_argument("--nifti-slices", type=_nifti_slices,
                    help="all | middle | nonempty (default) | 3,4,5: slices of a NIfTI volume or frames of a "
                         "multi-frame DICOM")
-    p.add_argument("--dicom-window", choices=["file", "minmax"],
-                   help="file (default): a DICOM's own WindowCenter/Width where it has one, as a viewer opens it; "
-                        "minmax: the full range of its values, whatever window the file suggests")
+    add_dicom_window_argument(p)
 
 
 def _args_train_seg(p):

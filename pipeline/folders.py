@@ -302,6 +302,20 @@ class FolderRun:
 SLICING = 3
 
 
+def reading_settings(nifti_slices="nonempty", dicom_window: str = "file") -> dict:
+    """What a run records of how it reads scans, where that is not the default: other slices or
+    other pixels, so a rerun with another choice is refused rather than skipped (folders from
+    before these keys existed, with the defaults, still resume)."""
+    from pipeline.scans import check_dicom_window
+
+    settings: dict = {}
+    if nifti_slices != "nonempty":
+        settings["nifti_slices"] = nifti_slices if isinstance(nifti_slices, str) else sorted({int(z) for z in nifti_slices})
+    if check_dicom_window(dicom_window) != "file":
+        settings["dicom_window"] = dicom_window
+    return settings
+
+
 def check_settings(out: Path, csv_name: str, settings: dict, root: Path | None = None) -> None:
     """Resume only what the same models made: ``OUT/<csv>.settings.json`` records them on the first run;
     a later run with other settings (another checkpoint, threshold, mode) or on another input folder

@@ -277,14 +277,32 @@ def _decode_turned_tiff(path: Path, key: str, frame: int, orientation: int) -> t
         raise
     except Exception as e:  # noqa: BLE001
         raise ScanReadError(key, f"cannot decode the turned TIFF: {type(e).__name__}: {e}") from e
-    stored, eight_bit, kind = arr.dtype.name, arr.dtype == np.uint8, arr.dtype.kind
-    arr = arr.astype(np.float64)
-    if photometric == 0:  # MINISWHITE: 0 is white
-        arr = _invert(arr, bits, kind)
-    if arr.ndim == 3:
-        arr = arr[..., 0] if arr.shape[2] < 3 else arr[..., 0] * 0.299 + arr[..., 1] * 0.587 + arr[..., 2] * 0.114
-    arr = np.ascontiguousarray(_EXIF_TURNS[orientation](arr))
+    arr, stored, eight_bit = _tiff_grey(arr, photometric, bits, orientation), arr.dtype.name, arr.dtype == np.uint8
     return arr, (np.rint(arr).astype(np.uint8) if eight_bit else None), stored
+
+
+def _tiff_grey(arr: np.ndarray, photometric: int, bits: int, orientation: int) -> np.ndarray:
+    """(H, W) float64 of a page tifffile decoded, (H, W) or (H, W, samples): MINISWHITE inverted,
+    colour as ITU-R 601 luma, grey + alpha as its grey, turned by the EXIF orientation."""
+    vals = arr.astype(np.float64)
+    if photometric == 0:  # MINISWHITE: 0 is white
+        vals = _invert(vals, bits, arr.dtype.kind)
+    if vals.ndim == 3:
+        vals = vals[..., 0] if vals.shape[2] < 3 else vals[..., 0] * 0.299 + vals[..., 1] * 0.587 + vals[..., 2] * 0.114
+    return np.ascontiguousarray(_EXIF_TURNS.get(orientation, lambda a: a)(vals))
+
+
+def _to_image(vals: np.ndarray, gray: np.ndarray | None, window, meta: dict) -> np.ndarray:
+    """(H, W) uint8 of a raster's values: through ``window`` when given, else its 8-bit grey as
+    stored, else min-max; ``meta`` records which."""
+    if window is not None:
+        meta["window"] = tuple(window)
+        return _apply_center_width(vals, window)
+    meta["window"] = None
+    if gray is not None:
+        return np.ascontiguousarray(gray, dtype=np.uint8)
+    meta["normalisation"] = "minmax"
+    return _minmax(vals)
 
 
 def _invert(vals: np.ndarray, bits: int, kind: str) -> np.ndarray:
@@ -343,24 +361,13 @@ def _read_tiff_pillow_cannot(path: Path, key: str, window) -> list[Scan]:
         raise ScanReadError(key, f"TIFF with {page.photometric.name} pixels of shape {arr.shape}: not a slice "
                                  f"this reader decodes")
     meta = {"format": "tiff", "orig_mode": f"tifffile:{page.photometric.name}", "orig_dtype": arr.dtype.name}
-    vals = arr.astype(np.float64)
-    if vals.ndim == 3:
-        vals = vals[..., 0] if vals.shape[2] < 3 else vals[..., 0] * 0.299 + vals[..., 1] * 0.587 + vals[..., 2] * 0.114
-    if photometric == 0:
-        vals = _invert(vals, bits, arr.dtype.kind)
-    vals = np.ascontiguousarray(_EXIF_TURNS.get(orientation, lambda a: a)(vals))
+    vals = _tiff_grey(arr, photometric, bits, orientation)
     meta["orig_shape"] = tuple(vals.shape)
     if len(pages) > 1:
         meta["n_frames"], meta["frame_index"] = len(pages), frame
     if orientation in range(2, 9):
         meta["exif_orientation"] = orientation
-    if window is not None:
-        image = _apply_center_width(vals, window)
-        meta["window"] = tuple(window)
-    else:
-        image = _minmax(vals)
-        meta["window"], meta["normalisation"] = None, "minmax"
-    return [Scan(image=image, key=key, meta=meta)]
+    return [Scan(image=_to_image(vals, None, window, meta), key=key, meta=meta)]
 
 
 def _read_raster(path: Path, key: str, window) -> list[Scan]:
@@ -445,16 +452,7 @@ def _read_raster(path: Path, key: str, window) -> list[Scan]:
                 gray = None
         except Exception as e:  # noqa: BLE001
             raise ScanReadError(key, f"unsupported image mode {mode!r}: {e}") from e
-    if window is not None:
-        image = _apply_center_width(vals, window)
-        meta["window"] = tuple(window)
-    elif gray is not None:
-        image = np.ascontiguousarray(gray, dtype=np.uint8)
-        meta["window"] = None
-    else:
-        image = _minmax(vals)
-        meta["window"] = None
-        meta["normalisation"] = "minmax"
+    image = _to_image(vals, gray, window, meta)
     if dpi and all(isinstance(d, (int, float)) and d > 0 for d in dpi[:2]):
         meta["dpi"] = (float(dpi[0]), float(dpi[1]))
     return [Scan(image=image, key=key, meta=meta)]
@@ -877,6 +875,14 @@ _NIFTI_MODES = ("all", "middle", "nonempty")
 DICOM_WINDOWS = ("file", "minmax")
 
 
+def check_dicom_window(value: str) -> str:
+    """``value`` when it is one of :data:`DICOM_WINDOWS`, else ValueError (a batch checks it once,
+    up front: per file, every scan would become an error row)."""
+    if value not in DICOM_WINDOWS:
+        raise ValueError(f"dicom_window must be one of {', '.join(DICOM_WINDOWS)}, got {value!r}")
+    return value
+
+
 def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "nonempty",
                window: tuple[float, float] | None = None, dicom_window: str = "file") -> list[Scan]:
     """Read one file into a list of :class:`Scan` (each image (H, W) uint8).
@@ -898,8 +904,7 @@ def read_scans(path: PathLike, *, nifti_slices: Union[str, Sequence[int]] = "non
     Raises ScanReadError for any unreadable file; ValueError for bad arguments.
     """
     window = _check_window(window)
-    if dicom_window not in DICOM_WINDOWS:
-        raise ValueError(f"dicom_window must be one of {DICOM_WINDOWS}, got {dicom_window!r}")
+    check_dicom_window(dicom_window)
     if isinstance(nifti_slices, str):
         if nifti_slices not in _NIFTI_MODES:
             raise ValueError(f"nifti_slices must be one of {_NIFTI_MODES} or a list of ints, got {nifti_slices!r}")

@@ -94,7 +94,8 @@ def predict_yolo_cls(weights: str | os.PathLike, cache: str | os.PathLike, out_c
 
 def check_all_classes(cache: str | os.PathLike) -> None:
     """Raise ValueError naming the classes a train or val cache has no slice of (before any training)."""
-    labels = set(int(v) for v in load_cache(cache)["labels"])
+    with np.load(cache) as data:  # the labels only: the images are read once, by the export
+        labels = set(int(v) for v in data["labels"])
     missing = [c for i, c in enumerate(CLASSES) if i not in labels]
     if missing:
         raise ValueError(f"{cache}: no slice of class {', '.join(missing)}; YOLO-cls learns its classes "

@@ -38,7 +38,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.folders import Item, iter_batches, start_folder_run, write_png_atomic
+from pipeline.folders import Item, iter_batches, reading_settings, start_folder_run, write_png_atomic
 from pipeline.roi import mask_roi
 from pipeline.scans import parse_nifti_slices
 
@@ -188,13 +188,7 @@ def run_segment(input_dir: str | os.PathLike, out_dir: str | os.PathLike, segmen
     """Segment every file under ``input_dir``; returns counts. See the module docstring for the outputs."""
     batch_size = max(1, int(batch_size))
     settings = {"model": model_name, "segmenter": getattr(segmenter, "fingerprint", None)}
-    if nifti_slices != "nonempty":  # recorded only when chosen, so folders from before resume
-        settings["nifti_slices"] = nifti_slices if isinstance(nifti_slices, str) else sorted({int(z) for z in nifti_slices})
-    if dicom_window != "file":
-        from pipeline.batch import _check_dicom_window
-
-        _check_dicom_window(dicom_window)
-        settings["dicom_window"] = dicom_window
+    settings.update(reading_settings(nifti_slices, dicom_window))
     run = start_folder_run(input_dir, out_dir, CSV_NAME, SEG_COLUMNS, settings=settings)
     root, out, results, files, todo = run.root, run.out, run.results, run.files, run.todo
     masks_root = out / MASKS_DIR
@@ -388,16 +382,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                               "probability (default: the checkpoint's)")
     p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                    help="onnx: run the U-Net networks with ONNX Runtime (CPU)")
-    from pipeline.cli import _positive_int
+    from pipeline.cli import _positive_int, add_dicom_window_argument
 
     p.add_argument("--batch-size", type=_positive_int, default=16, help="scans per forward pass (default 16)")
     p.add_argument("--workers", type=_positive_int, default=2, help="reader threads (default 2)")
     p.add_argument("--nifti-slices", type=parse_nifti_slices, default="nonempty",
                    help="all | middle | nonempty | comma list: which slices of a NIfTI volume or frames of a "
                         "multi-frame DICOM")
-    p.add_argument("--dicom-window", choices=["file", "minmax"], default="file",
-                   help="file (default): a DICOM's own WindowCenter/Width where it has one, as a viewer opens it; "
-                        "minmax: the full range of its values, whatever window the file suggests")
+    add_dicom_window_argument(p)
 
 
 def run(args) -> int:
